@@ -1,0 +1,58 @@
+//! # sere-core
+//!
+//! The numerical core of SERE (self-supervised ViT training with feature
+//! self-relations): pure maths on caller-provided `f32` slices, `no_std`, no
+//! heap allocation. Every operation comes as a forward function and its
+//! analytic backward; both CPU and CUDA backends are tested against it.
+//!
+//! Conventions:
+//! - Matrices are row-major; shapes are passed explicitly and every slice
+//!   length is checked, so a mismatch is an [`Error`], never a panic.
+//! - Forward functions *overwrite* their outputs. Backward functions *add*
+//!   into their gradient buffers (like autograd's accumulation), so several
+//!   consumers of one tensor can share one gradient buffer.
+//! - NaN or infinite inputs where they would silently poison a result are
+//!   reported as [`Error::NonFinite`].
+//!
+//! | module | what |
+//! |---|---|
+//! | [`geometry`] | crop records, overlaps, sampling grids |
+//! | [`bilinear`] | `grid_sample` (bilinear, zeros, `align_corners=False`) |
+//! | [`relation`] | spatial (per head) and channel self-relation logits |
+//! | [`softmax`] | stable row softmax / log-softmax |
+//! | [`loss`] | relation cross-entropy, DINO loss, centre update |
+//! | [`norm`], [`activation`], [`linalg`] | layer/batch norm, GELU, SGEMM and linear layers |
+//! | [`optim`], [`schedule`] | AdamW, EMA, clipping; cosine and warm-up schedules |
+//!
+//! ```
+//! use sere_core::{relation, softmax, loss};
+//! // Two views' sampled features (3 points x 4 channels), 2 heads.
+//! let xs = [0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2];
+//! let xt = [0.2f32, 0.1, 0.4, 0.3, 0.6, 0.5, 0.8, 0.7, 1.0, 0.9, 1.2, 1.1];
+//! let (mut ls, mut lt) = ([0.0f32; 18], [0.0f32; 18]);
+//! relation::spatial_relation_forward(&xs, 3, 4, 2, &mut ls).unwrap();
+//! relation::spatial_relation_forward(&xt, 3, 4, 2, &mut lt).unwrap();
+//! let mut g = [0.0f32; 18];
+//! let l = loss::relation_cross_entropy_backward(&ls, &lt, 6, 3, 1.0, 0.5, 1.0, &mut g).unwrap();
+//! let mut gx = [0.0f32; 12];
+//! relation::spatial_relation_backward(&xs, &g, 3, 4, 2, &mut gx).unwrap();
+//! assert!(l > 0.0 && gx.iter().all(|v| v.is_finite()));
+//! # let _ = softmax::softmax_rows;
+//! ```
+#![no_std]
+#![forbid(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod activation;
+pub mod bilinear;
+pub mod error;
+pub mod geometry;
+pub mod linalg;
+pub mod loss;
+pub mod norm;
+pub mod optim;
+pub mod relation;
+pub mod schedule;
+pub mod softmax;
+
+pub use error::{Error, Result};

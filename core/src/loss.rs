@@ -1,0 +1,366 @@
+//! Cross-entropy between a sharpened teacher distribution and a student
+//! distribution, row by row: the relation loss of SERE and the image-level
+//! DINO loss are both built on [`ce_row`].
+//!
+//! For one row with teacher logits `t`, student logits `s`, an optional
+//! teacher centre `c` and temperatures `tau_t`, `tau_s`:
+//! `q = softmax((t - c) / tau_t)`, `p = softmax(s / tau_s)`,
+//! `loss = -sum_k q_k log p_k` and `dloss/ds = (p - q) / tau_s`.
+//! The teacher is detached: no gradient flows to it.
+//!
+//! The loss is evaluated as `ln Z_s + sum_k q_k (m_s - s_k / tau_s)` with
+//! `m_s` the row maximum of `s / tau_s`: every term is non-negative, so there
+//! is no cancellation even for logits of magnitude 1e4.
+
+use crate::error::{check_len, check_nonzero, check_positive, shape_product, Error, Result};
+use crate::softmax::row_max;
+use libm::{expf, logf};
+
+/// Cross-entropy of one row; adds `scale * dloss/ds` to `grad` if given.
+///
+/// All slices must have equal length (checked by the callers). Returns the
+/// row's loss.
+#[inline]
+fn ce_row(
+    s: &[f32],
+    t: &[f32],
+    centre: Option<&[f32]>,
+    tau_s: f32,
+    tau_t: f32,
+    grad: Option<(&mut [f32], f32)>,
+) -> Result<f64> {
+    let inv_ts = 1.0 / tau_s;
+    let inv_tt = 1.0 / tau_t;
+    let ms = row_max(s, "student logits")? * inv_ts;
+    row_max(t, "teacher logits")?;
+    if !ms.is_finite() {
+        return Err(Error::NonFinite {
+            what: "student logits / tau_s (overflow)",
+        });
+    }
+    let tc = |k: usize| match centre {
+        Some(c) => t[k] - c[k],
+        None => t[k],
+    };
+    let mut mt = f32::NEG_INFINITY;
+    for k in 0..t.len() {
+        mt = mt.max(tc(k) * inv_tt);
+    }
+    if !mt.is_finite() {
+        return Err(Error::NonFinite {
+            what: "centred teacher logits",
+        });
+    }
+    let mut zs = 0.0f32;
+    let mut zt = 0.0f32;
+    for (k, &sk) in s.iter().enumerate() {
+        zs += expf(sk * inv_ts - ms);
+        zt += expf(tc(k) * inv_tt - mt);
+    }
+    let inv_zt = 1.0 / zt;
+    let mut cross = 0.0f32;
+    for (k, &sk) in s.iter().enumerate() {
+        let q = expf(tc(k) * inv_tt - mt) * inv_zt;
+        if q > 0.0 {
+            cross += q * (ms - sk * inv_ts);
+        }
+    }
+    if let Some((g, scale)) = grad {
+        let inv_zs = 1.0 / zs;
+        let f = scale * inv_ts;
+        for (k, (gk, &sk)) in g.iter_mut().zip(s).enumerate() {
+            let p = expf(sk * inv_ts - ms) * inv_zs;
+            let q = expf(tc(k) * inv_tt - mt) * inv_zt;
+            *gk += f * (p - q);
+        }
+    }
+    let loss = logf(zs) as f64 + cross as f64;
+    if loss.is_finite() {
+        Ok(loss)
+    } else {
+        Err(Error::NonFinite {
+            what: "cross-entropy (logits too large for the temperatures)",
+        })
+    }
+}
+
+fn check_ce(
+    student: &[f32],
+    teacher: &[f32],
+    rows: usize,
+    cols: usize,
+    tau_s: f32,
+    tau_t: f32,
+) -> Result<()> {
+    check_nonzero("rows", rows)?;
+    check_nonzero("cols", cols)?;
+    check_positive("tau_s", tau_s)?;
+    check_positive("tau_t", tau_t)?;
+    let n = shape_product("rows x cols", &[rows, cols])?;
+    check_len("student", student.len(), n)?;
+    check_len("teacher", teacher.len(), n)
+}
+
+/// Relation cross-entropy: mean over the `rows` rows of
+/// `-sum_k softmax(T_k / tau_t) log softmax(S_k / tau_s)`.
+///
+/// ```
+/// use sere_core::loss::relation_cross_entropy;
+/// let s = [0.0f32, 0.0];
+/// let loss = relation_cross_entropy(&s, &[5.0, -5.0], 1, 2, 1.0, 0.1).unwrap();
+/// assert!((loss - core::f32::consts::LN_2).abs() < 1e-6);
+/// ```
+pub fn relation_cross_entropy(
+    student: &[f32],
+    teacher: &[f32],
+    rows: usize,
+    cols: usize,
+    tau_s: f32,
+    tau_t: f32,
+) -> Result<f32> {
+    check_ce(student, teacher, rows, cols, tau_s, tau_t)?;
+    let mut total = 0.0f64;
+    for (s, t) in student.chunks_exact(cols).zip(teacher.chunks_exact(cols)) {
+        total += ce_row(s, t, None, tau_s, tau_t, None)?;
+    }
+    Ok((total / rows as f64) as f32)
+}
+
+/// [`relation_cross_entropy`] and its gradient: adds `scale * dL/dS` to
+/// `grad_student` (so several loss terms can accumulate into one buffer) and
+/// returns the loss. The teacher gets no gradient.
+///
+/// ```
+/// use sere_core::loss::relation_cross_entropy_backward;
+/// let logits = [1.0f32, -2.0, 0.5];
+/// let mut g = [0.0f32; 3];
+/// // Student equal to teacher at equal temperatures: the gradient vanishes.
+/// relation_cross_entropy_backward(&logits, &logits, 1, 3, 0.5, 0.5, 1.0, &mut g).unwrap();
+/// assert!(g.iter().all(|v| v.abs() < 1e-6));
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn relation_cross_entropy_backward(
+    student: &[f32],
+    teacher: &[f32],
+    rows: usize,
+    cols: usize,
+    tau_s: f32,
+    tau_t: f32,
+    scale: f32,
+    grad_student: &mut [f32],
+) -> Result<f32> {
+    check_ce(student, teacher, rows, cols, tau_s, tau_t)?;
+    check_len("grad_student", grad_student.len(), student.len())?;
+    let row_scale = scale / rows as f32;
+    let mut total = 0.0f64;
+    for ((s, t), g) in student
+        .chunks_exact(cols)
+        .zip(teacher.chunks_exact(cols))
+        .zip(grad_student.chunks_exact_mut(cols))
+    {
+        total += ce_row(s, t, None, tau_s, tau_t, Some((g, row_scale)))?;
+    }
+    Ok((total / rows as f64) as f32)
+}
+
+/// Shapes of the DINO loss: `student` is `[student_views][batch][dim]`,
+/// `teacher` is `[teacher_views][batch][dim]`; the teacher's views are the
+/// first `teacher_views` of the student's (the global crops), and a view is
+/// never compared with itself.
+///
+/// ```
+/// use sere_core::loss::DinoShape;
+/// let shape = DinoShape { student_views: 4, teacher_views: 2, batch: 8, dim: 16 };
+/// assert_eq!(shape.pairs(), 6);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DinoShape {
+    /// Number of student views (global then local crops).
+    pub student_views: usize,
+    /// Number of teacher views (the global crops).
+    pub teacher_views: usize,
+    /// Images per batch.
+    pub batch: usize,
+    /// Output dimension `K` of the DINO head.
+    pub dim: usize,
+}
+
+impl DinoShape {
+    /// Number of (teacher view, student view) pairs averaged by the loss.
+    ///
+    /// ```
+    /// use sere_core::loss::DinoShape;
+    /// let s = DinoShape { student_views: 12, teacher_views: 2, batch: 1, dim: 1 };
+    /// assert_eq!(s.pairs(), 22);
+    /// ```
+    pub fn pairs(&self) -> usize {
+        self.teacher_views * self.student_views - self.teacher_views.min(self.student_views)
+    }
+
+    fn validate(&self, student: &[f32], teacher: &[f32], centre: &[f32]) -> Result<()> {
+        check_nonzero("student_views", self.student_views)?;
+        check_nonzero("teacher_views", self.teacher_views)?;
+        check_nonzero("batch", self.batch)?;
+        check_nonzero("dim", self.dim)?;
+        if self.pairs() == 0 {
+            return Err(Error::InvalidArgument {
+                what: "views",
+                requirement: "need at least one teacher/student pair of different views",
+            });
+        }
+        let row = shape_product("batch x dim", &[self.batch, self.dim])?;
+        check_len(
+            "student",
+            student.len(),
+            shape_product("student shape", &[self.student_views, row])?,
+        )?;
+        check_len(
+            "teacher",
+            teacher.len(),
+            shape_product("teacher shape", &[self.teacher_views, row])?,
+        )?;
+        check_len("centre", centre.len(), self.dim)
+    }
+}
+
+fn dino_impl(
+    student: &[f32],
+    teacher: &[f32],
+    centre: &[f32],
+    shape: DinoShape,
+    tau_s: f32,
+    tau_t: f32,
+    mut grad: Option<(&mut [f32], f32)>,
+) -> Result<f32> {
+    check_positive("tau_s", tau_s)?;
+    check_positive("tau_t", tau_t)?;
+    shape.validate(student, teacher, centre)?;
+    let DinoShape {
+        student_views,
+        teacher_views,
+        batch,
+        dim,
+    } = shape;
+    let view = batch * dim;
+    let pair_scale = 1.0 / (shape.pairs() * batch) as f64;
+    let mut total = 0.0f64;
+    for iq in 0..teacher_views {
+        let tv = &teacher[iq * view..(iq + 1) * view];
+        for v in (0..student_views).filter(|&v| v != iq) {
+            let sv = &student[v * view..(v + 1) * view];
+            for b in 0..batch {
+                let r = b * dim..(b + 1) * dim;
+                let g = match grad.as_mut() {
+                    Some((g, scale)) => Some((
+                        &mut g[v * view + r.start..v * view + r.end],
+                        *scale * pair_scale as f32,
+                    )),
+                    None => None,
+                };
+                total += ce_row(&sv[r.clone()], &tv[r], Some(centre), tau_s, tau_t, g)?;
+            }
+        }
+    }
+    Ok((total * pair_scale) as f32)
+}
+
+/// The DINO image-level loss: for every teacher view `iq` and every other
+/// student view `v`, the batch mean of
+/// `-sum_k softmax((t_k - c_k) / tau_t) log softmax(s_k / tau_s)`, averaged
+/// over the pairs.
+///
+/// ```
+/// use sere_core::loss::{dino_loss, DinoShape};
+/// let shape = DinoShape { student_views: 2, teacher_views: 2, batch: 1, dim: 2 };
+/// let (s, t, c) = ([0.0f32; 4], [1.0f32, 0.0, 0.0, 1.0], [0.0f32; 2]);
+/// let loss = dino_loss(&s, &t, &c, shape, 0.1, 0.04).unwrap();
+/// assert!((loss - core::f32::consts::LN_2).abs() < 1e-6);
+/// ```
+pub fn dino_loss(
+    student: &[f32],
+    teacher: &[f32],
+    centre: &[f32],
+    shape: DinoShape,
+    tau_s: f32,
+    tau_t: f32,
+) -> Result<f32> {
+    dino_impl(student, teacher, centre, shape, tau_s, tau_t, None)
+}
+
+/// [`dino_loss`] and its gradient: adds `scale * dL/dstudent` to
+/// `grad_student` (same layout as `student`) and returns the loss.
+///
+/// ```
+/// use sere_core::loss::{dino_loss_backward, DinoShape};
+/// let shape = DinoShape { student_views: 3, teacher_views: 2, batch: 2, dim: 4 };
+/// let s = [0.1f32; 24];
+/// let t = [0.2f32; 16];
+/// let mut g = [0.0f32; 24];
+/// dino_loss_backward(&s, &t, &[0.0; 4], shape, 0.1, 0.04, 1.0, &mut g).unwrap();
+/// // Uniform student and teacher: already matched, nothing to push.
+/// assert!(g.iter().all(|v| v.abs() < 1e-6));
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn dino_loss_backward(
+    student: &[f32],
+    teacher: &[f32],
+    centre: &[f32],
+    shape: DinoShape,
+    tau_s: f32,
+    tau_t: f32,
+    scale: f32,
+    grad_student: &mut [f32],
+) -> Result<f32> {
+    check_len("grad_student", grad_student.len(), student.len())?;
+    dino_impl(
+        student,
+        teacher,
+        centre,
+        shape,
+        tau_s,
+        tau_t,
+        Some((grad_student, scale)),
+    )
+}
+
+/// EMA update of the DINO centre from this step's teacher outputs
+/// (`rows x dim`, all teacher views of the batch):
+/// `c = momentum * c + (1 - momentum) * mean_rows(teacher)`.
+///
+/// ```
+/// use sere_core::loss::dino_centre_update;
+/// let mut c = [1.0f32, 1.0];
+/// dino_centre_update(&[0.0, 2.0, 2.0, 4.0], 2, 2, 0.9, &mut c).unwrap();
+/// assert!((c[0] - 1.0).abs() < 1e-6 && (c[1] - 1.2).abs() < 1e-6);
+/// ```
+pub fn dino_centre_update(
+    teacher: &[f32],
+    rows: usize,
+    dim: usize,
+    momentum: f32,
+    centre: &mut [f32],
+) -> Result<()> {
+    check_nonzero("rows", rows)?;
+    check_nonzero("dim", dim)?;
+    check_len(
+        "teacher",
+        teacher.len(),
+        shape_product("rows x dim", &[rows, dim])?,
+    )?;
+    check_len("centre", centre.len(), dim)?;
+    if !(0.0..=1.0).contains(&momentum) {
+        return Err(Error::InvalidArgument {
+            what: "momentum",
+            requirement: "must be in [0, 1]",
+        });
+    }
+    crate::error::check_finite("teacher outputs", teacher)?;
+    let w = (1.0 - momentum) / rows as f32;
+    centre.iter_mut().for_each(|c| *c *= momentum);
+    for row in teacher.chunks_exact(dim) {
+        for (c, &t) in centre.iter_mut().zip(row) {
+            *c += w * t;
+        }
+    }
+    Ok(())
+}
