@@ -1,0 +1,158 @@
+//! The ViT backbone against PyTorch float64 (every output and every
+//! parameter gradient, at the trained size and at an interpolated size) and
+//! against finite differences (drop-path on).
+
+use rand::SeedableRng;
+use serde_json::Value;
+use sere_host::model::params::ParamLayout;
+use sere_host::model::vit::{Vit, VitActs, VitConfig};
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn tiny(drop_path: f32) -> (ParamLayout, Vit) {
+    let mut layout = ParamLayout::new();
+    let cfg = VitConfig {
+        img: 8,
+        patch: 2,
+        dim: 12,
+        depth: 2,
+        heads: 3,
+        mlp_ratio: 2.0,
+        drop_path,
+        in_chans: 3,
+    };
+    let vit = Vit::new(&mut layout, "", cfg);
+    (layout, vit)
+}
+
+/// `|a - b| <= atol + rtol * |b|` elementwise, reporting the worst element.
+fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol_frac: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let atol = atol_frac * scale;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= atol + rtol * w.abs(),
+            "{what}[{i}]: got {g}, want {w} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn matches_pytorch_float64_outputs_and_all_gradients() {
+    let fx: Value =
+        serde_json::from_str(include_str!("fixtures/vit_tiny.json")).expect("fixture parses");
+    let (layout, vit) = tiny(0.0);
+    let mut params = vec![0.0f32; layout.len()];
+    for e in layout.entries() {
+        let p = &fx["params"][&e.name];
+        let shape: Vec<usize> = p["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(shape, e.shape, "{}: shape", e.name);
+        params[e.range.clone()].copy_from_slice(&floats(&p["data"]));
+    }
+    for case in fx["cases"].as_array().unwrap() {
+        let batch = case["batch"].as_u64().unwrap() as usize;
+        let img = case["img"].as_u64().unwrap() as usize;
+        let mut acts = VitActs::default();
+        vit.forward(
+            &params,
+            &floats(&case["images"]),
+            batch,
+            img,
+            &mut acts,
+            None,
+        );
+        // f32 through two blocks: errors of a few 1e-6 relative to the scale.
+        assert_close(
+            &format!("out@{img}"),
+            acts.out(),
+            &floats(&case["out"]),
+            1e-4,
+            1e-5,
+        );
+        let mut grads = vec![0.0f32; layout.len()];
+        vit.backward(&params, &mut acts, &floats(&case["dout"]), &mut grads);
+        for e in layout.entries() {
+            let want = floats(&case["grads"][&e.name]);
+            assert_close(
+                &format!("grad {}@{img}", e.name),
+                &grads[e.range.clone()],
+                &want,
+                1e-3,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_with_drop_path() {
+    let (layout, vit) = tiny(0.5);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut params = vec![0.0f32; layout.len()];
+    layout.init(&mut params, &mut rng);
+    // Larger weights than the 0.02 init so that every path carries signal.
+    params.iter_mut().for_each(|p| *p *= 5.0);
+    let (batch, img) = (4, 12); // interpolated position embedding too
+    let images: Vec<f32> = (0..batch * 3 * img * img)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let n_out = {
+        let mut a = VitActs::default();
+        vit.prepare(&mut a, batch, img);
+        a.out().len()
+    };
+    let dout: Vec<f32> = (0..n_out)
+        .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
+        .collect();
+    let objective = |p: &[f32]| -> f64 {
+        let mut acts = VitActs::default();
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7); // same masks every call
+        vit.forward(p, &images, batch, img, &mut acts, Some(&mut r));
+        acts.out()
+            .iter()
+            .zip(&dout)
+            .map(|(&a, &b)| a as f64 * b as f64)
+            .sum()
+    };
+    let mut acts = VitActs::default();
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    vit.forward(&params, &images, batch, img, &mut acts, Some(&mut r));
+    let mut grads = vec![0.0f32; layout.len()];
+    vit.backward(&params, &mut acts, &dout, &mut grads);
+
+    // A few coordinates of every parameter tensor.
+    let mut worst = 0.0f64;
+    for e in layout.entries() {
+        for k in [0, e.range.len() / 2, e.range.len() - 1] {
+            let i = e.range.start + k;
+            let h = 3e-3f32;
+            let mut p = params.clone();
+            p[i] += h;
+            let up = objective(&p);
+            p[i] -= 2.0 * h;
+            let down = objective(&p);
+            let fd = (up - down) / (2.0 * h as f64);
+            let an = grads[i] as f64;
+            let err = (fd - an).abs() / (fd.abs().max(an.abs()).max(1.0));
+            worst = worst.max(err);
+            assert!(
+                err < 2e-2,
+                "{}[{k}]: analytic {an}, finite difference {fd}",
+                e.name
+            );
+        }
+    }
+    eprintln!("worst relative FD error {worst:.2e}");
+}
