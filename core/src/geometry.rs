@@ -35,7 +35,7 @@ pub struct CropBox {
 
 impl CropBox {
     /// A crop record; width and height must be finite and positive, the
-    /// corner finite.
+    /// corner finite, and the far edges `x + w`, `y + h` finite.
     ///
     /// ```
     /// use sere_core::geometry::CropBox;
@@ -71,6 +71,14 @@ impl CropBox {
             return Err(Error::InvalidArgument {
                 what: "crop size",
                 requirement: "width and height must be finite and > 0",
+            });
+        }
+        // Finite corner and size can still overflow to an infinite far edge,
+        // which would make the overlap and its grid infinite or NaN.
+        if !((self.x + self.w).is_finite() && (self.y + self.h).is_finite()) {
+            return Err(Error::InvalidArgument {
+                what: "crop edge",
+                requirement: "x + w and y + h must be finite",
             });
         }
         Ok(())
@@ -169,13 +177,18 @@ impl Rect {
 /// ```
 pub fn overlap(a: &CropBox, b: &CropBox) -> Option<Rect> {
     let (ra, rb) = (a.rect(), b.rect());
+    // `f32::max`/`min` return the other operand when one is NaN, so NaN edges
+    // (from unvalidated records) must be rejected before intersecting:
+    // `!(x0 < x1)` holds for NaN. Non-NaN empty crops give `None` anyway.
+    if !(ra.x0 < ra.x1 && ra.y0 < ra.y1 && rb.x0 < rb.x1 && rb.y0 < rb.y1) {
+        return None;
+    }
     let r = Rect {
         x0: ra.x0.max(rb.x0),
         y0: ra.y0.max(rb.y0),
         x1: ra.x1.min(rb.x1),
         y1: ra.y1.min(rb.y1),
     };
-    // `!(a < b)` also rejects NaN edges from unvalidated records.
     if r.x0 < r.x1 && r.y0 < r.y1 {
         Some(r)
     } else {

@@ -68,6 +68,13 @@ fn ce_row(
     if let Some((g, scale)) = grad {
         let inv_zs = 1.0 / zs;
         let f = scale * inv_ts;
+        // A NaN/infinite scale, or `scale / tau_s` overflowing, would silently
+        // poison the gradient while the loss itself is fine.
+        if !f.is_finite() {
+            return Err(Error::NonFinite {
+                what: "gradient scale / tau_s",
+            });
+        }
         for (k, (gk, &sk)) in g.iter_mut().zip(s).enumerate() {
             let p = expf(sk * inv_ts - ms) * inv_zs;
             let q = expf(tc(k) * inv_tt - mt) * inv_zt;
@@ -219,7 +226,10 @@ impl DinoShape {
             teacher.len(),
             shape_product("teacher shape", &[self.teacher_views, row])?,
         )?;
-        check_len("centre", centre.len(), self.dim)
+        check_len("centre", centre.len(), self.dim)?;
+        // The teacher logits are checked row by row, the centre is not: a NaN
+        // in it would drop that class from the loss and make the gradient NaN.
+        crate::error::check_finite("centre", centre)
     }
 }
 
@@ -250,13 +260,12 @@ fn dino_impl(
             let sv = &student[v * view..(v + 1) * view];
             for b in 0..batch {
                 let r = b * dim..(b + 1) * dim;
-                let g = match grad.as_mut() {
-                    Some((g, scale)) => Some((
+                let g = grad.as_mut().map(|(g, scale)| {
+                    (
                         &mut g[v * view + r.start..v * view + r.end],
                         *scale * pair_scale as f32,
-                    )),
-                    None => None,
-                };
+                    )
+                });
                 total += ce_row(&sv[r.clone()], &tv[r], Some(centre), tau_s, tau_t, g)?;
             }
         }

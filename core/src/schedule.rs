@@ -6,7 +6,7 @@ use libm::cos;
 /// Cosine schedule with linear warm-up (DINO's `cosine_scheduler`, one value
 /// per iteration). For `step < warmup_steps` the value goes linearly from
 /// `start_warmup` to `base` (reaching `base` at `warmup_steps - 1`, like
-/// `np.linspace`); afterwards
+/// `np.linspace`, so a single warm-up step is `start_warmup`); afterwards
 /// `final + (base - final) * (1 + cos(pi * i / (total - warmup))) / 2` with
 /// `i = step - warmup_steps`. Steps past the end keep the final value.
 ///
@@ -46,9 +46,18 @@ pub fn cosine_schedule(
 /// assert_eq!(linear_warmup(0, 3, 0.04, 0.07), 0.04);
 /// assert_eq!(linear_warmup(2, 3, 0.04, 0.07), 0.07);
 /// assert_eq!(linear_warmup(9, 3, 0.04, 0.07), 0.07);
+/// // One warm-up step is `np.linspace(start, end, 1) == [start]`.
+/// assert_eq!(linear_warmup(0, 1, 0.04, 0.07), 0.04);
 /// ```
 pub fn linear_warmup(step: usize, steps: usize, start: f32, end: f32) -> f32 {
-    if step + 1 >= steps {
+    if step >= steps {
+        return end;
+    }
+    if steps == 1 {
+        // `np.linspace(start, end, 1)` is `[start]`.
+        return start;
+    }
+    if step + 1 == steps {
         return end;
     }
     let f = step as f64 / (steps - 1) as f64;
