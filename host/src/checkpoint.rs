@@ -1,0 +1,938 @@
+//! Checkpoints as safetensors files: named `f32` tensors plus a string map
+//! of metadata (step, epoch, RNG state, the run's config, format version).
+//!
+//! Naming convention (see [`keys`] and [`meta`]):
+//! - `student.<param name>` / `teacher.<param name>`: one tensor per
+//!   [`ParamLayout`] entry, with its shape;
+//! - `optim.m.<param name>` / `optim.v.<param name>`: AdamW moments, laid out
+//!   like the student;
+//! - `dino.center`: the DINO centre; BN running statistics and any other
+//!   state under names of the caller's choosing.
+//!
+//! Writes are atomic: [`Checkpoint::save_atomic`] writes a hidden temporary
+//! file next to the target, fsyncs it, renames it over the target and fsyncs
+//! the directory. A failure at any point removes the temporary file and
+//! leaves the previous checkpoint untouched.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::config::TrainConfig;
+use crate::model::params::ParamLayout;
+
+/// Value of the `format` metadata key.
+pub const FORMAT: &str = "sere-checkpoint";
+/// The checkpoint layout version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Tensor name prefixes and names.
+pub mod keys {
+    /// Student parameters: `student.<param name>`.
+    pub const STUDENT: &str = "student.";
+    /// Teacher parameters: `teacher.<param name>`.
+    pub const TEACHER: &str = "teacher.";
+    /// AdamW first moments: `optim.m.<param name>`.
+    pub const OPTIM_M: &str = "optim.m.";
+    /// AdamW second moments: `optim.v.<param name>`.
+    pub const OPTIM_V: &str = "optim.v.";
+    /// The DINO centre, shape `[out_dim]`.
+    pub const CENTER: &str = "dino.center";
+}
+
+/// Metadata keys.
+pub mod meta {
+    /// Always [`super::FORMAT`].
+    pub const FORMAT: &str = "format";
+    /// [`super::FORMAT_VERSION`] as a decimal string.
+    pub const VERSION: &str = "format_version";
+    /// Optimizer steps completed.
+    pub const STEP: &str = "step";
+    /// Epoch in progress (0-based).
+    pub const EPOCH: &str = "epoch";
+    /// The run's seed.
+    pub const SEED: &str = "seed";
+    /// Serialized RNG / data-order state, format chosen by the trainer.
+    pub const RNG: &str = "rng_state";
+    /// The run's `TrainConfig` as TOML.
+    pub const CONFIG: &str = "config";
+}
+
+/// Why a checkpoint could not be written, read or used.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file does not exist.
+    #[error("checkpoint {} does not exist; check the path (or the run's --out directory)", path.display())]
+    Missing {
+        /// The path looked at.
+        path: PathBuf,
+    },
+    /// The file exists but could not be read.
+    #[error("cannot read checkpoint {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing failed; the previous file at `path` (if any) is unchanged.
+    #[error("cannot write checkpoint {}; the previous checkpoint there, if any, is unchanged", path.display())]
+    Write {
+        /// The target file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not in the safetensors format at all.
+    #[error("{} is not a safetensors checkpoint: {detail}", path.display())]
+    NotSafetensors {
+        /// The file.
+        path: PathBuf,
+        /// What gave it away.
+        detail: String,
+    },
+    /// The file is shorter than its header says: it was cut short.
+    #[error(
+        "checkpoint {} is truncated: it has {actual} bytes but needs {expected}; it was cut short \
+         (disk full or an interrupted copy): use an earlier checkpoint",
+        path.display()
+    )]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Bytes the header requires (at least).
+        expected: u64,
+        /// Bytes present.
+        actual: u64,
+    },
+    /// The header is readable but inconsistent.
+    #[error("checkpoint {} is corrupt: {detail}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Written by a newer (or unknown) version of this program.
+    #[error("checkpoint format version {found} is not supported (this build reads version {supported}); use a matching `sere`")]
+    UnsupportedVersion {
+        /// The version in the file.
+        found: String,
+        /// The version this build reads.
+        supported: u32,
+    },
+    /// A tensor is not stored as `f32`.
+    #[error("tensor `{name}` is stored as {dtype}, but only F32 checkpoints are supported")]
+    WrongDtype {
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        dtype: String,
+    },
+    /// A tensor the model needs is absent.
+    #[error("tensor `{name}` is missing from the checkpoint; it was written for a different model or is incomplete")]
+    MissingTensor {
+        /// The tensor.
+        name: String,
+    },
+    /// A tensor under the model's prefix that the model does not have.
+    #[error(
+        "tensor `{name}` in the checkpoint is not part of this model; the checkpoint was written for a \
+         different model configuration (depth, heads, ...)"
+    )]
+    UnexpectedTensor {
+        /// The tensor.
+        name: String,
+    },
+    /// A tensor's shape differs from the model's.
+    #[error(
+        "tensor `{name}` has shape {found:?} in the checkpoint but the model expects {expected:?}; the \
+         checkpoint was written for a different model configuration"
+    )]
+    ShapeMismatch {
+        /// The tensor.
+        name: String,
+        /// The model's shape.
+        expected: Vec<usize>,
+        /// The checkpoint's shape.
+        found: Vec<usize>,
+    },
+    /// A tensor to save whose data length does not match its shape.
+    #[error("tensor `{name}` has shape {shape:?} but {len} values; nothing was written")]
+    InvalidTensor {
+        /// The tensor.
+        name: String,
+        /// Its declared shape.
+        shape: Vec<usize>,
+        /// Its number of values.
+        len: usize,
+    },
+    /// A required metadata entry is absent.
+    #[error("checkpoint metadata `{key}` is missing; the file was not written by `sere train`")]
+    MissingMeta {
+        /// The key.
+        key: String,
+    },
+    /// A metadata entry does not parse.
+    #[error("checkpoint metadata `{key}` is invalid: {detail}")]
+    BadMeta {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// A checkpoint in memory: tensors by name (shape, row-major data) and
+/// string metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// Tensors by name: `(shape, data)` with `data.len() == shape.product()`.
+    pub tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    /// Metadata (step, epoch, config, ...), see [`meta`].
+    pub meta: BTreeMap<String, String>,
+}
+
+impl Default for Checkpoint {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Checkpoint {
+    /// An empty checkpoint carrying the format name and version.
+    pub fn new() -> Self {
+        let mut meta = BTreeMap::new();
+        meta.insert(meta::FORMAT.to_string(), FORMAT.to_string());
+        meta.insert(meta::VERSION.to_string(), FORMAT_VERSION.to_string());
+        Checkpoint {
+            tensors: BTreeMap::new(),
+            meta,
+        }
+    }
+
+    /// Adds (or replaces) a tensor. Panics if `data.len()` does not match
+    /// `shape` (a programming error).
+    pub fn insert(&mut self, name: impl Into<String>, shape: &[usize], data: Vec<f32>) {
+        let name = name.into();
+        assert_eq!(
+            data.len(),
+            shape.iter().product::<usize>(),
+            "tensor `{name}`: data length does not match shape {shape:?}"
+        );
+        self.tensors.insert(name, (shape.to_vec(), data));
+    }
+
+    /// Adds one tensor per layout entry, named `prefix + entry.name`, e.g.
+    /// `insert_params(keys::STUDENT, &layout, &student)`.
+    pub fn insert_params(&mut self, prefix: &str, layout: &ParamLayout, params: &[f32]) {
+        assert_eq!(
+            params.len(),
+            layout.len(),
+            "parameter buffer does not match its layout"
+        );
+        for e in layout.entries() {
+            self.insert(
+                format!("{prefix}{}", e.name),
+                &e.shape,
+                params[e.range.clone()].to_vec(),
+            );
+        }
+    }
+
+    /// The tensor `name` as `(shape, data)`.
+    pub fn tensor(&self, name: &str) -> Result<(&[usize], &[f32]), CheckpointError> {
+        self.tensors
+            .get(name)
+            .map(|(s, d)| (s.as_slice(), d.as_slice()))
+            .ok_or_else(|| CheckpointError::MissingTensor {
+                name: name.to_string(),
+            })
+    }
+
+    /// Copies tensor `name` into `out`, checking its shape is `shape`.
+    pub fn read_tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        out: &mut [f32],
+    ) -> Result<(), CheckpointError> {
+        let (found, data) = self.tensor(name)?;
+        if found != shape {
+            return Err(CheckpointError::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: found.to_vec(),
+            });
+        }
+        assert_eq!(
+            out.len(),
+            data.len(),
+            "output buffer for `{name}` has the wrong length"
+        );
+        out.copy_from_slice(data);
+        Ok(())
+    }
+
+    /// Fills `out` (a flat buffer of `layout`) from the tensors
+    /// `prefix + entry.name`, checking every shape, and rejects tensors under
+    /// `prefix` that the layout does not have.
+    pub fn read_params(
+        &self,
+        prefix: &str,
+        layout: &ParamLayout,
+        out: &mut [f32],
+    ) -> Result<(), CheckpointError> {
+        assert_eq!(
+            out.len(),
+            layout.len(),
+            "parameter buffer does not match its layout"
+        );
+        let mut wanted = HashSet::with_capacity(layout.entries().len());
+        for e in layout.entries() {
+            let name = format!("{prefix}{}", e.name);
+            self.read_tensor(&name, &e.shape, &mut out[e.range.clone()])?;
+            wanted.insert(name);
+        }
+        if let Some(extra) = self
+            .tensors
+            .keys()
+            .find(|k| k.starts_with(prefix) && !wanted.contains(k.as_str()))
+        {
+            return Err(CheckpointError::UnexpectedTensor {
+                name: extra.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Sets a metadata entry.
+    pub fn set_meta(&mut self, key: impl Into<String>, value: impl ToString) {
+        self.meta.insert(key.into(), value.to_string());
+    }
+
+    /// A metadata entry, if present.
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.meta.get(key).map(String::as_str)
+    }
+
+    /// A required metadata entry parsed as `T` (e.g. `u64` for [`meta::STEP`]).
+    pub fn meta_parse<T: FromStr>(&self, key: &str) -> Result<T, CheckpointError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let v = self.meta(key).ok_or_else(|| CheckpointError::MissingMeta {
+            key: key.to_string(),
+        })?;
+        v.parse().map_err(|e: T::Err| CheckpointError::BadMeta {
+            key: key.to_string(),
+            detail: format!("{v:?}: {e}"),
+        })
+    }
+
+    /// Stores the run's config as TOML under [`meta::CONFIG`].
+    pub fn set_config(&mut self, cfg: &TrainConfig) {
+        self.set_meta(meta::CONFIG, cfg.to_toml());
+    }
+
+    /// The run's config stored by [`Checkpoint::set_config`].
+    pub fn config(&self) -> Result<TrainConfig, CheckpointError> {
+        let text = self
+            .meta(meta::CONFIG)
+            .ok_or_else(|| CheckpointError::MissingMeta {
+                key: meta::CONFIG.to_string(),
+            })?;
+        TrainConfig::from_toml(text).map_err(|e| CheckpointError::BadMeta {
+            key: meta::CONFIG.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Writes the checkpoint to `path` atomically (temporary file in the
+    /// same directory, fsync, rename, directory fsync). On error nothing is
+    /// left behind and an existing file at `path` is unchanged.
+    pub fn save_atomic(&self, path: impl AsRef<Path>) -> Result<(), CheckpointError> {
+        self.save_atomic_with(path.as_ref(), &mut || Ok(()))
+    }
+
+    /// [`Checkpoint::save_atomic`] with a hook run just before the rename
+    /// (tests inject failures there).
+    fn save_atomic_with(
+        &self,
+        path: &Path,
+        before_rename: &mut dyn FnMut() -> io::Result<()>,
+    ) -> Result<(), CheckpointError> {
+        for (name, (shape, data)) in &self.tensors {
+            if shape.iter().product::<usize>() != data.len() {
+                return Err(CheckpointError::InvalidTensor {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    len: data.len(),
+                });
+            }
+        }
+        let write_err = |source| CheckpointError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        let (header, data_len) = self.header().map_err(write_err)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = path.file_name().ok_or_else(|| {
+            write_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "path has no file name",
+            ))
+        })?;
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}-{}",
+            file_name.to_string_lossy(),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+
+        let result = (|| -> io::Result<()> {
+            let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            w.write_all(&(header.len() as u64).to_le_bytes())?;
+            w.write_all(&header)?;
+            let mut buf = Vec::with_capacity(1 << 16);
+            for (_, data) in self.tensors.values() {
+                for chunk in data.chunks(1 << 14) {
+                    buf.clear();
+                    buf.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+                    w.write_all(&buf)?;
+                }
+            }
+            let file = w.into_inner().map_err(|e| e.into_error())?;
+            let written = file.metadata()?.len();
+            let expected = 8 + header.len() as u64 + data_len as u64;
+            if written != expected {
+                return Err(io::Error::other(format!(
+                    "wrote {written} bytes, expected {expected}"
+                )));
+            }
+            file.sync_all()?;
+            drop(file);
+            before_rename()?;
+            fs::rename(&tmp, path)?;
+            // Make the rename itself durable; not every platform can open a
+            // directory, so this is best effort.
+            if let Ok(d) = File::open(&dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(write_err(e));
+        }
+        Ok(())
+    }
+
+    /// The safetensors JSON header (padded to 8 bytes) and the data length.
+    fn header(&self) -> io::Result<(Vec<u8>, usize)> {
+        let mut infos = Vec::with_capacity(self.tensors.len());
+        let mut offset = 0usize;
+        for (name, (shape, data)) in &self.tensors {
+            let n = data.len() * 4;
+            infos.push((
+                name.clone(),
+                TensorInfo {
+                    dtype: Dtype::F32,
+                    shape: shape.clone(),
+                    data_offsets: (offset, offset + n),
+                },
+            ));
+            offset += n;
+        }
+        let meta: HashMap<String, String> = self
+            .meta
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let metadata =
+            Metadata::new(Some(meta), infos).map_err(|e| io::Error::other(e.to_string()))?;
+        let mut header = serde_json::to_vec(&metadata).map_err(io::Error::other)?;
+        header.resize(header.len().next_multiple_of(8), b' ');
+        Ok((header, offset))
+    }
+
+    /// Reads a checkpoint written by [`Checkpoint::save_atomic`] (or any
+    /// safetensors file holding only F32 tensors).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, CheckpointError> {
+        let path = path.as_ref();
+        let bytes = fs::read(path).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                CheckpointError::Missing {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                CheckpointError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Parses the bytes of a checkpoint file; `path` is only used in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, CheckpointError> {
+        let p = || path.to_path_buf();
+        let not_st = |detail: &str| CheckpointError::NotSafetensors {
+            path: p(),
+            detail: detail.to_string(),
+        };
+        let len = bytes.len() as u64;
+        if bytes.len() < 8 {
+            return Err(CheckpointError::Truncated {
+                path: p(),
+                expected: 8,
+                actual: len,
+            });
+        }
+        let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        // safetensors caps the header at 100 MB.
+        if !(2..=100_000_000).contains(&n) {
+            return Err(not_st(
+                "its first 8 bytes do not hold a plausible header length",
+            ));
+        }
+        let header_end = 8 + n;
+        let opens_json = bytes[8] == b'{';
+        if !opens_json {
+            return Err(not_st("it has no JSON header after the length field"));
+        }
+        if header_end > len {
+            return Err(CheckpointError::Truncated {
+                path: p(),
+                expected: header_end,
+                actual: len,
+            });
+        }
+        let header = std::str::from_utf8(&bytes[8..header_end as usize])
+            .map_err(|_| not_st("its header is not UTF-8 text"))?;
+        let metadata: Metadata =
+            serde_json::from_str(header).map_err(|e| CheckpointError::Corrupt {
+                path: p(),
+                detail: format!("unreadable header: {e}"),
+            })?;
+        let expected = header_end + metadata.data_len() as u64;
+        if len < expected {
+            return Err(CheckpointError::Truncated {
+                path: p(),
+                expected,
+                actual: len,
+            });
+        }
+        if len > expected {
+            return Err(CheckpointError::Corrupt {
+                path: p(),
+                detail: format!("{} unexpected bytes after the last tensor", len - expected),
+            });
+        }
+        let file_meta: BTreeMap<String, String> = metadata
+            .metadata()
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        if let Some(v) = file_meta.get(meta::VERSION) {
+            if v.parse::<u32>().ok() != Some(FORMAT_VERSION) {
+                return Err(CheckpointError::UnsupportedVersion {
+                    found: v.clone(),
+                    supported: FORMAT_VERSION,
+                });
+            }
+        }
+        let st = SafeTensors::deserialize(bytes).map_err(|e| CheckpointError::Corrupt {
+            path: p(),
+            detail: e.to_string(),
+        })?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.iter() {
+            if view.dtype() != Dtype::F32 {
+                return Err(CheckpointError::WrongDtype {
+                    name: name.to_string(),
+                    dtype: view.dtype().to_string(),
+                });
+            }
+            let data: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            tensors.insert(name.to_string(), (view.shape().to_vec(), data));
+        }
+        Ok(Checkpoint {
+            tensors,
+            meta: file_meta,
+        })
+    }
+}
+
+/// The conventional file name of the checkpoint after `step` steps:
+/// `checkpoint-00001234.safetensors`.
+pub fn file_name(step: u64) -> String {
+    format!("checkpoint-{step:08}.safetensors")
+}
+
+/// The checkpoint in `dir` named by [`file_name`] with the highest step,
+/// if any (temporary files are ignored).
+pub fn latest_in(dir: impl AsRef<Path>) -> io::Result<Option<PathBuf>> {
+    let mut best: Option<(u64, PathBuf)> = None;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(step) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.strip_suffix(".safetensors"))
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if best.as_ref().is_none_or(|(b, _)| step > *b) {
+            best = Some((step, entry.path()));
+        }
+    }
+    Ok(best.map(|(_, p)| p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::params::Init;
+
+    fn layout() -> ParamLayout {
+        let mut l = ParamLayout::new();
+        l.add(
+            "blocks.0.attn.qkv.weight",
+            &[6, 2],
+            Init::TruncNormal(0.02),
+            true,
+        );
+        l.add("blocks.0.attn.qkv.bias", &[6], Init::Zeros, false);
+        l.add("norm.weight", &[2], Init::Ones, false);
+        l
+    }
+
+    fn sample() -> (Checkpoint, ParamLayout, Vec<f32>) {
+        let l = layout();
+        let student: Vec<f32> = (0..l.len()).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let teacher: Vec<f32> = student.iter().map(|v| -v).collect();
+        let mut c = Checkpoint::new();
+        c.insert_params(keys::STUDENT, &l, &student);
+        c.insert_params(keys::TEACHER, &l, &teacher);
+        c.insert_params(keys::OPTIM_M, &l, &vec![1e-3; l.len()]);
+        c.insert_params(keys::OPTIM_V, &l, &vec![f32::MIN_POSITIVE; l.len()]);
+        c.insert(keys::CENTER, &[4], vec![0.25, -1.0, f32::INFINITY, 7.0]);
+        c.insert("dino.head.bn.running_mean", &[3], vec![1.0, 2.0, 3.0]);
+        c.set_meta(meta::STEP, 1234u64);
+        c.set_meta(meta::EPOCH, 3);
+        c.set_meta(meta::RNG, "deadbeef:17");
+        c.set_config(&TrainConfig::default());
+        (c, l, student)
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(file_name(1234));
+        let (c, l, student) = sample();
+        c.save_atomic(&path).unwrap();
+        let back = Checkpoint::load(&path).unwrap();
+        assert_eq!(back, c);
+        let mut out = vec![0.0; l.len()];
+        back.read_params(keys::STUDENT, &l, &mut out).unwrap();
+        assert_eq!(out, student);
+        assert_eq!(
+            back.tensor("student.blocks.0.attn.qkv.weight").unwrap().0,
+            &[6, 2]
+        );
+        assert_eq!(back.meta_parse::<u64>(meta::STEP).unwrap(), 1234);
+        assert_eq!(back.meta(meta::VERSION), Some("1"));
+        assert_eq!(back.config().unwrap(), TrainConfig::default());
+        // Readable by the reference reader too.
+        let bytes = fs::read(&path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor(keys::CENTER).unwrap().shape(), &[4]);
+        // No temporary files are left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Overwriting works.
+        let mut c2 = c.clone();
+        c2.set_meta(meta::STEP, 2000u64);
+        c2.save_atomic(&path).unwrap();
+        assert_eq!(
+            Checkpoint::load(&path).unwrap().meta(meta::STEP),
+            Some("2000")
+        );
+    }
+
+    #[test]
+    fn empty_checkpoint_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.safetensors");
+        Checkpoint::new().save_atomic(&path).unwrap();
+        assert_eq!(Checkpoint::load(&path).unwrap(), Checkpoint::new());
+    }
+
+    #[test]
+    fn read_params_checks_names_and_shapes() {
+        let (c, l, _) = sample();
+        let mut out = vec![0.0; l.len()];
+
+        let mut missing = c.clone();
+        missing.tensors.remove("teacher.norm.weight");
+        match missing.read_params(keys::TEACHER, &l, &mut out) {
+            Err(CheckpointError::MissingTensor { name }) => assert_eq!(name, "teacher.norm.weight"),
+            r => panic!("{r:?}"),
+        }
+
+        let mut other = layout();
+        other.add("blocks.1.attn.qkv.bias", &[6], Init::Zeros, false);
+        let mut out2 = vec![0.0; other.len()];
+        let err = c.read_params(keys::STUDENT, &other, &mut out2).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`student.blocks.1.attn.qkv.bias` is missing"),
+            "{err}"
+        );
+
+        let mut wider = ParamLayout::new();
+        wider.add("blocks.0.attn.qkv.weight", &[6, 3], Init::Zeros, true);
+        wider.add("blocks.0.attn.qkv.bias", &[6], Init::Zeros, false);
+        wider.add("norm.weight", &[2], Init::Ones, false);
+        let mut out3 = vec![0.0; wider.len()];
+        match c.read_params(keys::STUDENT, &wider, &mut out3) {
+            Err(CheckpointError::ShapeMismatch {
+                name,
+                expected,
+                found,
+            }) => {
+                assert_eq!(name, "student.blocks.0.attn.qkv.weight");
+                assert_eq!((expected, found), (vec![6, 3], vec![6, 2]));
+            }
+            r => panic!("{r:?}"),
+        }
+
+        let mut fewer = ParamLayout::new();
+        fewer.add("blocks.0.attn.qkv.weight", &[6, 2], Init::Zeros, true);
+        fewer.add("blocks.0.attn.qkv.bias", &[6], Init::Zeros, false);
+        let mut out4 = vec![0.0; fewer.len()];
+        match c.read_params(keys::STUDENT, &fewer, &mut out4) {
+            Err(CheckpointError::UnexpectedTensor { name }) => {
+                assert_eq!(name, "student.norm.weight")
+            }
+            r => panic!("{r:?}"),
+        }
+
+        assert!(matches!(
+            c.meta_parse::<u64>("nope"),
+            Err(CheckpointError::MissingMeta { .. })
+        ));
+        assert!(matches!(
+            c.meta_parse::<u64>(meta::RNG),
+            Err(CheckpointError::BadMeta { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_truncated_and_garbage_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        assert!(matches!(
+            Checkpoint::load(&path),
+            Err(CheckpointError::Missing { .. })
+        ));
+
+        let (c, _, _) = sample();
+        c.save_atomic(&path).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+
+        // Cut in the data section, in the header, and in the length field.
+        for cut in [bytes.len() - 1, 8 + n + 4, 8 + n / 2, 5, 0] {
+            let bad = dir.path().join("cut.safetensors");
+            fs::write(&bad, &bytes[..cut]).unwrap();
+            match Checkpoint::load(&bad) {
+                Err(CheckpointError::Truncated {
+                    actual, expected, ..
+                }) => {
+                    assert_eq!(actual, cut as u64);
+                    assert!(expected > actual);
+                }
+                r => panic!("cut at {cut}: {r:?}"),
+            }
+        }
+        let msg = Checkpoint::from_bytes(&bytes[..bytes.len() - 4], &path)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("truncated"), "{msg}");
+
+        // Extra bytes at the end.
+        let mut long = bytes.clone();
+        long.extend_from_slice(&[0; 4]);
+        assert!(matches!(
+            Checkpoint::from_bytes(&long, &path),
+            Err(CheckpointError::Corrupt { .. })
+        ));
+
+        // Garbage: text, random bytes, a PNG-like signature.
+        let garbage = dir.path().join("garbage.safetensors");
+        fs::write(
+            &garbage,
+            "this is not a checkpoint, just some text that is long enough",
+        )
+        .unwrap();
+        assert!(matches!(
+            Checkpoint::load(&garbage),
+            Err(CheckpointError::NotSafetensors { .. })
+        ));
+        let mut noise = vec![0u8; 4096];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        assert!(matches!(
+            Checkpoint::from_bytes(&noise, &path),
+            Err(CheckpointError::NotSafetensors { .. })
+        ));
+        let mut fake = 16u64.to_le_bytes().to_vec();
+        fake.extend_from_slice(b"\x89PNG\r\n\x1a\n........");
+        assert!(matches!(
+            Checkpoint::from_bytes(&fake, &path),
+            Err(CheckpointError::NotSafetensors { .. })
+        ));
+        // A JSON header with nonsense in it.
+        let mut fake = 16u64.to_le_bytes().to_vec();
+        fake.extend_from_slice(b"{\"a\": 1}        ");
+        assert!(matches!(
+            Checkpoint::from_bytes(&fake, &path),
+            Err(CheckpointError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn wrong_dtype_and_version() {
+        let path = Path::new("x.safetensors");
+        let data = [1u8, 0, 0, 0];
+        let view = safetensors::tensor::TensorView::new(Dtype::I32, vec![1], &data).unwrap();
+        let bytes = safetensors::serialize([("ints", view)], None).unwrap();
+        match Checkpoint::from_bytes(&bytes, path) {
+            Err(CheckpointError::WrongDtype { name, dtype }) => {
+                assert_eq!((name.as_str(), dtype.as_str()), ("ints", "I32"))
+            }
+            r => panic!("{r:?}"),
+        }
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![1], &data).unwrap();
+        let meta = HashMap::from([(meta::VERSION.to_string(), "99".to_string())]);
+        let bytes = safetensors::serialize([("x", view)], Some(meta)).unwrap();
+        assert!(matches!(
+            Checkpoint::from_bytes(&bytes, path),
+            Err(CheckpointError::UnsupportedVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn failed_save_keeps_previous_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        let (c, _, _) = sample();
+        c.save_atomic(&path).unwrap();
+        let before = fs::read(&path).unwrap();
+
+        let mut newer = c.clone();
+        newer.set_meta(meta::STEP, 9999u64);
+        newer.insert("big", &[1000], vec![1.0; 1000]);
+
+        // A failure after the data is written, just before the rename.
+        let err = newer
+            .save_atomic_with(&path, &mut || Err(io::Error::other("injected failure")))
+            .unwrap_err();
+        assert!(matches!(err, CheckpointError::Write { .. }));
+        assert!(err.to_string().contains("unchanged"), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), before);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("c.safetensors")]);
+
+        // An inconsistent tensor is refused before anything is written.
+        let mut broken = c.clone();
+        broken.tensors.insert("bad".into(), (vec![3], vec![1.0; 2]));
+        assert!(matches!(
+            broken.save_atomic(&path),
+            Err(CheckpointError::InvalidTensor { .. })
+        ));
+        assert_eq!(fs::read(&path).unwrap(), before);
+
+        // The target directory cannot be written into (its "parent" is a file).
+        let blocker = dir.path().join("not_a_dir");
+        fs::write(&blocker, b"x").unwrap();
+        assert!(matches!(
+            newer.save_atomic(blocker.join("c.safetensors")),
+            Err(CheckpointError::Write { .. })
+        ));
+
+        // A read-only directory (skipped when running as root, which can
+        // write there anyway).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let ro = dir.path().join("ro");
+            fs::create_dir(&ro).unwrap();
+            let target = ro.join("c.safetensors");
+            c.save_atomic(&target).unwrap();
+            fs::set_permissions(&ro, fs::Permissions::from_mode(0o555)).unwrap();
+            let probe = ro.join("probe");
+            if fs::write(&probe, b"").is_err() {
+                assert!(matches!(
+                    newer.save_atomic(&target),
+                    Err(CheckpointError::Write { .. })
+                ));
+                assert_eq!(fs::read(&target).unwrap(), before);
+            } else {
+                let _ = fs::remove_file(&probe);
+            }
+            fs::set_permissions(&ro, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+
+        // And the previous checkpoint still loads.
+        assert_eq!(Checkpoint::load(&path).unwrap(), c);
+    }
+
+    #[test]
+    fn latest_checkpoint_in_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(latest_in(dir.path()).unwrap(), None);
+        for step in [5u64, 120, 40] {
+            fs::write(dir.path().join(file_name(step)), b"").unwrap();
+        }
+        fs::write(
+            dir.path().join(".checkpoint-00000999.safetensors.tmp-1-0"),
+            b"",
+        )
+        .unwrap();
+        fs::write(dir.path().join("notes.txt"), b"").unwrap();
+        assert_eq!(
+            latest_in(dir.path()).unwrap(),
+            Some(dir.path().join(file_name(120)))
+        );
+    }
+}

@@ -1,0 +1,570 @@
+//! Command-line interface of `sere`: argument definitions (clap derive) and
+//! their merge into a [`TrainConfig`]. The commands' bodies live elsewhere.
+//!
+//! Merge order: built-in defaults < `--preset` < `--config FILE` <
+//! `--set KEY=VALUE` < the explicit flags. Every config key can be set with
+//! `--set`, the common ones also have their own flag.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ConfigError, Device, Preset, TrainConfig};
+use crate::error::SereError;
+
+/// `sere`: self-supervised ViT pre-training with feature self-relations.
+#[derive(Debug, Parser)]
+#[command(name = "sere", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Pre-train a ViT with SERE (DINO + spatial and channel self-relations).
+    Train(TrainArgs),
+    /// Evaluate a checkpoint's features.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Time full training steps on random data (throughput benchmark).
+    BenchStep(BenchStepArgs),
+    /// Draw attention maps and self-relations of a checkpoint (not implemented yet).
+    Visualize(VisualizeArgs),
+    /// Export a checkpoint's student backbone (not implemented yet).
+    Export(ExportArgs),
+}
+
+impl Command {
+    /// The command's name as typed, e.g. `"eval linear"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Train(_) => "train",
+            Command::Eval(EvalCommand::Knn(_)) => "eval knn",
+            Command::Eval(EvalCommand::Linear(_)) => "eval linear",
+            Command::BenchStep(_) => "bench-step",
+            Command::Visualize(_) => "visualize",
+            Command::Export(_) => "export",
+        }
+    }
+
+    /// `Err(SereError::NotImplemented)` for the commands that are declared
+    /// but not written yet (`eval linear`, `visualize`, `export`); call it
+    /// first in `main` so they exit non-zero with a clear message.
+    pub fn check_implemented(&self) -> Result<(), SereError> {
+        match self {
+            Command::Eval(EvalCommand::Linear(_)) | Command::Visualize(_) | Command::Export(_) => {
+                Err(SereError::NotImplemented {
+                    command: self.name(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Encoder, batch and run flags shared by `train` and `bench-step`. Every
+/// flag is optional; an absent flag leaves the config value alone.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ModelArgs {
+    /// Encoder size preset (sets dim, depth, heads; config-file keys still win).
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// Global crop size in pixels.
+    #[arg(long, value_name = "PX")]
+    pub img: Option<usize>,
+    /// Local crop size in pixels.
+    #[arg(long, value_name = "PX")]
+    pub local_img: Option<usize>,
+    /// Patch size in pixels.
+    #[arg(long, value_name = "PX")]
+    pub patch: Option<usize>,
+    /// Token width.
+    #[arg(long)]
+    pub dim: Option<usize>,
+    /// Transformer blocks.
+    #[arg(long)]
+    pub depth: Option<usize>,
+    /// Attention heads.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Images per step.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Local crops per image (0 disables them).
+    #[arg(long)]
+    pub locals: Option<usize>,
+    /// Prototypes K of the DINO head.
+    #[arg(long, value_name = "K")]
+    pub out_dim: Option<usize>,
+    /// Overlap grid side for two global crops.
+    #[arg(long)]
+    pub overlap: Option<usize>,
+    /// Overlap grid side for a global and a local crop.
+    #[arg(long)]
+    pub local_overlap: Option<usize>,
+    /// Weight of the spatial self-relation loss.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Weight of the channel self-relation loss.
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// Random seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Backend.
+    #[arg(long, value_enum)]
+    pub device: Option<Device>,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// Writes the flags that were given into `cfg` (all but `--preset`,
+    /// which [`TrainConfig::load`] layers in below the config file).
+    pub fn apply(&self, cfg: &mut TrainConfig) {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { cfg.$f = v; } )* };
+        }
+        set!(
+            img,
+            local_img,
+            patch,
+            dim,
+            depth,
+            heads,
+            batch,
+            locals,
+            out_dim,
+            overlap,
+            local_overlap,
+            alpha,
+            beta,
+            seed,
+            device
+        );
+        if let Some(t) = self.threads {
+            cfg.threads = Some(t);
+        }
+    }
+}
+
+/// Flags of `sere train`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TrainArgs {
+    /// TOML config file (keys as in `TrainConfig`; unknown keys are errors).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data source: "synthetic" or a dataset path/spec.
+    #[arg(long, value_name = "SPEC")]
+    pub data: Option<String>,
+    /// Encoder, batch and run flags.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Training length in epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Training length in steps (overrides --epochs).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Base learning rate for batch 256; the peak rate is lr * batch / 256.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Output directory for checkpoints and metrics (default runs/<date-time>).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Resume from a checkpoint FILE, or the latest checkpoint in DIR; with
+    /// no value, the latest checkpoint in --out.
+    #[arg(long, value_name = "FILE|DIR", num_args = 0..=1)]
+    pub resume: Option<Option<PathBuf>>,
+    /// Set any config key, value in TOML syntax (repeatable): --set lr=1e-3.
+    #[arg(long = "set", short = 's', value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// Where `--resume` points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// `--resume` with no value: the latest checkpoint in the output directory.
+    LatestInOut,
+    /// `--resume PATH`: a checkpoint file, or a directory to take the latest from.
+    Path(PathBuf),
+}
+
+impl TrainArgs {
+    /// Writes the explicit flags into `cfg` (everything but `--config`,
+    /// `--preset`, `--set` and `--resume`, see [`TrainArgs::to_config`]).
+    pub fn apply(&self, cfg: &mut TrainConfig) {
+        self.model.apply(cfg);
+        if let Some(d) = &self.data {
+            cfg.data = d.clone();
+        }
+        if let Some(e) = self.epochs {
+            cfg.epochs = e;
+        }
+        if let Some(s) = self.steps {
+            cfg.steps = Some(s);
+        }
+        if let Some(lr) = self.lr {
+            cfg.lr = lr;
+        }
+        if let Some(o) = &self.out {
+            cfg.out = Some(o.clone());
+        }
+    }
+
+    /// The full merge: defaults < `--preset` < `--config` < `--set` < flags,
+    /// then [`TrainConfig::validate`].
+    pub fn to_config(&self) -> Result<TrainConfig, ConfigError> {
+        let mut cfg = TrainConfig::load(self.config.as_deref(), self.model.preset)?;
+        for s in &self.set {
+            cfg.set(s)?;
+        }
+        self.apply(&mut cfg);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// What `--resume` asks for, if given.
+    pub fn resume(&self) -> Option<Resume> {
+        self.resume.as_ref().map(|r| match r {
+            None => Resume::LatestInOut,
+            Some(p) => Resume::Path(p.clone()),
+        })
+    }
+}
+
+/// Flags of `sere bench-step`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchStepArgs {
+    /// TOML config file to start from.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Encoder, batch and run flags.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed warm-up steps before timing.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Set any config key (repeatable): --set head_hidden=512.
+    #[arg(long = "set", short = 's', value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl BenchStepArgs {
+    /// The config to benchmark: defaults < `--preset` < `--config` < `--set`
+    /// < flags, validated. `--steps`/`--warmup` stay in `self`.
+    pub fn to_config(&self) -> Result<TrainConfig, ConfigError> {
+        let mut cfg = TrainConfig::load(self.config.as_deref(), self.model.preset)?;
+        for s in &self.set {
+            cfg.set(s)?;
+        }
+        self.model.apply(&mut cfg);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// `sere eval ...`.
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Weighted k-nearest-neighbour classification on frozen features.
+    Knn(KnnArgs),
+    /// Linear probe on frozen features (not implemented yet).
+    Linear(LinearArgs),
+}
+
+/// Flags of `sere eval knn`.
+#[derive(Debug, Clone, Args)]
+pub struct KnnArgs {
+    /// Checkpoint file to evaluate (its student backbone is used).
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: PathBuf,
+    /// Labelled dataset (train and test splits) or "synthetic".
+    #[arg(long, value_name = "PATH")]
+    pub data: String,
+    /// Neighbours voting per test image.
+    #[arg(long, default_value_t = 20)]
+    pub k: usize,
+    /// Temperature of the vote weights exp(sim / T).
+    #[arg(long, default_value_t = 0.07)]
+    pub temperature: f64,
+    /// Images per forward pass (default: the checkpoint's batch).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Backend.
+    #[arg(long, value_enum)]
+    pub device: Option<Device>,
+    /// Worker threads.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+/// Flags of `sere eval linear` (declared for later).
+#[derive(Debug, Clone, Args)]
+pub struct LinearArgs {
+    /// Checkpoint file to evaluate.
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: PathBuf,
+    /// Labelled dataset.
+    #[arg(long, value_name = "PATH")]
+    pub data: String,
+    /// Training epochs of the linear classifier.
+    #[arg(long, default_value_t = 100)]
+    pub epochs: usize,
+    /// Learning rate of the linear classifier.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Images per step.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Backend.
+    #[arg(long, value_enum)]
+    pub device: Option<Device>,
+}
+
+/// Flags of `sere visualize` (declared for later).
+#[derive(Debug, Clone, Args)]
+pub struct VisualizeArgs {
+    /// Checkpoint file.
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: PathBuf,
+    /// Image to visualise (default: a synthetic sample).
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+    /// Output directory for the PNGs.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// Flags of `sere export` (declared for later).
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// Checkpoint file.
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: PathBuf,
+    /// Output file.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("sere").chain(args.iter().copied())).unwrap()
+    }
+
+    fn train(args: &[&str]) -> TrainArgs {
+        match parse(&[&["train"], args].concat()).command {
+            Command::Train(t) => t,
+            c => panic!("parsed {c:?}"),
+        }
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn train_flags_merge_over_file_and_preset() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "preset = \"small\"\nbatch = 64\nlr = 1e-3\ndepth = 6\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let t = train(&[
+            "--config",
+            f,
+            "--batch",
+            "8",
+            "--heads",
+            "4",
+            "--device",
+            "cpu",
+            "--set",
+            "clip_grad=0",
+        ]);
+        let cfg = t.to_config().unwrap();
+        assert_eq!(
+            (cfg.preset, cfg.dim, cfg.depth, cfg.heads),
+            (Preset::Small, 384, 6, 4)
+        );
+        assert_eq!((cfg.batch, cfg.lr, cfg.clip_grad), (8, 1e-3, 0.0));
+
+        // --preset on the command line replaces the file's preset but not
+        // the file's explicit depth.
+        let cfg = train(&["--config", f, "--preset", "tiny"])
+            .to_config()
+            .unwrap();
+        assert_eq!((cfg.dim, cfg.depth, cfg.heads), (192, 6, 3));
+
+        // Flags beat --set.
+        let cfg = train(&["--set", "lr=0.1", "--lr", "0.2"])
+            .to_config()
+            .unwrap();
+        assert_eq!(cfg.lr, 0.2);
+    }
+
+    #[test]
+    fn all_train_flags_parse() {
+        let t = train(&[
+            "--data",
+            "synthetic",
+            "--preset",
+            "custom",
+            "--img",
+            "64",
+            "--local-img",
+            "32",
+            "--patch",
+            "8",
+            "--dim",
+            "96",
+            "--depth",
+            "2",
+            "--heads",
+            "3",
+            "--batch",
+            "4",
+            "--locals",
+            "2",
+            "--epochs",
+            "3",
+            "--steps",
+            "9",
+            "--alpha",
+            "0.1",
+            "--beta",
+            "0.3",
+            "--lr",
+            "1e-4",
+            "--seed",
+            "7",
+            "--device",
+            "cuda",
+            "--out",
+            "o",
+            "--threads",
+            "2",
+            "--out-dim",
+            "256",
+            "--overlap",
+            "5",
+            "--local-overlap",
+            "3",
+        ]);
+        let cfg = t.to_config().unwrap();
+        assert_eq!(
+            (
+                cfg.img,
+                cfg.local_img,
+                cfg.patch,
+                cfg.dim,
+                cfg.depth,
+                cfg.heads
+            ),
+            (64, 32, 8, 96, 2, 3)
+        );
+        assert_eq!(
+            (cfg.batch, cfg.locals, cfg.epochs, cfg.steps),
+            (4, 2, 3, Some(9))
+        );
+        assert_eq!((cfg.alpha, cfg.beta, cfg.lr, cfg.seed), (0.1, 0.3, 1e-4, 7));
+        assert_eq!(
+            (cfg.device, cfg.threads, cfg.out_dim),
+            (Device::Cuda, Some(2), 256)
+        );
+        assert_eq!((cfg.overlap, cfg.local_overlap), (5, 3));
+        assert_eq!(cfg.out, Some(PathBuf::from("o")));
+        assert_eq!(t.resume(), None);
+    }
+
+    #[test]
+    fn resume_forms() {
+        assert_eq!(train(&["--resume"]).resume(), Some(Resume::LatestInOut));
+        assert_eq!(
+            train(&["--resume", "runs/a/ckpt.safetensors", "--steps", "3"]).resume(),
+            Some(Resume::Path(PathBuf::from("runs/a/ckpt.safetensors")))
+        );
+        assert_eq!(
+            train(&["--resume", "--steps", "3"]).resume(),
+            Some(Resume::LatestInOut)
+        );
+    }
+
+    #[test]
+    fn invalid_merged_config_is_an_error() {
+        let err = train(&["--img", "30"]).to_config().unwrap_err();
+        assert!(err.to_string().contains("img"), "{err}");
+        assert!(Cli::try_parse_from(["sere", "train", "--device", "tpu"]).is_err());
+        assert!(Cli::try_parse_from(["sere", "train", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn other_commands_parse() {
+        match parse(&[
+            "eval",
+            "knn",
+            "--checkpoint",
+            "c.safetensors",
+            "--data",
+            "d",
+        ])
+        .command
+        {
+            Command::Eval(EvalCommand::Knn(k)) => {
+                assert_eq!((k.k, k.temperature, k.data.as_str()), (20, 0.07, "d"));
+            }
+            c => panic!("{c:?}"),
+        }
+        let b = match parse(&[
+            "bench-step",
+            "--dim",
+            "64",
+            "--heads",
+            "2",
+            "--steps",
+            "3",
+            "--out-dim",
+            "128",
+        ])
+        .command
+        {
+            Command::BenchStep(b) => b,
+            c => panic!("{c:?}"),
+        };
+        assert_eq!((b.steps, b.warmup), (3, 2));
+        let cfg = b.to_config().unwrap();
+        assert_eq!((cfg.dim, cfg.heads, cfg.out_dim), (64, 2, 128));
+        assert!(Cli::try_parse_from(["sere", "eval", "knn", "--data", "d"]).is_err());
+    }
+
+    #[test]
+    fn declared_commands_report_not_implemented() {
+        for args in [
+            &["visualize", "--checkpoint", "c"][..],
+            &["export", "--checkpoint", "c", "--out", "o"][..],
+            &["eval", "linear", "--checkpoint", "c", "--data", "d"][..],
+        ] {
+            let cli = parse(args);
+            let err = cli.command.check_implemented().unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains("not implemented yet"), "{msg}");
+            assert!(msg.contains(cli.command.name()), "{msg}");
+        }
+        assert!(parse(&["train"]).command.check_implemented().is_ok());
+    }
+}

@@ -1,0 +1,947 @@
+//! Training configuration: every knob of a run in one [`TrainConfig`].
+//!
+//! Values are merged in this order, later layers winning:
+//! **built-in defaults < preset < config file < command-line flags**.
+//! [`TrainConfig::load`] does the first three (the preset may come from the
+//! command line even though the file's keys still win over it), and
+//! `cli::TrainArgs::apply` does the last.
+//!
+//! The defaults describe a small run (the `micro` preset: a 4-block ViT of
+//! width 128 on 32 px synthetic images) that trains in a few minutes on two
+//! CPU cores. The `tiny` and `small` presets change only the encoder's width,
+//! depth and heads (ViT-Ti and ViT-S); crop sizes, patch size and the rest
+//! stay as configured.
+//!
+//! A config file is TOML with the same keys as the fields below, e.g.
+//!
+//! ```toml
+//! preset = "small"
+//! img = 64
+//! patch = 8
+//! epochs = 30
+//! global_scale = [0.4, 1.0]
+//! ```
+//!
+//! Unknown keys are errors that name the key, so a typo never silently falls
+//! back to a default.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// A named encoder size. Presets set `dim`, `depth` and `heads` only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// CPU-friendly default: dim 128, depth 4, heads 4.
+    #[default]
+    Micro,
+    /// ViT-Ti: dim 192, depth 12, heads 3.
+    Tiny,
+    /// ViT-S: dim 384, depth 12, heads 6 (the paper's main model).
+    Small,
+    /// No preset: `dim`, `depth` and `heads` are taken as given (defaults
+    /// are the micro sizes).
+    Custom,
+}
+
+impl Preset {
+    /// `(dim, depth, heads)` of this preset, `None` for [`Preset::Custom`].
+    pub fn dims(self) -> Option<(usize, usize, usize)> {
+        match self {
+            Preset::Micro => Some((128, 4, 4)),
+            Preset::Tiny => Some((192, 12, 3)),
+            Preset::Small => Some((384, 12, 6)),
+            Preset::Custom => None,
+        }
+    }
+
+    /// The lowercase name used in config files and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Micro => "micro",
+            Preset::Tiny => "tiny",
+            Preset::Small => "small",
+            Preset::Custom => "custom",
+        }
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where the step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// The host CPU (always available).
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU through the CUDA backend.
+    Cuda,
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}
+
+/// Every setting of a training run. See the module docs for the merge
+/// order; each field's doc gives its default and meaning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    // ---- data ----
+    /// Data source spec (default `"synthetic"`): `synthetic`, or a path /
+    /// spec understood by the data module (image folder, MNIST IDX, CIFAR).
+    pub data: String,
+
+    // ---- encoder ----
+    /// Encoder size preset (default `micro`); sets `dim`, `depth`, `heads`.
+    pub preset: Preset,
+    /// Global crop size in pixels (default 32).
+    pub img: usize,
+    /// Local crop size in pixels (default 16).
+    pub local_img: usize,
+    /// Patch size in pixels (default 4); must divide `img` and `local_img`.
+    pub patch: usize,
+    /// Token width C (default 128, from the preset).
+    pub dim: usize,
+    /// Number of transformer blocks (default 4, from the preset).
+    pub depth: usize,
+    /// Attention heads (default 4, from the preset); must divide `dim`.
+    pub heads: usize,
+    /// MLP hidden width as a multiple of `dim` (default 4).
+    pub mlp_ratio: f64,
+    /// Stochastic depth rate of the last block, linear from 0 (default 0.1).
+    pub drop_path: f64,
+
+    // ---- schedule & batch ----
+    /// Images per step (default 32).
+    pub batch: usize,
+    /// Local crops per image (default 4; the paper uses 10). 0 disables them.
+    pub locals: usize,
+    /// Training length in epochs (default 10).
+    pub epochs: usize,
+    /// Training length in optimizer steps; when set it overrides `epochs`
+    /// (schedules then treat `steps` as the whole run).
+    pub steps: Option<u64>,
+
+    // ---- loss weights ----
+    /// Weight of the spatial self-relation loss (default 0.2).
+    pub alpha: f64,
+    /// Weight of the channel self-relation loss (default 0.5). The image-level
+    /// loss is weighted `(4 - alpha - beta) / 2`.
+    pub beta: f64,
+
+    // ---- optimizer ----
+    /// Base learning rate for a batch of 256 (default 5e-4). The peak rate
+    /// actually used is `lr * batch / 256` (the authors' linear scaling
+    /// rule), see [`TrainConfig::peak_lr`].
+    pub lr: f64,
+    /// Final learning rate of the cosine schedule (default 1e-6; not scaled).
+    pub min_lr: f64,
+    /// Linear learning-rate warm-up, in epochs (default 1; 10 in the paper).
+    pub warmup_epochs: usize,
+    /// Weight decay at the start of the cosine schedule (default 0.04).
+    pub weight_decay: f64,
+    /// Weight decay at the end of the cosine schedule (default 0.4).
+    pub weight_decay_end: f64,
+    /// Teacher EMA momentum at the start, cosine to 1 (default 0.996).
+    pub momentum_teacher: f64,
+    /// Clip the gradient to this global L2 norm (default 3.0; 0 disables).
+    pub clip_grad: f64,
+    /// Keep the DINO head's last layer frozen for this many epochs (default 1).
+    pub freeze_last_layer: usize,
+
+    // ---- DINO head ----
+    /// Prototypes K of the DINO head (default 4096; 8192 in the paper).
+    pub out_dim: usize,
+    /// Hidden width of the DINO head MLP (default 2048).
+    pub head_hidden: usize,
+    /// Bottleneck width before the weight-normalised last layer (default 256).
+    pub bottleneck: usize,
+    /// Teacher temperature at the start of its warm-up (default 0.04).
+    pub warmup_teacher_temp: f64,
+    /// Teacher temperature after the warm-up (default 0.04).
+    pub teacher_temp: f64,
+    /// Length of the linear teacher-temperature warm-up, in epochs (default 3).
+    pub warmup_teacher_temp_epochs: usize,
+    /// Student temperature of the DINO loss (default 0.1).
+    pub student_temp: f64,
+    /// EMA momentum of the DINO centre (default 0.9).
+    pub center_momentum: f64,
+
+    // ---- self-relations ----
+    /// Teacher temperature of the spatial relation (default 0.5).
+    pub spatial_tau_t: f64,
+    /// Teacher temperature of the channel relation (default 0.1).
+    pub channel_tau_t: f64,
+    /// Side of the sampling grid in the overlap of two global crops
+    /// (default 7 = tokens per side - 1 for img 32 / patch 4; 13 in the paper).
+    pub overlap: usize,
+    /// Side of the sampling grid in a global/local overlap (default 4; 6 in
+    /// the paper).
+    pub local_overlap: usize,
+
+    // ---- augmentation ----
+    /// Area fraction range of the global crops (default [0.4, 1.0]).
+    pub global_scale: (f64, f64),
+    /// Area fraction range of the local crops (default [0.05, 0.4]).
+    pub local_scale: (f64, f64),
+
+    // ---- run ----
+    /// Seed of every random stream (default 0).
+    pub seed: u64,
+    /// Worker threads (default: all cores).
+    pub threads: Option<usize>,
+    /// Backend (default `cpu`).
+    pub device: Device,
+    /// Output directory for checkpoints and metrics (default:
+    /// `runs/<UTC date-time>`, see [`TrainConfig::out_dir`]).
+    pub out: Option<PathBuf>,
+    /// Save a checkpoint every this many steps (default 200; 0 = only at the
+    /// end of the run).
+    pub checkpoint_every: u64,
+    /// Log metrics every this many steps (default 10).
+    pub log_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        let (dim, depth, heads) = Preset::Micro.dims().expect("micro has dims");
+        TrainConfig {
+            data: "synthetic".to_string(),
+            preset: Preset::Micro,
+            img: 32,
+            local_img: 16,
+            patch: 4,
+            dim,
+            depth,
+            heads,
+            mlp_ratio: 4.0,
+            drop_path: 0.1,
+            batch: 32,
+            locals: 4,
+            epochs: 10,
+            steps: None,
+            alpha: 0.2,
+            beta: 0.5,
+            lr: 5e-4,
+            min_lr: 1e-6,
+            warmup_epochs: 1,
+            weight_decay: 0.04,
+            weight_decay_end: 0.4,
+            momentum_teacher: 0.996,
+            clip_grad: 3.0,
+            freeze_last_layer: 1,
+            out_dim: 4096,
+            head_hidden: 2048,
+            bottleneck: 256,
+            warmup_teacher_temp: 0.04,
+            teacher_temp: 0.04,
+            warmup_teacher_temp_epochs: 3,
+            student_temp: 0.1,
+            center_momentum: 0.9,
+            spatial_tau_t: 0.5,
+            channel_tau_t: 0.1,
+            overlap: 7,
+            local_overlap: 4,
+            global_scale: (0.4, 1.0),
+            local_scale: (0.05, 0.4),
+            seed: 0,
+            threads: None,
+            device: Device::Cpu,
+            out: None,
+            checkpoint_every: 200,
+            log_every: 10,
+        }
+    }
+}
+
+/// One thing wrong with a configuration: the key at fault and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The config key (also the flag name with `_` -> `-`).
+    pub key: &'static str,
+    /// What is wrong, in words a user can act on.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Why a configuration could not be read or used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has unknown keys / wrong types.
+    /// The message carries TOML's line and column and names the key.
+    #[error("invalid config file {}:\n{message}", path.display())]
+    Parse {
+        /// The file (or `<string>` for text parsed directly).
+        path: PathBuf,
+        /// The parser's message (line, column, key).
+        message: String,
+    },
+    /// A `KEY=VALUE` override could not be applied.
+    #[error("invalid setting `{setting}`: {message}")]
+    Override {
+        /// The override as written.
+        setting: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The values are readable but cannot work together.
+    #[error("{}", format_problems(.0))]
+    Invalid(Vec<ConfigProblem>),
+}
+
+fn format_problems(problems: &[ConfigProblem]) -> String {
+    let mut s = String::from("the configuration cannot be used:");
+    for p in problems {
+        s.push_str("\n  - ");
+        s.push_str(&p.to_string());
+    }
+    s
+}
+
+impl TrainConfig {
+    /// The built-in defaults with `preset`'s encoder sizes applied.
+    pub fn with_preset(preset: Preset) -> Self {
+        let mut cfg = TrainConfig::default();
+        cfg.set_preset(preset);
+        cfg
+    }
+
+    /// Sets `preset` and, unless it is `custom`, its `dim`, `depth`, `heads`.
+    pub fn set_preset(&mut self, preset: Preset) {
+        self.preset = preset;
+        if let Some((dim, depth, heads)) = preset.dims() {
+            self.dim = dim;
+            self.depth = depth;
+            self.heads = heads;
+        }
+    }
+
+    /// Defaults < preset < `file`: reads the TOML file (if any) and layers it
+    /// over the preset. The preset is `preset` when given (the command line),
+    /// else the file's `preset` key, else `micro`; keys set in the file win
+    /// over the preset's sizes either way. Does not validate.
+    pub fn load(file: Option<&Path>, preset: Option<Preset>) -> Result<Self, ConfigError> {
+        match file {
+            None => Ok(Self::with_preset(preset.unwrap_or_default())),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Self::from_toml_layered(&text, preset).map_err(|e| match e {
+                    ConfigError::Parse { message, .. } => ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        message,
+                    },
+                    other => other,
+                })
+            }
+        }
+    }
+
+    /// Like [`TrainConfig::load`] for TOML text already in memory.
+    pub fn from_toml_layered(text: &str, preset: Option<Preset>) -> Result<Self, ConfigError> {
+        let parse_err = |e: toml::de::Error| ConfigError::Parse {
+            path: PathBuf::from("<string>"),
+            message: e.to_string().trim_end().to_string(),
+        };
+        // Parsing straight into the struct first gives errors with line,
+        // column and the offending key (unknown key, wrong type).
+        let direct: TrainConfig = toml::from_str(text).map_err(parse_err)?;
+        let table: toml::Table = toml::from_str(text).map_err(parse_err)?;
+        let preset = preset.unwrap_or(direct.preset);
+        let mut merged = toml::Table::try_from(Self::with_preset(preset))
+            .expect("TrainConfig always serialises to a TOML table");
+        for (k, v) in table {
+            merged.insert(k, v);
+        }
+        let mut cfg: TrainConfig = merged.try_into().map_err(parse_err)?;
+        cfg.preset = preset;
+        Ok(cfg)
+    }
+
+    /// Parses a complete config (as written by [`TrainConfig::to_toml`]);
+    /// missing keys take the built-in defaults, the preset is not re-applied.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<string>"),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// The whole config as TOML (stored in checkpoints and run directories).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("TrainConfig always serialises to TOML")
+    }
+
+    /// Applies one `key=value` override, the value written as in TOML
+    /// (`lr=1e-3`, `data="folder:/x"`, bare words are taken as strings:
+    /// `device=cuda`, `global_scale=[0.3,1.0]`).
+    pub fn set(&mut self, setting: &str) -> Result<(), ConfigError> {
+        let err = |message: String| ConfigError::Override {
+            setting: setting.to_string(),
+            message,
+        };
+        let (key, value) = setting
+            .split_once('=')
+            .ok_or_else(|| err("expected KEY=VALUE, e.g. lr=1e-3".to_string()))?;
+        let key = key.trim().replace('-', "_");
+        let value = value.trim();
+        let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+            Ok(mut t) => t.remove("v").expect("key v was just written"),
+            Err(_) => toml::Value::String(value.to_string()),
+        };
+        if key == "preset" {
+            // Through set_preset, so the preset's sizes come with it.
+            let p: Preset = parsed
+                .try_into()
+                .map_err(|e: toml::de::Error| err(e.message().to_string()))?;
+            self.set_preset(p);
+            return Ok(());
+        }
+        let mut table =
+            toml::Table::try_from(&*self).expect("TrainConfig always serialises to a TOML table");
+        table.insert(key, parsed);
+        *self = table
+            .try_into()
+            .map_err(|e: toml::de::Error| err(e.message().to_string()))?;
+        Ok(())
+    }
+
+    /// The peak learning rate after linear scaling: `lr * batch / 256`.
+    pub fn peak_lr(&self) -> f64 {
+        self.lr * self.batch as f64 / 256.0
+    }
+
+    /// Patch tokens per side of a global crop (`img / patch`).
+    pub fn grid(&self) -> usize {
+        self.img / self.patch.max(1)
+    }
+
+    /// Patch tokens per side of a local crop (`local_img / patch`).
+    pub fn local_grid(&self) -> usize {
+        self.local_img / self.patch.max(1)
+    }
+
+    /// Hidden width of the encoder MLP, `round(dim * mlp_ratio)`.
+    pub fn mlp_hidden(&self) -> usize {
+        (self.dim as f64 * self.mlp_ratio).round() as usize
+    }
+
+    /// Weight of the image-level (DINO) loss, `(4 - alpha - beta) / 2`.
+    pub fn image_loss_weight(&self) -> f64 {
+        (4.0 - self.alpha - self.beta) / 2.0
+    }
+
+    /// Total optimizer steps: `steps` if set, else `epochs * steps_per_epoch`.
+    pub fn total_steps(&self, steps_per_epoch: u64) -> u64 {
+        self.steps.unwrap_or(self.epochs as u64 * steps_per_epoch)
+    }
+
+    /// The output directory: `out` if set, else `runs/<UTC yyyymmdd-hhmmss>`.
+    pub fn out_dir(&self) -> PathBuf {
+        match &self.out {
+            Some(p) => p.clone(),
+            None => {
+                let secs = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                PathBuf::from("runs").join(utc_stamp(secs))
+            }
+        }
+    }
+
+    /// Checks that the values can work together; lists every problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        let mut bad = |key: &'static str, message: String| p.push(ConfigProblem { key, message });
+
+        if self.data.trim().is_empty() {
+            bad(
+                "data",
+                "is empty; use \"synthetic\" or a dataset path".into(),
+            );
+        }
+        // Geometry.
+        if self.patch == 0 {
+            bad("patch", "must be at least 1 pixel".into());
+        } else {
+            if self.img < self.patch || self.img % self.patch != 0 {
+                bad(
+                    "img",
+                    format!(
+                        "{} px is not a positive multiple of patch ({} px); try img = {}",
+                        self.img,
+                        self.patch,
+                        nearest_multiple(self.img, self.patch)
+                    ),
+                );
+            }
+            if self.locals > 0 && (self.local_img < self.patch || self.local_img % self.patch != 0)
+            {
+                bad(
+                    "local_img",
+                    format!(
+                        "{} px is not a positive multiple of patch ({} px); try local_img = {} or locals = 0",
+                        self.local_img,
+                        self.patch,
+                        nearest_multiple(self.local_img, self.patch)
+                    ),
+                );
+            }
+        }
+        if self.locals > 0 && self.local_img > self.img {
+            bad(
+                "local_img",
+                format!(
+                    "local crops ({} px) must not be larger than global crops (img = {} px)",
+                    self.local_img, self.img
+                ),
+            );
+        }
+        // Encoder.
+        if self.dim == 0 {
+            bad("dim", "must be at least 1".into());
+        }
+        if self.depth == 0 {
+            bad("depth", "must be at least 1 block".into());
+        }
+        if self.heads == 0 {
+            bad("heads", "must be at least 1".into());
+        } else if self.dim % self.heads != 0 {
+            bad(
+                "heads",
+                format!(
+                    "{} heads do not divide dim = {}; pick heads among {}",
+                    self.heads,
+                    self.dim,
+                    divisors_hint(self.dim)
+                ),
+            );
+        }
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) || self.mlp_hidden() == 0 {
+            bad(
+                "mlp_ratio",
+                format!("{} must be positive (4 is usual)", self.mlp_ratio),
+            );
+        }
+        if !(self.drop_path.is_finite() && (0.0..1.0).contains(&self.drop_path)) {
+            bad("drop_path", format!("{} must be in [0, 1)", self.drop_path));
+        }
+        // Schedule.
+        if self.batch == 0 {
+            bad("batch", "must be at least 1 image".into());
+        }
+        match self.steps {
+            Some(0) => bad(
+                "steps",
+                "must be at least 1 (or leave it unset to train by epochs)".into(),
+            ),
+            Some(_) => {}
+            None => {
+                if self.epochs == 0 {
+                    bad("epochs", "must be at least 1 (or set steps)".into());
+                } else if self.warmup_epochs > self.epochs {
+                    bad(
+                        "warmup_epochs",
+                        format!(
+                            "{} is longer than the run ({} epochs); lower it or raise epochs",
+                            self.warmup_epochs, self.epochs
+                        ),
+                    );
+                }
+            }
+        }
+        // Loss weights.
+        for (key, v) in [("alpha", self.alpha), ("beta", self.beta)] {
+            if !(v.is_finite() && v >= 0.0) {
+                bad(key, format!("{v} must be a non-negative number"));
+            }
+        }
+        if self.alpha + self.beta > 4.0 {
+            bad(
+                "beta",
+                format!(
+                    "alpha + beta = {} exceeds 4, which would make the image-loss weight (4 - alpha - beta) / 2 negative",
+                    self.alpha + self.beta
+                ),
+            );
+        }
+        // Optimizer.
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bad(
+                "lr",
+                format!(
+                    "{} must be positive (5e-4 is the paper's base rate)",
+                    self.lr
+                ),
+            );
+        }
+        if !(self.min_lr.is_finite() && self.min_lr >= 0.0) {
+            bad("min_lr", format!("{} must be non-negative", self.min_lr));
+        }
+        for (key, v) in [
+            ("weight_decay", self.weight_decay),
+            ("weight_decay_end", self.weight_decay_end),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                bad(key, format!("{v} must be non-negative"));
+            }
+        }
+        for (key, v) in [
+            ("momentum_teacher", self.momentum_teacher),
+            ("center_momentum", self.center_momentum),
+        ] {
+            if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
+                bad(key, format!("{v} must be in [0, 1]"));
+            }
+        }
+        if !(self.clip_grad.is_finite() && self.clip_grad >= 0.0) {
+            bad(
+                "clip_grad",
+                format!(
+                    "{} must be non-negative (0 disables clipping)",
+                    self.clip_grad
+                ),
+            );
+        }
+        // Head.
+        for (key, v) in [
+            ("out_dim", self.out_dim),
+            ("head_hidden", self.head_hidden),
+            ("bottleneck", self.bottleneck),
+        ] {
+            if v == 0 {
+                bad(key, "must be at least 1".into());
+            }
+        }
+        for (key, v) in [
+            ("warmup_teacher_temp", self.warmup_teacher_temp),
+            ("teacher_temp", self.teacher_temp),
+            ("student_temp", self.student_temp),
+            ("spatial_tau_t", self.spatial_tau_t),
+            ("channel_tau_t", self.channel_tau_t),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                bad(key, format!("{v} must be a positive temperature"));
+            }
+        }
+        // Relations.
+        if self.overlap == 0 {
+            bad(
+                "overlap",
+                "must be at least 1 (the overlap is sampled on an overlap x overlap grid)".into(),
+            );
+        }
+        if self.locals > 0 && self.local_overlap == 0 {
+            bad(
+                "local_overlap",
+                "must be at least 1 when local crops are used".into(),
+            );
+        }
+        // Augmentation.
+        for (key, (lo, hi)) in [
+            ("global_scale", self.global_scale),
+            ("local_scale", self.local_scale),
+        ] {
+            if !(lo.is_finite() && hi.is_finite() && 0.0 < lo && lo <= hi && hi <= 1.0) {
+                bad(
+                    key,
+                    format!("[{lo}, {hi}] must satisfy 0 < min <= max <= 1 (area fractions)"),
+                );
+            }
+        }
+        // Run.
+        if self.threads == Some(0) {
+            bad(
+                "threads",
+                "must be at least 1 (or leave it unset to use all cores)".into(),
+            );
+        }
+        if self.log_every == 0 {
+            bad("log_every", "must be at least 1 step".into());
+        }
+
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(p))
+        }
+    }
+}
+
+/// The positive multiple of `m` nearest to `v` (ties go up).
+fn nearest_multiple(v: usize, m: usize) -> usize {
+    let down = v / m * m;
+    if down == 0 || v - down >= m - (v - down) {
+        down + m
+    } else {
+        down
+    }
+}
+
+/// "1, 2, 4, 8" style list of the divisors of `n` (at most 8 shown).
+fn divisors_hint(n: usize) -> String {
+    let d: Vec<String> = (1..=n)
+        .filter(|k| n % k == 0)
+        .take(8)
+        .map(|k| k.to_string())
+        .collect();
+    d.join(", ")
+}
+
+/// `yyyymmdd-hhmmss` in UTC for seconds since the Unix epoch.
+fn utc_stamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(cfg: &TrainConfig) -> Vec<&'static str> {
+        match cfg.validate() {
+            Ok(()) => vec![],
+            Err(ConfigError::Invalid(p)) => p.iter().map(|p| p.key).collect(),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+
+    #[test]
+    fn defaults_and_presets_are_valid() {
+        for p in [Preset::Micro, Preset::Tiny, Preset::Small, Preset::Custom] {
+            let cfg = TrainConfig::with_preset(p);
+            cfg.validate().unwrap();
+            assert_eq!(cfg.preset, p);
+        }
+        let s = TrainConfig::with_preset(Preset::Small);
+        assert_eq!((s.dim, s.depth, s.heads), (384, 12, 6));
+        let c = TrainConfig::with_preset(Preset::Custom);
+        assert_eq!((c.dim, c.depth, c.heads), (128, 4, 4));
+        let d = TrainConfig::default();
+        assert_eq!((d.grid(), d.local_grid(), d.mlp_hidden()), (8, 4, 512));
+        assert!((d.peak_lr() - 5e-4 * 32.0 / 256.0).abs() < 1e-15);
+        assert!((d.image_loss_weight() - 1.65).abs() < 1e-12);
+        assert_eq!(d.total_steps(100), 1000);
+    }
+
+    #[test]
+    fn toml_round_trip() {
+        let mut cfg = TrainConfig::with_preset(Preset::Tiny);
+        cfg.steps = Some(77);
+        cfg.threads = Some(2);
+        cfg.out = Some(PathBuf::from("runs/x"));
+        cfg.device = Device::Cuda;
+        cfg.global_scale = (0.3, 0.9);
+        let text = cfg.to_toml();
+        assert!(text.contains("preset = \"tiny\""), "{text}");
+        assert!(text.contains("global_scale = [0.3, 0.9]"), "{text}");
+        assert_eq!(TrainConfig::from_toml(&text).unwrap(), cfg);
+        // Defaults round-trip too (None fields are omitted).
+        let d = TrainConfig::default();
+        assert_eq!(TrainConfig::from_toml(&d.to_toml()).unwrap(), d);
+    }
+
+    #[test]
+    fn merge_order_defaults_preset_file() {
+        // File preset applies, file keys win over it.
+        let cfg =
+            TrainConfig::from_toml_layered("preset = \"small\"\ndim = 192\nlr = 1e-3\n", None)
+                .unwrap();
+        assert_eq!(
+            (cfg.preset, cfg.dim, cfg.depth, cfg.heads),
+            (Preset::Small, 192, 12, 6)
+        );
+        assert_eq!(cfg.lr, 1e-3);
+        assert_eq!(cfg.batch, 32);
+        // A preset from the command line replaces the file's preset, but the
+        // file's explicit keys still win over the preset's sizes.
+        let cfg =
+            TrainConfig::from_toml_layered("preset = \"small\"\nheads = 4\n", Some(Preset::Tiny))
+                .unwrap();
+        assert_eq!(
+            (cfg.preset, cfg.dim, cfg.depth, cfg.heads),
+            (Preset::Tiny, 192, 12, 4)
+        );
+        // No file.
+        let cfg = TrainConfig::load(None, Some(Preset::Small)).unwrap();
+        assert_eq!(cfg.dim, 384);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err =
+            TrainConfig::from_toml_layered("batch = 8\nlearning_rate = 0.1\n", None).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::Parse { .. }));
+        assert!(msg.contains("learning_rate"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+        let err = TrainConfig::from_toml_layered("batch = \"many\"\n", None).unwrap_err();
+        assert!(err.to_string().contains("batch"), "{err}");
+        let err = TrainConfig::from_toml_layered("preset = \"huge\"\n", None).unwrap_err();
+        assert!(err.to_string().contains("huge"), "{err}");
+    }
+
+    #[test]
+    fn load_reads_file_and_names_it_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, "epochs = 3\nglobal_scale = [0.5, 1.0]\n").unwrap();
+        let cfg = TrainConfig::load(Some(&path), None).unwrap();
+        assert_eq!((cfg.epochs, cfg.global_scale), (3, (0.5, 1.0)));
+        std::fs::write(&path, "epochz = 3\n").unwrap();
+        let err = TrainConfig::load(Some(&path), None).unwrap_err();
+        assert!(
+            err.to_string().contains("run.toml") && err.to_string().contains("epochz"),
+            "{err}"
+        );
+        let err = TrainConfig::load(Some(&dir.path().join("nope.toml")), None).unwrap_err();
+        assert!(matches!(err, ConfigError::Io { .. }));
+    }
+
+    #[test]
+    fn set_overrides() {
+        let mut cfg = TrainConfig::default();
+        cfg.set("lr=1e-3").unwrap();
+        cfg.set("device=cuda").unwrap();
+        cfg.set("data=folder:/tmp/x").unwrap();
+        cfg.set("global-scale=[0.3, 1.0]").unwrap();
+        cfg.set("steps=5").unwrap();
+        cfg.set("preset=small").unwrap();
+        assert_eq!(cfg.lr, 1e-3);
+        assert_eq!(cfg.device, Device::Cuda);
+        assert_eq!(cfg.data, "folder:/tmp/x");
+        assert_eq!(cfg.global_scale, (0.3, 1.0));
+        assert_eq!(cfg.steps, Some(5));
+        assert_eq!(cfg.dim, 384);
+        assert!(cfg
+            .set("nosuchkey=1")
+            .unwrap_err()
+            .to_string()
+            .contains("nosuchkey"));
+        assert!(cfg.set("batch=many").is_err());
+        assert!(cfg.set("batch").is_err());
+    }
+
+    #[test]
+    fn validate_catches_impossible_configs() {
+        let base = TrainConfig::default();
+        let check = |f: &dyn Fn(&mut TrainConfig), key: &str| {
+            let mut c = base.clone();
+            f(&mut c);
+            let keys = problems(&c);
+            assert!(
+                keys.contains(&key),
+                "expected a problem with {key}, got {keys:?}"
+            );
+        };
+        check(&|c| c.img = 30, "img");
+        check(&|c| c.patch = 0, "patch");
+        check(&|c| c.local_img = 18, "local_img");
+        check(&|c| c.local_img = 64, "local_img");
+        check(&|c| c.heads = 3, "heads");
+        check(&|c| c.heads = 0, "heads");
+        check(&|c| c.dim = 0, "dim");
+        check(&|c| c.depth = 0, "depth");
+        check(&|c| c.batch = 0, "batch");
+        check(&|c| c.alpha = -0.1, "alpha");
+        check(&|c| c.beta = f64::NAN, "beta");
+        check(
+            &|c| {
+                c.alpha = 2.5;
+                c.beta = 2.0
+            },
+            "beta",
+        );
+        check(&|c| c.overlap = 0, "overlap");
+        check(&|c| c.local_overlap = 0, "local_overlap");
+        check(&|c| c.epochs = 0, "epochs");
+        check(&|c| c.steps = Some(0), "steps");
+        check(&|c| c.warmup_epochs = 11, "warmup_epochs");
+        check(&|c| c.lr = 0.0, "lr");
+        check(&|c| c.teacher_temp = 0.0, "teacher_temp");
+        check(&|c| c.momentum_teacher = 1.5, "momentum_teacher");
+        check(&|c| c.local_scale = (0.5, 0.4), "local_scale");
+        check(&|c| c.global_scale = (0.0, 1.0), "global_scale");
+        check(&|c| c.threads = Some(0), "threads");
+        check(&|c| c.out_dim = 0, "out_dim");
+        check(&|c| c.drop_path = 1.0, "drop_path");
+        check(&|c| c.log_every = 0, "log_every");
+
+        // Fine: overlap grid larger than the token grid; no locals with odd
+        // local_img; steps set with epochs 0.
+        let mut c = base.clone();
+        c.overlap = 20;
+        c.locals = 0;
+        c.local_img = 18;
+        c.local_overlap = 0;
+        c.epochs = 0;
+        c.steps = Some(10);
+        c.validate().unwrap();
+
+        // Several problems are all reported, with actionable text.
+        let mut c = base.clone();
+        c.img = 30;
+        c.heads = 3;
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("try img = 32"), "{msg}");
+        assert!(msg.contains("pick heads among 1, 2, 4, 8"), "{msg}");
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(nearest_multiple(30, 4), 32);
+        assert_eq!(nearest_multiple(33, 4), 32);
+        assert_eq!(nearest_multiple(2, 4), 4);
+        assert_eq!(utc_stamp(0), "19700101-000000");
+        assert_eq!(utc_stamp(1_709_251_199), "20240229-235959");
+        let cfg = TrainConfig::default();
+        assert!(cfg.out_dir().starts_with("runs"));
+    }
+}

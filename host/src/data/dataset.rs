@@ -1,0 +1,268 @@
+//! In-memory images, labelled splits and datasets.
+//!
+//! A split either holds its pixels in memory (synthetic, IDX, CIFAR: small,
+//! fixed-size images packed into one shared buffer) or a list of files that
+//! are decoded on demand, so that decoding happens in parallel inside the
+//! loader, ahead of the training step, instead of all at start-up.
+//! Splits are cheap to clone (`Arc` inside) so the loader thread can own one.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::error::{DataError, Result};
+
+/// An 8-bit image: rows top to bottom, channels interleaved (HWC), with 1
+/// (grayscale) or 3 (RGB) channels. Grayscale reads as three equal channels
+/// through [`Raster::get`], so MNIST-like sources need no conversion copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Raster {
+    /// Width in pixels (> 0).
+    pub width: usize,
+    /// Height in pixels (> 0).
+    pub height: usize,
+    /// 1 or 3.
+    pub channels: usize,
+    /// `height * width * channels` bytes.
+    pub data: Vec<u8>,
+}
+
+impl Raster {
+    /// Checks the shape against the buffer.
+    pub fn new(width: usize, height: usize, channels: usize, data: Vec<u8>) -> Result<Self> {
+        if width == 0 || height == 0 || !(channels == 1 || channels == 3) {
+            return Err(DataError::config(
+                "raster",
+                format!("{width}x{height}x{channels}: need non-zero size and 1 or 3 channels"),
+            ));
+        }
+        if data.len() != width * height * channels {
+            return Err(DataError::config(
+                "raster",
+                format!(
+                    "{} bytes for {width}x{height}x{channels} (expected {})",
+                    data.len(),
+                    width * height * channels
+                ),
+            ));
+        }
+        Ok(Raster {
+            width,
+            height,
+            channels,
+            data,
+        })
+    }
+
+    /// Channel `c` (0..3) of pixel `(x, y)`; grayscale repeats its channel.
+    #[inline]
+    pub fn get(&self, x: usize, y: usize, c: usize) -> u8 {
+        let c = if self.channels == 1 { 0 } else { c };
+        self.data[(y * self.width + x) * self.channels + c]
+    }
+}
+
+/// Where a split's pixels live.
+#[derive(Debug, Clone)]
+enum Pixels {
+    /// `n` images of one size packed HWC one after another.
+    Packed {
+        width: usize,
+        height: usize,
+        channels: usize,
+        data: Arc<[u8]>,
+    },
+    /// One image file per sample, decoded when asked for.
+    Files(Arc<[PathBuf]>),
+}
+
+/// One split (train or test) of a dataset: images with class labels.
+#[derive(Debug, Clone)]
+pub struct Split {
+    pixels: Pixels,
+    labels: Arc<[u32]>,
+}
+
+impl Split {
+    /// A split of `labels.len()` fixed-size images packed HWC in `data`.
+    pub fn packed(
+        width: usize,
+        height: usize,
+        channels: usize,
+        data: Vec<u8>,
+        labels: Vec<u32>,
+    ) -> Result<Self> {
+        if width == 0 || height == 0 || !(channels == 1 || channels == 3) {
+            return Err(DataError::config(
+                "split",
+                format!("{width}x{height}x{channels}: need non-zero size and 1 or 3 channels"),
+            ));
+        }
+        let each = width * height * channels;
+        if data.len() != each * labels.len() {
+            return Err(DataError::config(
+                "split",
+                format!(
+                    "{} bytes for {} images of {each} bytes",
+                    data.len(),
+                    labels.len()
+                ),
+            ));
+        }
+        Ok(Split {
+            pixels: Pixels::Packed {
+                width,
+                height,
+                channels,
+                data: data.into(),
+            },
+            labels: labels.into(),
+        })
+    }
+
+    /// A split of image files (JPEG or PNG), decoded lazily by [`Split::image`].
+    pub fn files(paths: Vec<PathBuf>, labels: Vec<u32>) -> Result<Self> {
+        if paths.len() != labels.len() {
+            return Err(DataError::config(
+                "split",
+                format!("{} files but {} labels", paths.len(), labels.len()),
+            ));
+        }
+        Ok(Split {
+            pixels: Pixels::Files(paths.into()),
+            labels: labels.into(),
+        })
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the split has no samples.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// All labels, in sample order.
+    pub fn labels(&self) -> &[u32] {
+        &self.labels
+    }
+
+    /// Label of sample `i`.
+    pub fn label(&self, i: usize) -> u32 {
+        self.labels[i]
+    }
+
+    /// The file behind sample `i`, for file-backed splits.
+    pub fn path(&self, i: usize) -> Option<&Path> {
+        match &self.pixels {
+            Pixels::Files(p) => Some(&p[i]),
+            Pixels::Packed { .. } => None,
+        }
+    }
+
+    /// Sample `i` as a raster (copied from memory, or decoded from its file).
+    pub fn image(&self, i: usize) -> Result<Raster> {
+        match &self.pixels {
+            Pixels::Packed {
+                width,
+                height,
+                channels,
+                data,
+            } => {
+                let each = width * height * channels;
+                Ok(Raster {
+                    width: *width,
+                    height: *height,
+                    channels: *channels,
+                    data: data[i * each..(i + 1) * each].to_vec(),
+                })
+            }
+            Pixels::Files(paths) => decode_file(&paths[i]),
+        }
+    }
+
+    /// The first `n` samples (or all, if fewer): quick runs and tests.
+    pub fn truncated(&self, n: usize) -> Split {
+        let n = n.min(self.len());
+        let pixels = match &self.pixels {
+            Pixels::Packed {
+                width,
+                height,
+                channels,
+                data,
+            } => Pixels::Packed {
+                width: *width,
+                height: *height,
+                channels: *channels,
+                data: data[..n * width * height * channels].into(),
+            },
+            Pixels::Files(p) => Pixels::Files(p[..n].into()),
+        };
+        Split {
+            pixels,
+            labels: self.labels[..n].into(),
+        }
+    }
+}
+
+/// Decodes one JPEG or PNG file to an RGB raster; the error names the file.
+pub fn decode_file(path: &Path) -> Result<Raster> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| DataError::io(path, e))?
+        .decode()
+        .map_err(|source| DataError::Decode {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let rgb = img.into_rgb8();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    if w == 0 || h == 0 {
+        return Err(DataError::Format {
+            path: path.to_path_buf(),
+            format: "image",
+            detail: "the image has zero width or height".into(),
+        });
+    }
+    Ok(Raster {
+        width: w,
+        height: h,
+        channels: 3,
+        data: rgb.into_raw(),
+    })
+}
+
+/// A dataset: its class names, a training split and an optional test split.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// Short description for logs, e.g. `synthetic 32px` or the root path.
+    pub name: String,
+    /// Class names; labels index into this.
+    pub classes: Vec<String>,
+    /// Training split (used for pre-training and as the k-NN memory bank).
+    pub train: Split,
+    /// Test split, when the source has one.
+    pub test: Option<Split>,
+}
+
+impl Dataset {
+    /// Number of classes.
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// The test split, or an error saying the source has none.
+    pub fn test_split(&self) -> Result<&Split> {
+        self.test.as_ref().ok_or_else(|| {
+            DataError::config(
+                "dataset",
+                format!(
+                    "{} has no test split; evaluation needs one (for folders: root/val/<class>/...)",
+                    self.name
+                ),
+            )
+        })
+    }
+}

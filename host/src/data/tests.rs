@@ -1,0 +1,191 @@
+//! Loader behaviour: shapes, determinism across threads and resumption,
+//! epochs, drop-last, errors and shutdown.
+
+use super::*;
+use crate::augment::{view_pairs, MultiCrop};
+
+fn tiny_split(n: usize) -> Split {
+    SyntheticConfig {
+        size: 16,
+        train: n,
+        test: 0,
+        seed: 1,
+    }
+    .generate()
+    .unwrap()
+    .train
+}
+
+fn cfg(threads: usize) -> LoaderConfig {
+    LoaderConfig {
+        batch_size: 4,
+        seed: 11,
+        threads,
+        prefetch: 2,
+        ..LoaderConfig::default()
+    }
+}
+
+fn mc() -> MultiCrop {
+    MultiCrop::new(16, 8, 3)
+}
+
+#[test]
+fn batch_layout() {
+    let split = tiny_split(10);
+    let b = batch_at(&split, &mc(), &cfg(1), Position::default()).unwrap();
+    assert_eq!(b.globals.len(), 2 * 4 * 3 * 16 * 16);
+    assert_eq!(b.locals.len(), 3 * 4 * 3 * 8 * 8);
+    assert_eq!(b.global_view(1).len(), 4 * 3 * 16 * 16);
+    assert_eq!(b.view(4), b.local_view(2));
+    assert_eq!(b.crops.len(), 4 * 5);
+    assert_eq!(b.grids.len(), view_pairs(5).len());
+    assert_eq!(b.grids.len(), 8);
+    for (g, (t, s)) in b.grids.iter().zip(view_pairs(5)) {
+        assert_eq!((g.teacher, g.student), (t, s));
+        assert_eq!(g.teacher_grid.len(), 4 * g.hs * g.ws * 2);
+        assert_eq!((g.hs, g.ws), if s < 2 { (13, 13) } else { (6, 6) });
+    }
+    for (k, &i) in b.indices.iter().enumerate() {
+        assert_eq!(b.labels[k], split.label(i));
+        for c in b.image_crops(k) {
+            assert!(c.x + c.w <= 16.0 && c.y + c.h <= 16.0);
+        }
+    }
+    assert_eq!(b.pair_grids(Default::default()), b.grids);
+    // Each view's slot of each image was written.
+    assert!(b
+        .globals
+        .chunks(3 * 16 * 16)
+        .all(|v| v.iter().any(|&x| x != 0.0)));
+}
+
+fn take(loader: Loader, n: usize) -> Vec<Batch> {
+    loader.take(n).map(|b| b.unwrap()).collect()
+}
+
+#[test]
+fn same_batches_for_any_thread_count_and_on_resume() {
+    let split = tiny_split(12);
+    let one = take(
+        Loader::new(split.clone(), mc(), cfg(1), Position::default()).unwrap(),
+        5,
+    );
+    let three = take(
+        Loader::new(split.clone(), mc(), cfg(3), Position::default()).unwrap(),
+        5,
+    );
+    assert_eq!(one, three);
+    // 3 steps per epoch: batch 4 is epoch 1, step 1.
+    assert_eq!(one[4].position, Position { epoch: 1, step: 1 });
+    let resumed = take(
+        Loader::new(split.clone(), mc(), cfg(2), Position { epoch: 1, step: 1 }).unwrap(),
+        1,
+    );
+    assert_eq!(resumed[0], one[4]);
+    assert_eq!(
+        batch_at(&split, &mc(), &cfg(1), Position { epoch: 0, step: 2 }).unwrap(),
+        one[2]
+    );
+    // Another seed changes both order and views.
+    let other = batch_at(
+        &split,
+        &mc(),
+        &LoaderConfig { seed: 12, ..cfg(1) },
+        Position::default(),
+    )
+    .unwrap();
+    assert_ne!(other.globals, one[0].globals);
+}
+
+#[test]
+fn epochs_shuffle_and_drop_last() {
+    let split = tiny_split(10);
+    let c = LoaderConfig {
+        epochs: Some(2),
+        ..cfg(2)
+    };
+    let loader = Loader::new(split, mc(), c, Position::default()).unwrap();
+    assert_eq!(loader.steps_per_epoch(), 2);
+    let all: Vec<Batch> = loader.map(|b| b.unwrap()).collect();
+    assert_eq!(all.len(), 4);
+    let seen = |e: usize| {
+        let mut v: Vec<usize> = all[2 * e..2 * e + 2]
+            .iter()
+            .flat_map(|b| b.indices.clone())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    assert_eq!(seen(0).len(), 8);
+    assert_ne!(all[0].indices, all[2].indices);
+    // The same image gets new views in a new epoch.
+    let i = all[0].indices[0];
+    let later = all[2..]
+        .iter()
+        .find_map(|b| b.indices.iter().position(|&j| j == i).map(|k| (b, k)));
+    if let Some((b, k)) = later {
+        assert_ne!(b.image_crops(k), all[0].image_crops(0));
+    }
+}
+
+#[test]
+fn rejects_bad_settings() {
+    let split = tiny_split(3);
+    let e = |c: LoaderConfig, p: Position| Loader::new(split.clone(), mc(), c, p).err().unwrap();
+    assert!(e(cfg(1), Position::default())
+        .to_string()
+        .contains("no full batch"));
+    let split = tiny_split(8);
+    let err = Loader::new(split, mc(), cfg(1), Position { epoch: 0, step: 2 })
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("past"), "{err}");
+}
+
+#[test]
+fn dropping_a_running_loader_stops_it() {
+    let split = tiny_split(40);
+    let mut loader = Loader::new(
+        split,
+        mc(),
+        LoaderConfig {
+            prefetch: 1,
+            ..cfg(2)
+        },
+        Position::default(),
+    )
+    .unwrap();
+    assert!(loader.next().unwrap().is_ok());
+    let t = std::time::Instant::now();
+    drop(loader);
+    assert!(t.elapsed().as_secs() < 5);
+}
+
+#[test]
+fn corrupt_file_error_reaches_the_consumer() {
+    let d = std::env::temp_dir().join(format!("sere-loader-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("c")).unwrap();
+    for k in 0..3 {
+        image::RgbImage::from_pixel(12, 10, image::Rgb([k * 40, 9, 200]))
+            .save(d.join(format!("c/{k}.png")))
+            .unwrap();
+    }
+    std::fs::write(d.join("c/3.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    let split = DataSpec::parse(&format!("folder:{}", d.display()))
+        .unwrap()
+        .open()
+        .unwrap()
+        .train;
+    let c = LoaderConfig {
+        shuffle: false,
+        ..cfg(2)
+    };
+    let mut loader = Loader::new(split, mc(), c, Position::default()).unwrap();
+    let e = loader.next().unwrap().unwrap_err();
+    assert!(e.to_string().contains("3.png"), "{e}");
+    assert!(loader.next().is_none());
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -1,0 +1,4 @@
+//! Evaluation of learned representations.
+
+pub mod features;
+pub mod knn;
