@@ -43,7 +43,7 @@ impl SereNet {
         let vit = Vit::new(&mut layout, "backbone.", vit_config(cfg));
         let dino = DinoHead::new(
             &mut layout,
-            "dino_head.",
+            "dino_head",
             DinoHeadConfig {
                 in_dim: cfg.dim,
                 out_dim: cfg.out_dim,
@@ -52,7 +52,7 @@ impl SereNet {
                 nlayers: 3,
             },
         );
-        let sere = SERE_HEAD_NAMES.map(|n| SereHead::new(&mut layout, &format!("{n}."), cfg.dim));
+        let sere = SERE_HEAD_NAMES.map(|n| SereHead::new(&mut layout, n, cfg.dim));
         SereNet {
             layout,
             vit,
