@@ -47,11 +47,17 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
     if ! cargo build --release -p sere-host $CARGO_FLAGS >"$WORK/build.log" 2>&1; then
         echo "compare_cpu.sh: cargo build --release -p sere-host FAILED; last lines:" >&2
         tail -n 15 "$WORK/build.log" >&2
-        SERE_STATUS="build failed"
+        SERE_STATUS="cargo build --release -p sere-host failed (log above)"
     fi
 fi
+# A failed build may leave an older binary behind: it is still used, with a warning.
+if [ "$SERE_STATUS" != "ok" ] && [ -x "$SERE" ] && "$SERE" bench-step --help >/dev/null 2>&1; then
+    echo "compare_cpu.sh: WARNING: using the existing (possibly stale) $SERE" >&2
+    SERE_STATUS="ok"
+fi
 if [ ! -x "$SERE" ]; then
-    SERE_STATUS="binary $SERE missing (${SERE_STATUS})"
+    if [ "$SERE_STATUS" = "ok" ]; then SERE_STATUS="binary $SERE missing"
+    else SERE_STATUS="$SERE_STATUS; binary $SERE missing"; fi
 elif ! "$SERE" bench-step --help >/dev/null 2>&1; then
     SERE_STATUS="$SERE has no working 'bench-step' subcommand"
 fi

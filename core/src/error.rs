@@ -64,6 +64,16 @@ impl fmt::Display for Error {
 impl core::error::Error for Error {}
 
 /// Result of a core kernel.
+///
+/// ```
+/// fn checked(x: &[f32]) -> sere_core::Result<f32> {
+///     let mut y = [0.0f32; 2];
+///     sere_core::softmax::softmax_rows(x, 1, 2, &mut y)?;
+///     Ok(y[0])
+/// }
+/// assert_eq!(checked(&[0.0, 0.0]), Ok(0.5));
+/// assert!(checked(&[f32::NAN, 0.0]).is_err());
+/// ```
 pub type Result<T> = core::result::Result<T, Error>;
 
 /// Checks that `slice_len == expected`.

@@ -283,7 +283,8 @@ pub enum EvalCommand {
 /// Flags of `sere eval knn`.
 #[derive(Debug, Clone, Args)]
 pub struct KnnArgs {
-    /// Checkpoint file to evaluate (its student backbone is used).
+    /// Checkpoint file (or run directory) to evaluate; its teacher backbone
+    /// is used, as DINO evaluates.
     #[arg(long, value_name = "FILE")]
     pub checkpoint: PathBuf,
     /// Labelled dataset (train and test splits) or "synthetic".

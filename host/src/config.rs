@@ -158,7 +158,8 @@ pub struct TrainConfig {
     pub weight_decay_end: f64,
     /// Teacher EMA momentum at the start, cosine to 1 (default 0.996).
     pub momentum_teacher: f64,
-    /// Clip the gradient to this global L2 norm (default 3.0; 0 disables).
+    /// Clip each parameter tensor's gradient to this L2 norm, as DINO does
+    /// (default 3.0; 0 disables).
     pub clip_grad: f64,
     /// Keep the DINO head's last layer frozen for this many epochs (default 1).
     pub freeze_last_layer: usize,

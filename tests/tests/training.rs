@@ -10,30 +10,35 @@ use std::path::Path;
 /// A tiny but complete configuration: every loss term and every schedule
 /// is active (warm-up, frozen last layer, teacher-temperature warm-up).
 fn tiny(out: &Path, steps: u64) -> TrainConfig {
-    let mut cfg = TrainConfig::default();
-    cfg.data = "synthetic:size=16,train=48,test=16,seed=1".into();
-    cfg.img = 16;
-    cfg.local_img = 8;
-    cfg.patch = 4;
-    cfg.set("preset=\"custom\"").unwrap();
-    cfg.dim = 16;
-    cfg.depth = 2;
-    cfg.heads = 2;
-    cfg.batch = 8;
-    cfg.locals = 2;
-    cfg.out_dim = 64;
-    cfg.head_hidden = 32;
-    cfg.bottleneck = 16;
-    cfg.overlap = 3;
-    cfg.local_overlap = 2;
-    cfg.steps = Some(steps);
-    cfg.warmup_epochs = 1;
-    cfg.warmup_teacher_temp_epochs = 2;
-    cfg.warmup_teacher_temp = 0.04;
-    cfg.teacher_temp = 0.07;
-    cfg.checkpoint_every = 3;
-    cfg.log_every = 1;
-    cfg.out = Some(out.to_path_buf());
+    let text = format!(
+        r#"
+        data = "synthetic:size=16,train=48,test=16,seed=1"
+        preset = "custom"
+        img = 16
+        local_img = 8
+        patch = 4
+        dim = 16
+        depth = 2
+        heads = 2
+        batch = 8
+        locals = 2
+        out_dim = 64
+        head_hidden = 32
+        bottleneck = 16
+        overlap = 3
+        local_overlap = 2
+        steps = {steps}
+        warmup_epochs = 1
+        warmup_teacher_temp_epochs = 2
+        warmup_teacher_temp = 0.04
+        teacher_temp = 0.07
+        checkpoint_every = 3
+        log_every = 1
+        out = "{}"
+        "#,
+        out.display()
+    );
+    let cfg = TrainConfig::from_toml(&text).expect("tiny config parses");
     cfg.validate().expect("tiny config is valid");
     cfg
 }

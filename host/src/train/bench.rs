@@ -7,9 +7,10 @@ use std::time::Instant;
 use rand::{RngExt, SeedableRng};
 use sere_core::geometry::CropBox;
 
-use super::engine::{CpuEngine, StepInput};
-use super::{check_device, grid_sizes, set_threads, Schedules};
+use super::engine::StepInput;
+use super::{grid_sizes, set_threads, Schedules};
 use crate::augment::batch_pair_grids;
+use crate::backend::Backend;
 use crate::config::TrainConfig;
 use crate::error::SereError;
 
@@ -141,8 +142,8 @@ pub fn bench_step(
     warmup: usize,
 ) -> Result<BenchResult, SereError> {
     cfg.validate()?;
-    check_device(cfg.device)?;
     set_threads(cfg.threads);
+    let mut engine = Backend::new(cfg)?;
     let (b, l) = (cfg.batch, cfg.locals);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
     let globals: Vec<f32> = (0..2 * b * 3 * cfg.img * cfg.img)
@@ -170,7 +171,6 @@ pub fn bench_step(
         local_crops: &locals,
         grids: &grids,
     };
-    let mut engine = CpuEngine::new(cfg);
     let total = (warmup + steps) as u64;
     let sched = Schedules::new(cfg, total.max(1), total.max(1));
     let mut times = Vec::with_capacity(steps);

@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::augment::{GridSizes, MultiCrop};
+use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint};
-use crate::config::{Device, TrainConfig};
+use crate::config::TrainConfig;
 use crate::data::{DataSpec, Loader, LoaderConfig, Position};
 use crate::error::SereError;
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepMetrics};
-use engine::{CpuEngine, StepError, StepInput, StepSchedule};
+use engine::{StepError, StepInput, StepSchedule};
 use sere_core::schedule::{cosine_schedule, linear_warmup};
 
 /// What a finished run produced.
@@ -118,24 +119,11 @@ pub fn set_threads(threads: Option<usize>) {
     }
 }
 
-/// Fails clearly when the configuration asks for a device this build or
-/// machine cannot provide.
-pub fn check_device(device: Device) -> Result<(), SereError> {
-    match device {
-        Device::Cpu => Ok(()),
-        Device::Cuda => Err(SereError::Device(
-            "the CUDA training step is not part of this build yet (sere-cuda carries no kernels); \
-             run with --device cpu"
-                .into(),
-        )),
-    }
-}
-
 /// Trains with `cfg`, optionally resuming from a checkpoint file.
 pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, SereError> {
     cfg.validate()?;
-    check_device(cfg.device)?;
     set_threads(cfg.threads);
+    let mut engine = Backend::new(&cfg)?;
     let out_dir = cfg.out_dir();
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| SereError::io("cannot create output directory", &out_dir, e))?;
@@ -155,11 +143,10 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
     let total = cfg.total_steps(spe);
     let sched = Schedules::new(&cfg, total, spe);
 
-    let mut engine = CpuEngine::new(&cfg);
     let mut done = 0u64;
     if let Some(path) = resume {
         let ck = Checkpoint::load(&path)?;
-        done = state::restore(&mut engine, &ck)?;
+        done = engine.restore(&ck)?;
         eprintln!("resumed from {} at step {done}", path.display());
     }
     if done >= total {
@@ -257,8 +244,8 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
 
 /// Writes `checkpoint-<step>.safetensors` atomically (`--resume DIR` takes
 /// the newest one).
-fn save(engine: &CpuEngine, dir: &Path, step: u64) -> Result<PathBuf, SereError> {
-    let ck = state::snapshot(engine, step);
+fn save(engine: &Backend, dir: &Path, step: u64) -> Result<PathBuf, SereError> {
+    let ck = engine.snapshot(step);
     let path = dir.join(checkpoint::file_name(step));
     ck.save_atomic(&path)?;
     Ok(path)
