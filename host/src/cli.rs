@@ -305,6 +305,10 @@ pub struct KnnArgs {
     /// Worker threads.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Also report the baseline: k-NN on raw, mean-centred, L2-normalised
+    /// pixels at the checkpoint's image size.
+    #[arg(long)]
+    pub pixels: bool,
 }
 
 /// Flags of `sere eval linear` (declared for later).

@@ -8,7 +8,7 @@ use sere_host::checkpoint::{self, Checkpoint};
 use sere_host::cli::{BenchStepArgs, Cli, Command, EvalCommand, KnnArgs, Resume, TrainArgs};
 use sere_host::data::DataSpec;
 use sere_host::error::{report, SereError};
-use sere_host::eval::{features::Embedder, knn};
+use sere_host::eval::{features, features::Embedder, knn};
 use sere_host::train;
 
 fn main() -> ExitCode {
@@ -118,12 +118,35 @@ fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
         data.num_classes(),
     );
     println!(
-        "{{\"metric\":\"knn_top1\",\"k\":{},\"temperature\":{},\"train\":{},\"test\":{},\"top1\":{:.4}}}",
+        "{{\"metric\":\"knn_top1\",\"features\":\"teacher_cls\",\"k\":{},\"temperature\":{},\"train\":{},\"test\":{},\"top1\":{:.4}}}",
         args.k,
         args.temperature,
         train_l.len(),
         test_l.len(),
         acc
     );
+    if args.pixels {
+        let img = emb.config().img;
+        let (mut tr, trl) = features::pixel_features(&data.train, img, batch)?;
+        let (mut te, tel) = features::pixel_features(test, img, batch)?;
+        let d = 3 * img * img;
+        let mean = features::column_mean(&tr, d);
+        features::centre_and_normalize(&mut tr, &mean);
+        features::centre_and_normalize(&mut te, &mean);
+        let acc = knn::weighted_knn_accuracy(
+            &tr,
+            &trl,
+            &te,
+            &tel,
+            d,
+            args.k,
+            args.temperature as f32,
+            data.num_classes(),
+        );
+        println!(
+            "{{\"metric\":\"knn_top1\",\"features\":\"pixels\",\"k\":{},\"temperature\":{},\"train\":{},\"test\":{},\"top1\":{:.4}}}",
+            args.k, args.temperature, trl.len(), tel.len(), acc
+        );
+    }
     Ok(())
 }

@@ -59,3 +59,47 @@ impl Embedder {
         Ok((feats, labels))
     }
 }
+
+/// Raw-pixel features of a split (`len x 3 S^2`, normalised images) and
+/// labels: the baseline a learned representation has to beat. Centre them
+/// with [`centre_and_normalize`] using the training mean.
+pub fn pixel_features(
+    split: &Split,
+    img: usize,
+    batch: usize,
+) -> Result<(Vec<f32>, Vec<u32>), SereError> {
+    let mut feats = Vec::with_capacity(split.len() * 3 * img * img);
+    let mut labels = Vec::with_capacity(split.len());
+    for b in EvalBatches::new(split, EvalTransform::new(img), batch).map_err(SereError::data)? {
+        let b = b.map_err(SereError::data)?;
+        feats.extend_from_slice(&b.images);
+        labels.extend_from_slice(&b.labels);
+    }
+    Ok((feats, labels))
+}
+
+/// Subtracts `mean` (one row) from every row of `feats`, then L2-normalises
+/// the rows.
+pub fn centre_and_normalize(feats: &mut [f32], mean: &[f32]) {
+    let d = mean.len();
+    for row in feats.chunks_exact_mut(d) {
+        for (v, &m) in row.iter_mut().zip(mean) {
+            *v -= m;
+        }
+    }
+    super::knn::l2_normalize_rows(feats, d);
+}
+
+/// Column means of `rows x d` features.
+pub fn column_mean(feats: &[f32], d: usize) -> Vec<f32> {
+    let mut mean = vec![0.0f64; d];
+    let rows = feats.len() / d.max(1);
+    for row in feats.chunks_exact(d) {
+        for (m, &v) in mean.iter_mut().zip(row) {
+            *m += v as f64;
+        }
+    }
+    mean.into_iter()
+        .map(|m| (m / rows.max(1) as f64) as f32)
+        .collect()
+}

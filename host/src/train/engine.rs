@@ -427,11 +427,9 @@ impl CpuEngine {
             tau_teacher_channel: cfg.channel_tau_t as f32,
             tau_student: 1.0,
         };
-        let pairs = crate::augment::view_pairs(views);
         let grids = input.grids;
         let grid_of = |img: usize, t: usize, s: usize| -> Option<(&[f32], &[f32])> {
-            let i = pairs.iter().position(|&p| p == (t, s))?;
-            let g = &grids[i];
+            let g = grids.iter().find(|g| g.teacher == t && g.student == s)?;
             if !g.valid[img] {
                 return None;
             }
@@ -584,43 +582,28 @@ impl CpuEngine {
         if !sched.freeze_last_layer {
             self.last_layer_steps += 1;
         }
-        let entries = self.net.layout.entries();
         let (student, grads, m, v) = (
             &mut self.student,
             &self.grads,
             &mut self.adam_m,
             &mut self.adam_v,
         );
-        let jobs: Vec<(std::ops::Range<usize>, bool, u32)> = entries
-            .iter()
-            .filter_map(|e| {
-                let is_last = e.range.start >= last.start && e.range.end <= last.end;
-                if is_last && sched.freeze_last_layer {
-                    None
-                } else {
-                    Some((
-                        e.range.clone(),
-                        e.decay,
-                        if is_last {
-                            self.last_layer_steps
-                        } else {
-                            self.adam_steps
-                        },
-                    ))
-                }
-            })
-            .collect();
-        for (r, decay, t) in jobs {
+        for e in self.net.layout.entries() {
+            let is_last = e.range.start >= last.start && e.range.end <= last.end;
+            if is_last && sched.freeze_last_layer {
+                continue;
+            }
+            let (r, decay) = (e.range.clone(), e.decay);
+            let t = if is_last {
+                self.last_layer_steps
+            } else {
+                self.adam_steps
+            };
+            // PyTorch's AdamW defaults (betas 0.9/0.999, eps 1e-8), as DINO.
             let opt = AdamW {
                 lr: sched.lr,
                 weight_decay: if decay { sched.weight_decay } else { 0.0 },
                 ..AdamW::default()
-            };
-            let opt = AdamW {
-                eps: 1e-8,
-                beta1: 0.9,
-                beta2: 0.999,
-                ..opt
             };
             par_adamw(
                 &mut student[r.clone()],
