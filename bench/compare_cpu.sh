@@ -41,6 +41,7 @@ fi
 
 # ---- build the Rust side (failure is reported, the PyTorch numbers still come) ----
 SERE_STATUS="ok"
+SERE_NOTE=""
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
     echo "== cargo build --release -p sere-host $CARGO_FLAGS" >&2
     # shellcheck disable=SC2086
@@ -54,6 +55,7 @@ fi
 if [ "$SERE_STATUS" != "ok" ] && [ -x "$SERE" ] && "$SERE" bench-step --help >/dev/null 2>&1; then
     echo "compare_cpu.sh: WARNING: using the existing (possibly stale) $SERE" >&2
     SERE_STATUS="ok"
+    SERE_NOTE="the build failed; the sere rows come from an older $SERE"
 fi
 if [ ! -x "$SERE" ]; then
     if [ "$SERE_STATUS" = "ok" ]; then SERE_STATUS="binary $SERE missing"
@@ -65,8 +67,11 @@ if [ "$SERE_STATUS" != "ok" ]; then
     echo "compare_cpu.sh: NOTE: Rust side unavailable: $SERE_STATUS; printing PyTorch numbers only." >&2
 fi
 
-last_json() {  # the last line of a file that looks like a JSON object
-    grep -E '^[[:space:]]*\{' "$1" | tail -n 1
+last_json() {  # the last line that looks like a JSON object, in stdout else stderr
+    local line
+    line="$(grep -sE '^[[:space:]]*\{' "$1.out" | tail -n 1)"
+    [ -z "$line" ] && line="$(grep -sE '^[[:space:]]*\{' "$1.err" | tail -n 1)"
+    printf '%s' "$line"
 }
 
 for t in $THREADS; do
@@ -91,13 +96,13 @@ done
 echo "### raw JSON"
 for t in $THREADS; do
     for k in gemm torch sere; do
-        [ -f "$WORK/${k}_$t.out" ] && line="$(last_json "$WORK/${k}_$t.out")" && [ -n "$line" ] \
-            && echo "$line"
+        line="$(last_json "$WORK/${k}_$t")"
+        [ -n "$line" ] && echo "$line"
     done
 done
 echo
 
-SERE_STATUS="$SERE_STATUS" THREADS="$THREADS" WORK="$WORK" "$PYTHON" - <<'EOF'
+SERE_STATUS="$SERE_STATUS" SERE_NOTE="$SERE_NOTE" THREADS="$THREADS" WORK="$WORK" "$PYTHON" - <<'EOF'
 import json, os, sys
 sys.path.insert(0, "bench")
 from torch_step import step_flops
@@ -105,11 +110,15 @@ from torch_step import step_flops
 work, status = os.environ["WORK"], os.environ["SERE_STATUS"]
 
 def load(kind, t):
-    try:
-        lines = [l for l in open(os.path.join(work, f"{kind}_{t}.out")) if l.lstrip().startswith("{")]
-        return json.loads(lines[-1]) if lines else None
-    except (OSError, ValueError):
-        return None
+    for ext in ("out", "err"):
+        try:
+            lines = [l for l in open(os.path.join(work, f"{kind}_{t}.{ext}"))
+                     if l.lstrip().startswith("{")]
+            if lines:
+                return json.loads(lines[-1])
+        except (OSError, ValueError):
+            pass
+    return None
 
 def f(v, fmt):
     return "n/a" if v is None else format(v, fmt)
@@ -158,6 +167,8 @@ print("sere/torch time = sere median ms / torch median ms (below 1: sere is fast
 print("GFLOP/s use bench/torch_step.py step_flops() (matmul FLOPs, see bench/README.md).")
 if status != "ok":
     print(f"NOTE: Rust side not measured: {status}.")
+if os.environ.get("SERE_NOTE"):
+    print(f"NOTE: {os.environ['SERE_NOTE']}.")
 for n in notes:
     print(f"NOTE: {n}")
 EOF

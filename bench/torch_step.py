@@ -8,8 +8,10 @@ The step (float32, synthetic inputs generated once):
   * DINO head on the CLS tokens (student: all views, teacher: globals), DINO loss with the
     centre, teacher temperature 0.04, student temperature 0.1, pairs of different views;
   * SERE heads on the patch tokens: for each relation (spatial, channel) and each crop kind
-    (global, local) a projection ReLU(BN(r)) used by the teacher and a predictor
-    ReLU(BN(W r)) used by the student (4 head pairs);
+    (global, local) a projection ReLU(BN(r)) and a predictor ReLU(BN(W r)) (4 head pairs);
+    the teacher's global features go through the global projections (they serve every
+    pair, as in the Rust trainer), the student's global / local features through the
+    global / local predictors;
   * spatial relation loss for every (teacher global view t, student view s != t) pair on
     bilinearly sampled overlap grids (overlap^2 points global/global,
     local_overlap^2 global/local; random grids fixed at start-up), per-head logits
@@ -89,32 +91,36 @@ def parse_args(argv=None):
 def step_flops(cfg):
     """Matmul FLOPs of one SERE training step (2*m*n*k per GEMM, multiply-add = 2 FLOPs).
 
-    `cfg` needs: img, local_img, patch, dim, depth, heads, mlp_ratio, batch, locals,
-    out_dim, head_hidden, bottleneck, overlap, local_overlap (attributes or dict keys).
+    `cfg` needs: img, local_img, patch, dim, depth, mlp_ratio, batch, locals, out_dim,
+    head_hidden, bottleneck, overlap, local_overlap (attributes or dict keys). The same
+    formula is `step_flops` in host/src/train/bench.rs.
 
     Notation: B batch, L locals, D dim, M = round(D * mlp_ratio), p patch,
     Ng = (img/p)^2 and Nl = (local_img/p)^2 patches, T = N + 1 tokens,
     K out_dim, Hh head_hidden, Bn bottleneck, Pg = overlap^2, Pl = local_overlap^2.
 
-    Counted (forward):
-      vit(N)   per image = patch embedding 2*N*(3*p^2)*D
-                         + depth * [qkv 2*T*D*3D + scores 2*T*T*D + attn*V 2*T*T*D
-                                    + proj 2*T*D*D + fc1 2*T*D*M + fc2 2*T*M*D]
-                         = 2*N*3p^2*D + depth * (8*T*D^2 + 4*T*D*M + 4*T^2*D)
-      head     per CLS row = 2*(D*Hh + Hh*Hh + Hh*Bn + Bn*K)   (DINO head incl. last layer)
-      pred     per token  = 2*D*D  (the W of one SERE predictor; the projections have no matmul)
-      spatial  per image per pair and side = heads * 2*P*P*(D/heads) = 2*P^2*D
-      channel  per image per view and head = 2*N*D*D  (X^T X)
+    Forward costs:
+      embed(N)  per image     = 2*N*(3*p^2)*D                      (patch embedding)
+      blocks(N) per image     = depth * [qkv 2*T*D*3D + scores 2*T*T*D + attn*V 2*T*T*D
+                                         + proj 2*T*D*D + fc1 2*T*D*M + fc2 2*T*M*D]
+                              = depth * (8*T*D^2 + 4*T*D*M + 4*T^2*D)
+      head      per CLS row   = 2*(D*Hh + Hh*Hh + Hh*Bn + Bn*K)   (DINO head incl. last layer)
+      pred      per token     = 2*D^2   (W of one SERE predictor; projections have no matmul)
+      spatial   per image, pair and side = heads * 2*P*P*(D/heads) = 2*P^2*D
+      channel   per image and view       = 2*N*D^2                 (X^T X)
 
-    student_fwd = 2B*vit(Ng) + L*B*vit(Nl)
-                + (2+L)*B*head
-                + 2 predictors (spatial, channel) * (2B*Ng + L*B*Nl) * 2*D*D
-                + spatial student side: 2 pairs * B * 2*Pg^2*D + 2L pairs * B * 2*Pl^2*D
-                + channel student side: (2B*Ng + L*B*Nl) * 2*D*D      (once per view)
-    teacher_fwd = 2B*vit(Ng) + 2B*head
-                + spatial teacher side: same as the student side
-                + channel teacher side: (1 + [L>0]) head kinds * 2B*Ng * 2*D*D
-    step        = 3 * student_fwd + teacher_fwd   (backward ~ 2x forward, teacher no backward)
+    Factors: the student's products count 3x (forward + backward of twice the forward),
+    except the patch embedding, 2x (no gradient w.r.t. the images); the teacher's 1x.
+
+      backbone   = 2B*(2*embed(Ng) + 3*blocks(Ng)) + L*B*(2*embed(Nl) + 3*blocks(Nl))
+                 + 2B*(embed(Ng) + blocks(Ng))                         (teacher, globals)
+      dino       = 3*(2+L)*B*head + 2B*head
+      predictors = 3 * 2 (spatial, channel) * (2B*Ng + L*B*Nl) * 2*D^2
+      spatial    = 4 * (2*B*2*Pg^2*D + 2L*B*2*Pl^2*D)    (2 global/global pairs and 2L
+                   global/local pairs per image; teacher side 1x + student side 3x)
+      channel    = 2*D^2 * (3*(2B*Ng + L*B*Nl) + 2B*Ng)  (student once per view, 3x;
+                   teacher once per global view with its global projection, 1x)
+      step       = backbone + dino + predictors + spatial + channel
 
     Not counted: layer/batch norms, softmax, GELU/ReLU, losses, grid_sample, the bicubic
     resize of the position embedding, the weight normalisation of the last layer,
@@ -131,18 +137,22 @@ def step_flops(cfg):
     Nl = (g("local_img") // p) ** 2
     Pg, Pl = g("overlap") ** 2, g("local_overlap") ** 2
 
-    def vit(N):
-        T = N + 1
-        return 2 * N * 3 * p * p * D + depth * (8 * T * D * D + 4 * T * D * M + 4 * T * T * D)
+    def embed(N):
+        return 2 * N * 3 * p * p * D
 
+    def blocks(N):
+        T = N + 1
+        return depth * (8 * T * D * D + 4 * T * D * M + 4 * T * T * D)
+
+    backbone = (2 * B * (2 * embed(Ng) + 3 * blocks(Ng)) + L * B * (2 * embed(Nl) + 3 * blocks(Nl))
+                + 2 * B * (embed(Ng) + blocks(Ng)))
     head = 2 * (D * Hh + Hh * Hh + Hh * Bn + Bn * K)
+    dino = 3 * (2 + L) * B * head + 2 * B * head
     tokens_s = 2 * B * Ng + L * B * Nl
-    spatial_side = 2 * B * 2 * Pg * Pg * D + 2 * L * B * 2 * Pl * Pl * D
-    student = (2 * B * vit(Ng) + L * B * vit(Nl) + (2 + L) * B * head
-               + 2 * tokens_s * 2 * D * D + spatial_side + tokens_s * 2 * D * D)
-    teacher = (2 * B * vit(Ng) + 2 * B * head + spatial_side
-               + (1 + (1 if L > 0 else 0)) * 2 * B * Ng * 2 * D * D)
-    return 3 * student + teacher
+    predictors = 3 * 2 * tokens_s * 2 * D * D
+    spatial = 4 * (2 * B * 2 * Pg * Pg * D + 2 * L * B * 2 * Pl * Pl * D)
+    channel = 2 * D * D * (3 * tokens_s + 2 * B * Ng)
+    return backbone + dino + predictors + spatial + channel
 
 
 def main(argv=None):
@@ -363,10 +373,10 @@ def main(argv=None):
             tt = teacher.backbone(globals_)
             t_out = teacher.head(tt[:, 0])
             t_patch = tt[:, 1:].reshape(2 * B * Ng, D)
-            tz = {k: m(t_patch) for k, m in teacher.proj.items()}
+            # the teacher only sees global crops: the global projections serve all pairs
+            tz = {k: teacher.proj[k](t_patch) for k in ("sp_g", "ch_g")}
             t_q = F.softmax((t_out - center) / args.teacher_temp, dim=-1).chunk(2)
-            t_ch = {k: F.softmax(channel_logits(tz[f"ch_{k}"], 2, Ng) / args.channel_tau_t, dim=-1)
-                    for k in (["g", "l"] if L > 0 else ["g"])}
+            t_ch = F.softmax(channel_logits(tz["ch_g"], 2, Ng) / args.channel_tau_t, dim=-1)
 
         # ---- student ----
         sg = student.backbone(globals_)
@@ -395,7 +405,7 @@ def main(argv=None):
         sp_pairs = [spatial_ce(zt, ps).reshape(2, B).mean(1)]
         if L > 0:
             with torch.no_grad():
-                zt = sample(tz["sp_l"], 2, gsz, gl_t)                   # 2B x L*Pl x D
+                zt = sample(tz["sp_g"], 2, gsz, gl_t)                   # 2B x L*Pl x D
                 zt = zt.reshape(2, B, L, Pl, D).transpose(1, 2)        # t, s, b
             ps = sample(student.pred["sp_l"](s_pl), L, lsz, gl_s)       # L*B x 2*Pl x D
             ps = ps.reshape(L, B, 2, Pl, D).permute(2, 0, 1, 3, 4)      # t, s, b
@@ -405,10 +415,10 @@ def main(argv=None):
 
         # channel relations
         ls_g = F.log_softmax(channel_logits(student.pred["ch_g"](s_pg), 2, Ng), dim=-1)
-        ch_pairs = [-(t_ch["g"] * ls_g.flip(0)).sum(-1).mean(dim=(1, 2))]
+        ch_pairs = [-(t_ch * ls_g.flip(0)).sum(-1).mean(dim=(1, 2))]
         if L > 0:
             ls_l = F.log_softmax(channel_logits(student.pred["ch_l"](s_pl), L, Nl), dim=-1)
-            ch_pairs.append(-(t_ch["l"][:, None] * ls_l[None]).sum(-1).mean(dim=(2, 3)).flatten())
+            ch_pairs.append(-(t_ch[:, None] * ls_l[None]).sum(-1).mean(dim=(2, 3)).flatten())
         l_ch = torch.cat(ch_pairs).mean()
 
         loss = l_dino * (4.0 - args.alpha - args.beta) / 2.0 + args.alpha * l_sp + args.beta * l_ch
@@ -440,23 +450,24 @@ def main(argv=None):
         return {k: round(float(v.detach()), 5)
                 for k, v in zip(("total", "dino", "spatial", "channel"), out)}
 
+    setup_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    loss_first = None
     if args.check_flops:
         from torch.utils.flop_counter import FlopCounterMode
         counter = FlopCounterMode(display=False)
         with counter:
-            step()
+            out = step()
         sync()
+        loss_first = losses(out)
         measured = counter.get_total_flops()
         per_op = {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()}
         print(f"torch_step: FlopCounterMode {measured / 1e9:.4f} GFLOP vs step_flops "
               f"{step_flops(args) / 1e9:.4f} GFLOP; per op {per_op}", file=sys.stderr)
 
-    setup_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    loss_first = None
     for i in range(args.warmup):
         out = step()
-        if i == 0:
+        if loss_first is None:
             loss_first = losses(out)
     sync()
     times = []
