@@ -34,7 +34,9 @@ fn config() -> TrainConfig {
 }
 
 fn lcg(state: &mut u64) -> f32 {
-    *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     ((*state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
 }
 
@@ -48,7 +50,11 @@ fn step_gradient_matches_finite_differences_of_the_total_loss() {
     for p in engine.student.iter_mut() {
         *p += 0.3 * lcg(&mut s);
     }
-    engine.teacher = engine.student.iter().map(|&p| p + 0.05 * lcg(&mut s)).collect();
+    engine.teacher = engine
+        .student
+        .iter()
+        .map(|&p| p + 0.05 * lcg(&mut s))
+        .collect();
     for c in engine.centre.iter_mut() {
         *c = 0.1 * lcg(&mut s);
     }
@@ -65,11 +71,28 @@ fn step_gradient_matches_finite_differences_of_the_total_loss() {
             crop(6.0, 1.0 + o, 18.0, true),
             crop(10.0, 8.0, 7.0, i == 1),
             // The last image's second local view overlaps nothing.
-            if i == b - 1 { crop(60.0, 60.0, 5.0, false) } else { crop(3.0, 12.0, 6.0, false) },
+            if i == b - 1 {
+                crop(60.0, 60.0, 5.0, false)
+            } else {
+                crop(3.0, 12.0, 6.0, false)
+            },
         ]);
     }
-    let grids = batch_pair_grids(&crops, views, GridSizes { global: (3, 3), local: (2, 2) });
-    let input = StepInput { batch: b, locals: l, globals: &globals, local_crops: &locals, grids: &grids };
+    let grids = batch_pair_grids(
+        &crops,
+        views,
+        GridSizes {
+            global: (3, 3),
+            local: (2, 2),
+        },
+    );
+    let input = StepInput {
+        batch: b,
+        locals: l,
+        globals: &globals,
+        local_crops: &locals,
+        grids: &grids,
+    };
     let sched = StepSchedule {
         lr: 0.0,
         weight_decay: 0.0,
@@ -96,17 +119,26 @@ fn step_gradient_matches_finite_differences_of_the_total_loss() {
     for e in layout.entries() {
         // The projections feed only the teacher: no gradient by design.
         if e.name.contains("projector") {
-            assert!(grads[e.range.clone()].iter().all(|&g| g == 0.0), "{}", e.name);
+            assert!(
+                grads[e.range.clone()].iter().all(|&g| g == 0.0),
+                "{}",
+                e.name
+            );
             continue;
         }
         for k in [0, e.range.len() / 2, e.range.len() - 1] {
             let i = e.range.start + k;
             let h = 1e-2f32;
             let p = engine.student[i];
-            let fd = (loss_at(&mut engine, i, p + h) - loss_at(&mut engine, i, p - h)) / (2.0 * h as f64);
+            let fd = (loss_at(&mut engine, i, p + h) - loss_at(&mut engine, i, p - h))
+                / (2.0 * h as f64);
             let an = grads[i] as f64;
             let err = (fd - an).abs() / fd.abs().max(an.abs()).max(1e-2);
-            assert!(err < 3e-2, "{}[{k}]: analytic {an:.6e}, finite difference {fd:.6e}", e.name);
+            assert!(
+                err < 3e-2,
+                "{}[{k}]: analytic {an:.6e}, finite difference {fd:.6e}",
+                e.name
+            );
             checked += 1;
         }
     }
