@@ -106,7 +106,7 @@ fn step_gradient_matches_finite_differences_of_the_total_loss() {
     assert!(stats.spatial_terms > 0 && stats.spatial > 0.0 && stats.channel > 0.0);
     let grads = engine.grads().to_vec();
 
-    let mut loss_at = |engine: &mut CpuEngine, i: usize, v: f32| -> f64 {
+    let loss_at = |engine: &mut CpuEngine, i: usize, v: f32| -> f64 {
         let old = engine.student[i];
         engine.student[i] = v;
         engine.centre.copy_from_slice(&centre); // the step updates the centre

@@ -443,90 +443,65 @@ impl Vit {
         assert_eq!(dout.len(), bt * d, "dout has the wrong size");
 
         acts.dx.fill(0.0);
-        {
-            let (gw, gb) = two_mut(grads, &self.norm_w, &self.norm_b);
-            cpu::layer_norm_bwd(
-                &acts.xs[c.depth],
-                &params[self.norm_w.clone()],
-                &acts.out_mean,
-                &acts.out_rstd,
-                dout,
-                bt,
-                d,
-                &mut acts.dx,
-                gw,
-                gb,
-                &mut acts.ln_scratch,
-            );
-        }
+        layer_norm_bwd_into(
+            params,
+            grads,
+            (&self.norm_w, &self.norm_b),
+            &acts.xs[c.depth],
+            (&acts.out_mean, &acts.out_rstd),
+            dout,
+            (bt, d),
+            &mut acts.dx,
+            &mut acts.ln_scratch,
+        );
         for (l, (bp, ba)) in self.blocks.iter().zip(acts.blocks.iter()).enumerate().rev() {
             let x_in = &acts.xs[l];
             // MLP branch: x_out = x_mid + keep2 * fc2(gelu(fc1(ln2(x_mid)))).
             scale_rows(&acts.dx, &ba.keep2, t * d, &mut acts.dtmp);
             acts.dhid.fill(0.0);
-            {
-                let (gw, gb) = two_mut(grads, &bp.fc2_w, &bp.fc2_b);
-                cpu::linear_bwd(
-                    &ba.g,
-                    &params[bp.fc2_w.clone()],
-                    &acts.dtmp,
-                    bt,
-                    hid,
-                    d,
-                    Some(&mut acts.dhid),
-                    gw,
-                    Some(gb),
-                );
-            }
+            linear_bwd_into(
+                params,
+                grads,
+                (&bp.fc2_w, &bp.fc2_b),
+                &ba.g,
+                &acts.dtmp,
+                (bt, hid, d),
+                Some(&mut acts.dhid),
+            );
             gelu_bwd_in_place(&ba.h1, &mut acts.dhid);
             acts.dattn.fill(0.0); // holds d ln2 here
-            {
-                let (gw, gb) = two_mut(grads, &bp.fc1_w, &bp.fc1_b);
-                cpu::linear_bwd(
-                    &ba.ln2,
-                    &params[bp.fc1_w.clone()],
-                    &acts.dhid,
-                    bt,
-                    d,
-                    hid,
-                    Some(&mut acts.dattn),
-                    gw,
-                    Some(gb),
-                );
-            }
-            {
-                let (gw, gb) = two_mut(grads, &bp.norm2_w, &bp.norm2_b);
-                cpu::layer_norm_bwd(
-                    &ba.x_mid,
-                    &params[bp.norm2_w.clone()],
-                    &ba.mean2,
-                    &ba.rstd2,
-                    &acts.dattn,
-                    bt,
-                    d,
-                    &mut acts.dx,
-                    gw,
-                    gb,
-                    &mut acts.ln_scratch,
-                );
-            }
+            linear_bwd_into(
+                params,
+                grads,
+                (&bp.fc1_w, &bp.fc1_b),
+                &ba.ln2,
+                &acts.dhid,
+                (bt, d, hid),
+                Some(&mut acts.dattn),
+            );
+            layer_norm_bwd_into(
+                params,
+                grads,
+                (&bp.norm2_w, &bp.norm2_b),
+                &ba.x_mid,
+                (&ba.mean2, &ba.rstd2),
+                &acts.dattn,
+                (bt, d),
+                &mut acts.dx,
+                &mut acts.ln_scratch,
+            );
             // Attention branch: x_mid = x_in + keep1 * proj(attn(qkv(ln1(x_in)))).
             scale_rows(&acts.dx, &ba.keep1, t * d, &mut acts.dtmp);
             acts.dattn.fill(0.0);
-            {
-                let (gw, gb) = two_mut(grads, &bp.proj_w, &bp.proj_b);
-                cpu::linear_bwd(
-                    &ba.attn,
-                    &params[bp.proj_w.clone()],
-                    &acts.dtmp,
-                    bt,
-                    d,
-                    d,
-                    Some(&mut acts.dattn),
-                    gw,
-                    Some(gb),
-                );
-            }
+            linear_bwd_into(
+                params,
+                grads,
+                (&bp.proj_w, &bp.proj_b),
+                &ba.attn,
+                &acts.dtmp,
+                (bt, d, d),
+                Some(&mut acts.dattn),
+            );
             acts.dqkv.fill(0.0);
             attention_bwd(
                 &ba.qkv,
@@ -540,36 +515,26 @@ impl Vit {
                 &mut acts.dqkv,
             );
             acts.dtmp.fill(0.0); // d ln1
-            {
-                let (gw, gb) = two_mut(grads, &bp.qkv_w, &bp.qkv_b);
-                cpu::linear_bwd(
-                    &ba.ln1,
-                    &params[bp.qkv_w.clone()],
-                    &acts.dqkv,
-                    bt,
-                    d,
-                    3 * d,
-                    Some(&mut acts.dtmp),
-                    gw,
-                    Some(gb),
-                );
-            }
-            {
-                let (gw, gb) = two_mut(grads, &bp.norm1_w, &bp.norm1_b);
-                cpu::layer_norm_bwd(
-                    x_in,
-                    &params[bp.norm1_w.clone()],
-                    &ba.mean1,
-                    &ba.rstd1,
-                    &acts.dtmp,
-                    bt,
-                    d,
-                    &mut acts.dx,
-                    gw,
-                    gb,
-                    &mut acts.ln_scratch,
-                );
-            }
+            linear_bwd_into(
+                params,
+                grads,
+                (&bp.qkv_w, &bp.qkv_b),
+                &ba.ln1,
+                &acts.dqkv,
+                (bt, d, 3 * d),
+                Some(&mut acts.dtmp),
+            );
+            layer_norm_bwd_into(
+                params,
+                grads,
+                (&bp.norm1_w, &bp.norm1_b),
+                x_in,
+                (&ba.mean1, &ba.rstd1),
+                &acts.dtmp,
+                (bt, d),
+                &mut acts.dx,
+                &mut acts.ln_scratch,
+            );
         }
 
         // Token assembly: x0 = [cls + pos0; embed + pos_patch].
@@ -620,19 +585,62 @@ impl Vit {
             demb[b * n * d..(b + 1) * n * d].copy_from_slice(&dx[(b * t + 1) * d..(b + 1) * t * d]);
         }
         let pp = c.in_chans * c.patch * c.patch;
-        let (gw, gb) = two_mut(grads, &self.pe_w, &self.pe_b);
-        cpu::linear_bwd(
+        linear_bwd_into(
+            params,
+            grads,
+            (&self.pe_w, &self.pe_b),
             &acts.patches,
-            &params[self.pe_w.clone()],
             demb,
-            batch * n,
-            pp,
-            d,
+            (batch * n, pp, d),
             None,
-            gw,
-            Some(gb),
         );
     }
+}
+
+/// Linear backward with the weight and bias gradients taken from the flat
+/// gradient buffer: `dx += dy W`, `dW += dy^T x`, `db += sum(dy)`.
+#[allow(clippy::too_many_arguments)]
+fn linear_bwd_into(
+    params: &[f32],
+    grads: &mut [f32],
+    (w, b): (&Range<usize>, &Range<usize>),
+    x: &[f32],
+    dy: &[f32],
+    (rows, inp, out): (usize, usize, usize),
+    dx: Option<&mut [f32]>,
+) {
+    let (gw, gb) = two_mut(grads, w, b);
+    cpu::linear_bwd(x, &params[w.clone()], dy, rows, inp, out, dx, gw, Some(gb));
+}
+
+/// Layer-norm backward with the scale and shift gradients taken from the
+/// flat gradient buffer.
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_bwd_into(
+    params: &[f32],
+    grads: &mut [f32],
+    (w, b): (&Range<usize>, &Range<usize>),
+    x: &[f32],
+    (mean, rstd): (&[f32], &[f32]),
+    dy: &[f32],
+    (rows, cols): (usize, usize),
+    dx: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (gw, gb) = two_mut(grads, w, b);
+    cpu::layer_norm_bwd(
+        x,
+        &params[w.clone()],
+        mean,
+        rstd,
+        dy,
+        rows,
+        cols,
+        dx,
+        gw,
+        gb,
+        scratch,
+    );
 }
 
 /// Two disjoint mutable views of one gradient buffer (weight, bias).

@@ -89,6 +89,19 @@ pub enum StepError {
     },
 }
 
+impl StepError {
+    /// A kernel's error at `step`: non-finite values mean the run diverged.
+    fn from_core(step: u64, e: sere_core::Error) -> Self {
+        match e {
+            sere_core::Error::NonFinite { what } => StepError::NonFinite {
+                step,
+                what: what.to_string(),
+            },
+            source => StepError::Kernel { step, source },
+        }
+    }
+}
+
 /// Activations of one network pass over one crop size.
 #[derive(Debug, Default)]
 struct PassBuffers {
@@ -398,13 +411,7 @@ impl CpuEngine {
             cfg.center_momentum as f32,
             dlogits,
         )
-        .map_err(|e| match e {
-            sere_core::Error::NonFinite { what } => StepError::NonFinite {
-                step,
-                what: what.to_string(),
-            },
-            e => kerr(e),
-        })?;
+        .map_err(|e| StepError::from_core(step, e))?;
 
         let shapes = ViewShapes {
             batch: b,
@@ -469,13 +476,7 @@ impl CpuEngine {
                     },
                 }),
             )
-            .map_err(|e| match e {
-                sere_core::Error::NonFinite { what } => StepError::NonFinite {
-                    step,
-                    what: what.to_string(),
-                },
-                e => kerr(e),
-            })?;
+            .map_err(|e| StepError::from_core(step, e))?;
         let loss = w_img * dino + alpha * out.spatial + beta * out.channel;
         if !loss.is_finite() {
             return Err(StepError::NonFinite {
