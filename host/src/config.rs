@@ -770,7 +770,7 @@ mod tests {
         assert_eq!((d.grid(), d.local_grid(), d.mlp_hidden()), (8, 4, 512));
         assert!((d.peak_lr() - 5e-4 * 32.0 / 256.0).abs() < 1e-15);
         assert!((d.image_loss_weight() - 1.65).abs() < 1e-12);
-        assert_eq!(d.total_steps(100), 1000);
+        assert_eq!(d.total_steps(100), 200);
     }
 
     #[test]

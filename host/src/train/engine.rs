@@ -232,8 +232,10 @@ impl CpuEngine {
         &self.grads
     }
 
-    /// One training step. On error nothing has been updated unless the error
-    /// arose after the optimizer (never: checks come first).
+    /// One training step. On error the parameters and optimizer state are
+    /// unchanged (every check happens before AdamW); the DINO centre and the
+    /// batch-norm statistics may already have moved, so a failed run should
+    /// resume from its last checkpoint.
     pub fn step(
         &mut self,
         input: &StepInput,
