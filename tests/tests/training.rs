@@ -120,3 +120,13 @@ fn same_seed_same_result_and_resume_continues_exactly() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn runs_shorter_than_the_epoch_based_settings_are_warned_about() {
+    let cfg = tiny(Path::new("/unused"), 7);
+    // 6 steps per epoch: a 7-step run leaves the frozen first epoch.
+    assert!(sere_host::train::schedule_warnings(&cfg, 7, 6).is_empty());
+    let w = sere_host::train::schedule_warnings(&cfg, 7, 100);
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(w[0].contains("freeze_last_layer") && w[1].contains("warmup_epochs"));
+}

@@ -93,6 +93,29 @@ impl Schedules {
     }
 }
 
+/// Epoch-based settings that a run too short to reach them would silently
+/// get wrong (DINO counts them in epochs; `--steps` can end a run earlier).
+pub fn schedule_warnings(cfg: &TrainConfig, total: u64, steps_per_epoch: u64) -> Vec<String> {
+    let mut w = Vec::new();
+    let frozen = cfg.freeze_last_layer as u64 * steps_per_epoch;
+    if frozen >= total {
+        w.push(format!(
+            "the DINO head's last layer stays frozen for the whole run (freeze_last_layer = {} \
+             epoch(s) = {frozen} steps >= {total} steps); use --set freeze_last_layer=0",
+            cfg.freeze_last_layer
+        ));
+    }
+    let warm = cfg.warmup_epochs as u64 * steps_per_epoch;
+    if warm >= total {
+        w.push(format!(
+            "the learning rate never leaves its warm-up (warmup_epochs = {} = {warm} steps >= \
+             {total} steps); use --set warmup_epochs=0 or a longer run",
+            cfg.warmup_epochs
+        ));
+    }
+    w
+}
+
 /// The multi-crop recipe of a configuration.
 pub fn multi_crop(cfg: &TrainConfig) -> MultiCrop {
     let mut mc = MultiCrop::new(cfg.img, cfg.local_img, cfg.locals);
@@ -142,6 +165,9 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
     }
     let total = cfg.total_steps(spe);
     let sched = Schedules::new(&cfg, total, spe);
+    for w in schedule_warnings(&cfg, total, spe) {
+        eprintln!("warning: {w}");
+    }
 
     let mut done = 0u64;
     if let Some(path) = resume {
