@@ -46,6 +46,7 @@
 pub mod activation;
 pub mod bilinear;
 pub mod error;
+mod fastmath;
 pub mod geometry;
 pub mod linalg;
 pub mod loss;

@@ -13,8 +13,9 @@
 //! is no cancellation even for logits of magnitude 1e4.
 
 use crate::error::{check_len, check_nonzero, check_positive, shape_product, Error, Result};
+use crate::fastmath::exp as expf;
 use crate::softmax::row_max;
-use libm::{expf, logf};
+use libm::logf;
 
 /// Cross-entropy of one row; adds `scale * dloss/ds` to `grad` if given.
 ///

@@ -5,7 +5,8 @@
 //! infinite input is reported as [`Error::NonFinite`] rather than propagated.
 
 use crate::error::{check_len, check_nonzero, shape_product, Error, Result};
-use libm::{expf, logf};
+use crate::fastmath::exp as expf;
+use libm::logf;
 
 /// Maximum of a row, or an error if any element is not finite.
 #[inline]
@@ -42,12 +43,10 @@ pub fn softmax_rows(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) -> Res
     check_len("out", out.len(), x.len())?;
     for (xr, yr) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
         let m = row_max(xr, "softmax input")?;
-        let mut z = 0.0f32;
         for (y, &v) in yr.iter_mut().zip(xr) {
             *y = expf(v - m);
-            z += *y;
         }
-        let inv = 1.0 / z;
+        let inv = 1.0 / yr.iter().sum::<f32>();
         yr.iter_mut().for_each(|y| *y *= inv);
     }
     Ok(())
@@ -65,12 +64,10 @@ pub fn softmax_rows_in_place(x: &mut [f32], rows: usize, cols: usize) -> Result<
     check_rows("input", x.len(), rows, cols)?;
     for r in x.chunks_exact_mut(cols) {
         let m = row_max(r, "softmax input")?;
-        let mut z = 0.0f32;
         for v in r.iter_mut() {
             *v = expf(*v - m);
-            z += *v;
         }
-        let inv = 1.0 / z;
+        let inv = 1.0 / r.iter().sum::<f32>();
         r.iter_mut().for_each(|v| *v *= inv);
     }
     Ok(())
