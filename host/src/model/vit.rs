@@ -300,13 +300,11 @@ impl Vit {
         // Patch embedding: im2col, then one GEMM over all patches.
         im2col(images, batch, c.in_chans, img, c.patch, &mut acts.patches);
         let emb = &mut acts.dtmp[..batch * n * d]; // borrowed as scratch
-        cpu::linear_fwd(
+        linear_fwd_into(
+            params,
+            (&self.pe_w, &self.pe_b),
             &acts.patches,
-            &params[self.pe_w.clone()],
-            Some(&params[self.pe_b.clone()]),
-            batch * n,
-            pp,
-            d,
+            (batch * n, pp, d),
             emb,
         );
         // Position embedding of the patches, interpolated if needed.
@@ -360,76 +358,56 @@ impl Vit {
             }
             let (head, tail) = acts.xs.split_at_mut(l + 1);
             let (x_in, x_out) = (&head[l], &mut tail[0]);
-            cpu::layer_norm_fwd(
+            layer_norm_fwd_into(
+                params,
+                (&bp.norm1_w, &bp.norm1_b),
                 x_in,
-                &params[bp.norm1_w.clone()],
-                &params[bp.norm1_b.clone()],
-                bt,
-                d,
+                (bt, d),
                 &mut ba.ln1,
-                &mut ba.mean1,
-                &mut ba.rstd1,
+                (&mut ba.mean1, &mut ba.rstd1),
             );
-            cpu::linear_fwd(
+            linear_fwd_into(
+                params,
+                (&bp.qkv_w, &bp.qkv_b),
                 &ba.ln1,
-                &params[bp.qkv_w.clone()],
-                Some(&params[bp.qkv_b.clone()]),
-                bt,
-                d,
-                3 * d,
+                (bt, d, 3 * d),
                 &mut ba.qkv,
             );
             attention_fwd(&ba.qkv, batch, t, d, c.heads, &mut ba.probs, &mut ba.attn);
-            cpu::linear_fwd(
+            linear_fwd_into(
+                params,
+                (&bp.proj_w, &bp.proj_b),
                 &ba.attn,
-                &params[bp.proj_w.clone()],
-                Some(&params[bp.proj_b.clone()]),
-                bt,
-                d,
-                d,
+                (bt, d, d),
                 &mut ba.x_mid,
             );
             residual_add(&mut ba.x_mid, x_in, &ba.keep1, t * d);
-            cpu::layer_norm_fwd(
+            layer_norm_fwd_into(
+                params,
+                (&bp.norm2_w, &bp.norm2_b),
                 &ba.x_mid,
-                &params[bp.norm2_w.clone()],
-                &params[bp.norm2_b.clone()],
-                bt,
-                d,
+                (bt, d),
                 &mut ba.ln2,
-                &mut ba.mean2,
-                &mut ba.rstd2,
+                (&mut ba.mean2, &mut ba.rstd2),
             );
-            cpu::linear_fwd(
+            linear_fwd_into(
+                params,
+                (&bp.fc1_w, &bp.fc1_b),
                 &ba.ln2,
-                &params[bp.fc1_w.clone()],
-                Some(&params[bp.fc1_b.clone()]),
-                bt,
-                d,
-                hid,
+                (bt, d, hid),
                 &mut ba.h1,
             );
             cpu::gelu_fwd(&ba.h1, &mut ba.g);
-            cpu::linear_fwd(
-                &ba.g,
-                &params[bp.fc2_w.clone()],
-                Some(&params[bp.fc2_b.clone()]),
-                bt,
-                hid,
-                d,
-                x_out,
-            );
+            linear_fwd_into(params, (&bp.fc2_w, &bp.fc2_b), &ba.g, (bt, hid, d), x_out);
             residual_add(x_out, &ba.x_mid, &ba.keep2, t * d);
         }
-        cpu::layer_norm_fwd(
+        layer_norm_fwd_into(
+            params,
+            (&self.norm_w, &self.norm_b),
             &acts.xs[c.depth],
-            &params[self.norm_w.clone()],
-            &params[self.norm_b.clone()],
-            bt,
-            d,
+            (bt, d),
             &mut acts.out,
-            &mut acts.out_mean,
-            &mut acts.out_rstd,
+            (&mut acts.out_mean, &mut acts.out_rstd),
         );
     }
 
@@ -595,6 +573,47 @@ impl Vit {
             None,
         );
     }
+}
+
+/// Linear forward with the weight and bias read from the flat parameters.
+fn linear_fwd_into(
+    params: &[f32],
+    (w, b): (&Range<usize>, &Range<usize>),
+    x: &[f32],
+    (rows, inp, out): (usize, usize, usize),
+    y: &mut [f32],
+) {
+    cpu::linear_fwd(
+        x,
+        &params[w.clone()],
+        Some(&params[b.clone()]),
+        rows,
+        inp,
+        out,
+        y,
+    );
+}
+
+/// Layer-norm forward with the scale and shift read from the flat
+/// parameters; saves the row statistics for backward.
+fn layer_norm_fwd_into(
+    params: &[f32],
+    (w, b): (&Range<usize>, &Range<usize>),
+    x: &[f32],
+    (rows, cols): (usize, usize),
+    y: &mut [f32],
+    (mean, rstd): (&mut [f32], &mut [f32]),
+) {
+    cpu::layer_norm_fwd(
+        x,
+        &params[w.clone()],
+        &params[b.clone()],
+        rows,
+        cols,
+        y,
+        mean,
+        rstd,
+    );
 }
 
 /// Linear backward with the weight and bias gradients taken from the flat
