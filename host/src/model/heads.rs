@@ -57,6 +57,22 @@ fn two_mut(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&mut [f32], &m
     }
 }
 
+/// `dst` = rows of `src` (width `dim`) divided by their L2 norm, floored at
+/// `eps`; the norms go to `norms` (one per row) for the backward pass.
+fn normalize_rows(src: &[f32], dim: usize, eps: f32, dst: &mut [f32], norms: &mut [f32]) {
+    dst.par_chunks_mut(dim)
+        .zip(src.par_chunks(dim))
+        .zip(norms.par_iter_mut())
+        .for_each(|((dr, sr), nr)| {
+            let ss: f32 = sr.iter().map(|v| v * v).sum();
+            *nr = ss.sqrt().max(eps);
+            let inv = 1.0 / *nr;
+            for (o, &v) in dr.iter_mut().zip(sr) {
+                *o = v * inv;
+            }
+        });
+}
+
 /// Rows per parallel task: about one task per thread, at least `min` rows.
 fn chunk_rows(rows: usize, min: usize) -> usize {
     let t = rayon::current_num_threads().max(1);
@@ -281,33 +297,14 @@ impl DinoHead {
         let b = &acts.pre[n - 1];
         let u = fit(&mut acts.u, rows * bd);
         let bnorm = fit(&mut acts.bnorm, rows);
-        u.par_chunks_mut(bd)
-            .zip(b.par_chunks(bd))
-            .zip(bnorm.par_iter_mut())
-            .for_each(|((ur, br), nr)| {
-                let ss: f32 = br.iter().map(|v| v * v).sum();
-                *nr = ss.sqrt().max(L2_EPS);
-                let inv = 1.0 / *nr;
-                for (o, &v) in ur.iter_mut().zip(br) {
-                    *o = v * inv;
-                }
-            });
+        normalize_rows(b, bd, L2_EPS, u, bnorm);
         // Weight normalisation of the last layer (gain 1).
         let k = cfg.out_dim;
         let v = &params[self.last_v.clone()];
         let w = fit(&mut acts.w, k * bd);
         let vnorm = fit(&mut acts.vnorm, k);
-        w.par_chunks_mut(bd)
-            .zip(v.par_chunks(bd))
-            .zip(vnorm.par_iter_mut())
-            .for_each(|((wr, vr), nr)| {
-                let ss: f32 = vr.iter().map(|a| a * a).sum();
-                *nr = ss.sqrt();
-                let inv = 1.0 / *nr;
-                for (o, &a) in wr.iter_mut().zip(vr) {
-                    *o = a * inv;
-                }
-            });
+        // No floor on the norm: PyTorch's weight_norm divides by ||v|| as is.
+        normalize_rows(v, bd, 0.0, w, vnorm);
         cpu::linear_fwd(
             &acts.u,
             &acts.w,
