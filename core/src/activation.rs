@@ -43,9 +43,7 @@ pub fn gelu_grad(x: f32) -> f32 {
 /// ```
 pub fn gelu_forward(x: &[f32], out: &mut [f32]) -> Result<()> {
     check_len("out", out.len(), x.len())?;
-    for (y, &v) in out.iter_mut().zip(x) {
-        *y = gelu(v);
-    }
+    gelu_slice(x, out);
     Ok(())
 }
 
@@ -60,8 +58,46 @@ pub fn gelu_forward(x: &[f32], out: &mut [f32]) -> Result<()> {
 pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
     check_len("dy", dy.len(), x.len())?;
     check_len("dx", dx.len(), x.len())?;
-    for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
-        *d += g * gelu_grad(v);
-    }
+    gelu_grad_slice(x, dy, dx);
     Ok(())
+}
+
+/// In-place chain rule through GELU: `d *= gelu'(x)` element-wise (the MLP
+/// backward when `d` holds the gradient of the GELU output and is not
+/// needed afterwards).
+///
+/// ```
+/// use sere_core::activation::gelu_grad_in_place;
+/// let mut d = [2.0f32];
+/// gelu_grad_in_place(&[0.0], &mut d).unwrap();
+/// assert!((d[0] - 1.0).abs() < 1e-6); // gelu'(0) = 1/2
+/// ```
+pub fn gelu_grad_in_place(x: &[f32], d: &mut [f32]) -> Result<()> {
+    check_len("d", d.len(), x.len())?;
+    gelu_grad_scale(x, d);
+    Ok(())
+}
+
+crate::simd::multiversion! {
+    fn gelu_grad_scale(x: &[f32], d: &mut [f32]) {
+        for (g, &v) in d.iter_mut().zip(x) {
+            *g *= gelu_grad(v);
+        }
+    }
+}
+
+crate::simd::multiversion! {
+    fn gelu_slice(x: &[f32], out: &mut [f32]) {
+        for (y, &v) in out.iter_mut().zip(x) {
+            *y = gelu(v);
+        }
+    }
+}
+
+crate::simd::multiversion! {
+    fn gelu_grad_slice(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+            *d += g * gelu_grad(v);
+        }
+    }
 }

@@ -43,6 +43,10 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+// Only for run-time CPU feature detection (`simd::wide`); no allocation.
+#[cfg(feature = "std")]
+extern crate std;
+
 pub mod activation;
 pub mod bilinear;
 pub mod error;
@@ -54,6 +58,7 @@ pub mod norm;
 pub mod optim;
 pub mod relation;
 pub mod schedule;
+mod simd;
 pub mod softmax;
 
 pub use error::{Error, Result};

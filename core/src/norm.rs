@@ -2,6 +2,7 @@
 //! backward. Both normalize with the biased variance, as PyTorch does.
 
 use crate::error::{check_len, check_nonzero, shape_product, Error, Result};
+use crate::simd::{dot, sum, sum_map, sum_zip3};
 use libm::sqrtf;
 
 fn check_eps(eps: f32) -> Result<()> {
@@ -53,20 +54,7 @@ pub fn layer_norm_forward(
     check_len("mean", mean.len(), rows)?;
     check_len("rstd", rstd.len(), rows)?;
     let inv = 1.0 / cols as f32;
-    for (r, (xr, yr)) in x
-        .chunks_exact(cols)
-        .zip(out.chunks_exact_mut(cols))
-        .enumerate()
-    {
-        let mu = xr.iter().sum::<f32>() * inv;
-        let var = xr.iter().map(|&v| (v - mu) * (v - mu)).sum::<f32>() * inv;
-        let rs = 1.0 / sqrtf(var + eps);
-        for ((y, &v), (&g, &b)) in yr.iter_mut().zip(xr).zip(gamma.iter().zip(beta)) {
-            *y = (v - mu) * rs * g + b;
-        }
-        mean[r] = mu;
-        rstd[r] = rs;
-    }
+    layer_norm_rows(x, gamma, beta, cols, eps, inv, out, mean, rstd);
     Ok(())
 }
 
@@ -106,28 +94,7 @@ pub fn layer_norm_backward(
     check_len("dgamma", dgamma.len(), cols)?;
     check_len("dbeta", dbeta.len(), cols)?;
     let inv = 1.0 / cols as f32;
-    for (r, ((xr, dyr), dxr)) in x
-        .chunks_exact(cols)
-        .zip(dy.chunks_exact(cols))
-        .zip(dx.chunks_exact_mut(cols))
-        .enumerate()
-    {
-        let (mu, rs) = (mean[r], rstd[r]);
-        let (mut sum_d, mut sum_dx) = (0.0f32, 0.0f32);
-        for ((&v, &g), &gm) in xr.iter().zip(dyr).zip(gamma) {
-            let xhat = (v - mu) * rs;
-            let d = g * gm;
-            sum_d += d;
-            sum_dx += d * xhat;
-        }
-        let (mean_d, mean_dx) = (sum_d * inv, sum_dx * inv);
-        for (j, ((&v, &g), out)) in xr.iter().zip(dyr).zip(dxr.iter_mut()).enumerate() {
-            let xhat = (v - mu) * rs;
-            dgamma[j] += g * xhat;
-            dbeta[j] += g;
-            *out += rs * (g * gamma[j] - mean_d - xhat * mean_dx);
-        }
-    }
+    layer_norm_grad_rows(x, gamma, mean, rstd, dy, cols, inv, dx, dgamma, dbeta);
     Ok(())
 }
 
@@ -353,4 +320,73 @@ pub fn batch_norm_backward(
         dbeta[j] += sum_dy[j];
     }
     Ok(())
+}
+
+crate::simd::multiversion! {
+    fn layer_norm_rows(
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        cols: usize,
+        eps: f32,
+        inv: f32,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+    ) {
+        for (r, (xr, yr)) in x
+            .chunks_exact(cols)
+            .zip(out.chunks_exact_mut(cols))
+            .enumerate()
+        {
+            let mu = sum(xr) * inv;
+            let var = sum_map(xr, |v| (v - mu) * (v - mu)) * inv;
+            let rs = 1.0 / sqrtf(var + eps);
+            for ((y, &v), (&g, &b)) in yr.iter_mut().zip(xr).zip(gamma.iter().zip(beta)) {
+                *y = (v - mu) * rs * g + b;
+            }
+            mean[r] = mu;
+            rstd[r] = rs;
+        }
+    }
+}
+
+crate::simd::multiversion! {
+    fn layer_norm_grad_rows(
+        x: &[f32],
+        gamma: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        dy: &[f32],
+        cols: usize,
+        inv: f32,
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) {
+        for (r, ((xr, dyr), dxr)) in x
+            .chunks_exact(cols)
+            .zip(dy.chunks_exact(cols))
+            .zip(dx.chunks_exact_mut(cols))
+            .enumerate()
+        {
+            let (mu, rs) = (mean[r], rstd[r]);
+            // sum(dy * gamma) and sum(dy * gamma * xhat), xhat = (x - mu) rs.
+            let sum_d = dot(dyr, gamma);
+            let sum_dx = sum_zip3(xr, dyr, gamma, |v, g, gm| (v - mu) * g * gm) * rs;
+            let (mean_d, mean_dx) = (sum_d * inv, sum_dx * inv);
+            for ((((&v, &g), out), (dg, db)), &gm) in xr
+                .iter()
+                .zip(dyr)
+                .zip(dxr.iter_mut())
+                .zip(dgamma.iter_mut().zip(dbeta.iter_mut()))
+                .zip(gamma)
+            {
+                let xhat = (v - mu) * rs;
+                *dg += g * xhat;
+                *db += g;
+                *out += rs * (g * gm - mean_d - xhat * mean_dx);
+            }
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! clipping.
 
 use crate::error::{check_len, Error, Result};
+use crate::simd::sqrt8;
 use libm::{powf, sqrtf};
 
 /// AdamW hyper-parameters for one step.
@@ -86,14 +87,8 @@ pub fn adamw_step(
     let bc2_sqrt = sqrtf(1.0 - powf(opt.beta2, t));
     let step_size = opt.lr / bc1;
     let decay = 1.0 - opt.lr * opt.weight_decay;
-    let (b1, b2) = (opt.beta1, opt.beta2);
-    for i in 0..n {
-        let g = grads[i];
-        m[i] = b1 * m[i] + (1.0 - b1) * g;
-        v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-        let denom = sqrtf(v[i]) / bc2_sqrt + opt.eps;
-        params[i] = params[i] * decay - step_size * m[i] / denom;
-    }
+    let (b1, b2, eps) = (opt.beta1, opt.beta2, opt.eps);
+    adamw_elements(params, grads, m, v, b1, b2, eps, decay, step_size, bc2_sqrt);
     Ok(())
 }
 
@@ -114,9 +109,7 @@ pub fn ema_update(teacher: &mut [f32], student: &[f32], momentum: f32) -> Result
         });
     }
     let w = 1.0 - momentum;
-    for (t, &s) in teacher.iter_mut().zip(student) {
-        *t = momentum * *t + w * s;
-    }
+    ema_elements(teacher, student, momentum, w);
     Ok(())
 }
 
@@ -160,4 +153,59 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> Result<f32> {
         grads.iter_mut().for_each(|g| *g *= c);
     }
     Ok(norm)
+}
+
+crate::simd::multiversion! {
+    fn adamw_elements(
+        params: &mut [f32],
+        grads: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        b1: f32,
+        b2: f32,
+        eps: f32,
+        decay: f32,
+        step_size: f32,
+        bc2_sqrt: f32,
+    ) {
+        // The moments of one element, then its update given sqrt(v).
+        let moments = |g: f32, m: &mut f32, v: &mut f32| {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+        };
+        let update = |p: &mut f32, m: f32, sqrt_v: f32| {
+            *p = *p * decay - step_size * m / (sqrt_v / bc2_sqrt + eps);
+        };
+
+        // 8 elements at a time so the square roots vectorise (`sqrt8`).
+        let mut pc = params.chunks_exact_mut(8);
+        let mut gc = grads.chunks_exact(8);
+        let mut mc = m.chunks_exact_mut(8);
+        let mut vc = v.chunks_exact_mut(8);
+        for (((p, g), m), v) in (&mut pc).zip(&mut gc).zip(&mut mc).zip(&mut vc) {
+            let mut vv = [0.0f32; 8];
+            for i in 0..8 {
+                moments(g[i], &mut m[i], &mut v[i]);
+                vv[i] = v[i];
+            }
+            let sv = sqrt8(vv);
+            for i in 0..8 {
+                update(&mut p[i], m[i], sv[i]);
+            }
+        }
+        let (p, g) = (pc.into_remainder(), gc.remainder());
+        let (m, v) = (mc.into_remainder(), vc.into_remainder());
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+            moments(g, m, v);
+            update(p, *m, sqrtf(*v));
+        }
+    }
+}
+
+crate::simd::multiversion! {
+    fn ema_elements(teacher: &mut [f32], student: &[f32], momentum: f32, w: f32) {
+        for (t, &s) in teacher.iter_mut().zip(student) {
+            *t = momentum * *t + w * s;
+        }
+    }
 }

@@ -6,6 +6,7 @@
 
 use crate::error::{check_len, check_nonzero, shape_product, Error, Result};
 use crate::fastmath::exp as expf;
+use crate::simd::{dot, sum, sum_map};
 use libm::logf;
 
 /// Maximum of a row, or an error if any element is not finite.
@@ -41,15 +42,8 @@ fn check_rows(what: &'static str, len: usize, rows: usize, cols: usize) -> Resul
 pub fn softmax_rows(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) -> Result<()> {
     check_rows("input", x.len(), rows, cols)?;
     check_len("out", out.len(), x.len())?;
-    for (xr, yr) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
-        let m = row_max(xr, "softmax input")?;
-        for (y, &v) in yr.iter_mut().zip(xr) {
-            *y = expf(v - m);
-        }
-        let inv = 1.0 / yr.iter().sum::<f32>();
-        yr.iter_mut().for_each(|y| *y *= inv);
-    }
-    Ok(())
+    out.copy_from_slice(x);
+    softmax_in_place(out, cols)
 }
 
 /// Row-wise softmax in place (the attention-probability step).
@@ -62,15 +56,7 @@ pub fn softmax_rows(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) -> Res
 /// ```
 pub fn softmax_rows_in_place(x: &mut [f32], rows: usize, cols: usize) -> Result<()> {
     check_rows("input", x.len(), rows, cols)?;
-    for r in x.chunks_exact_mut(cols) {
-        let m = row_max(r, "softmax input")?;
-        for v in r.iter_mut() {
-            *v = expf(*v - m);
-        }
-        let inv = 1.0 / r.iter().sum::<f32>();
-        r.iter_mut().for_each(|v| *v *= inv);
-    }
-    Ok(())
+    softmax_in_place(x, cols)
 }
 
 /// Row-wise log-softmax: `x - max - ln(sum(exp(x - max)))`.
@@ -84,15 +70,7 @@ pub fn softmax_rows_in_place(x: &mut [f32], rows: usize, cols: usize) -> Result<
 pub fn log_softmax_rows(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) -> Result<()> {
     check_rows("input", x.len(), rows, cols)?;
     check_len("out", out.len(), x.len())?;
-    for (xr, yr) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
-        let m = row_max(xr, "log-softmax input")?;
-        let z: f32 = xr.iter().map(|&v| expf(v - m)).sum();
-        let lse = logf(z);
-        for (y, &v) in yr.iter_mut().zip(xr) {
-            *y = (v - m) - lse;
-        }
-    }
-    Ok(())
+    log_softmax(x, cols, out)
 }
 
 /// Backward of softmax given its output `y` and upstream gradient `dy`:
@@ -120,7 +98,7 @@ pub fn softmax_backward_rows(
         .zip(dy.chunks_exact(cols))
         .zip(dx.chunks_exact_mut(cols))
     {
-        let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
+        let dot = dot(yr, dyr);
         for ((d, &yv), &g) in dxr.iter_mut().zip(yr).zip(dyr) {
             *d += yv * (g - dot);
         }
@@ -159,4 +137,33 @@ pub fn log_softmax_backward_rows(
         }
     }
     Ok(())
+}
+
+crate::simd::multiversion! {
+    /// Softmax of each `cols`-long row of `x`, in place.
+    fn softmax_in_place(x: &mut [f32], cols: usize) -> Result<()> {
+        for r in x.chunks_exact_mut(cols) {
+            let m = row_max(r, "softmax input")?;
+            for v in r.iter_mut() {
+                *v = expf(*v - m);
+            }
+            let inv = 1.0 / sum(r);
+            r.iter_mut().for_each(|v| *v *= inv);
+        }
+        Ok(())
+    }
+}
+
+crate::simd::multiversion! {
+    /// Log-softmax of each `cols`-long row of `x` into `out`.
+    fn log_softmax(x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
+        for (xr, yr) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+            let m = row_max(xr, "log-softmax input")?;
+            let lse = logf(sum_map(xr, |v| expf(v - m)));
+            for (y, &v) in yr.iter_mut().zip(xr) {
+                *y = (v - m) - lse;
+            }
+        }
+        Ok(())
+    }
 }
