@@ -18,5 +18,19 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== sere-core for thumbv7em-none-eabihf (no_std, no allocator)"
 cargo build -p sere-core --target thumbv7em-none-eabihf --locked
 
+echo "== NVRTC 13.0 and ptxas from PyPI (sere-cuda compiles and assembles its kernels; no GPU needed)"
+# Exact versions: a newer NVRTC emits PTX the 580 driver rejects. pip skips
+# the download when these versions are already installed.
+nvidia_pins=(nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-nvcc==13.0.88)
+python3 -m pip install --user --quiet --disable-pip-version-check --root-user-action=ignore "${nvidia_pins[@]}" ||
+  python3 -m pip install --user --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "${nvidia_pins[@]}"
+cu13="$(python3 -c 'import site; print(site.getusersitepackages())')/nvidia/cu13"
+# cudarc dlopens libnvrtc.so.13 by name: put the wheel's lib/ on the loader path.
+export LD_LIBRARY_PATH="$cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export SERE_PTXAS="$cu13/bin/ptxas"
+# In CI a missing NVRTC/ptxas fails cuda/tests/ptx.rs instead of skipping it.
+export SERE_REQUIRE_NVRTC=1
+echo "NVRTC: $cu13/lib/libnvrtc.so.13, ptxas: $SERE_PTXAS"
+
 echo "== cargo test"
 cargo test --workspace --locked
