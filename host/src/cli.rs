@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ConfigError, Device, Preset, TrainConfig};
 use crate::error::SereError;
+use crate::eval::linear::{Optimizer, ProbeConfig};
 
 /// `sere`: self-supervised ViT pre-training with feature self-relations.
 #[derive(Debug, Parser)]
@@ -31,7 +32,7 @@ pub enum Command {
     Eval(EvalCommand),
     /// Time full training steps on random data (throughput benchmark).
     BenchStep(BenchStepArgs),
-    /// Draw attention maps and self-relations of a checkpoint (not implemented yet).
+    /// Draw attention maps and spatial self-relations of a checkpoint.
     Visualize(VisualizeArgs),
     /// Export a checkpoint's student backbone (not implemented yet).
     Export(ExportArgs),
@@ -51,15 +52,13 @@ impl Command {
     }
 
     /// `Err(SereError::NotImplemented)` for the commands that are declared
-    /// but not written yet (`eval linear`, `visualize`, `export`); call it
-    /// first in `main` so they exit non-zero with a clear message.
+    /// but not written yet (`export`); call it first in `main` so they exit
+    /// non-zero with a clear message.
     pub fn check_implemented(&self) -> Result<(), SereError> {
         match self {
-            Command::Eval(EvalCommand::Linear(_)) | Command::Visualize(_) | Command::Export(_) => {
-                Err(SereError::NotImplemented {
-                    command: self.name(),
-                })
-            }
+            Command::Export(_) => Err(SereError::NotImplemented {
+                command: self.name(),
+            }),
             _ => Ok(()),
         }
     }
@@ -276,7 +275,7 @@ impl BenchStepArgs {
 pub enum EvalCommand {
     /// Weighted k-nearest-neighbour classification on frozen features.
     Knn(KnnArgs),
-    /// Linear probe on frozen features (not implemented yet).
+    /// Linear probe (logistic regression) on frozen features.
     Linear(LinearArgs),
 }
 
@@ -311,41 +310,96 @@ pub struct KnnArgs {
     pub pixels: bool,
 }
 
-/// Flags of `sere eval linear` (declared for later).
+/// Flags of `sere eval linear`.
 #[derive(Debug, Clone, Args)]
 pub struct LinearArgs {
-    /// Checkpoint file to evaluate.
-    #[arg(long, value_name = "FILE")]
+    /// Checkpoint file (or run directory: its newest checkpoint); its
+    /// teacher backbone is used.
+    #[arg(long, value_name = "FILE|DIR")]
     pub checkpoint: PathBuf,
-    /// Labelled dataset.
+    /// Labelled dataset (train and test splits) or "synthetic".
     #[arg(long, value_name = "PATH")]
     pub data: String,
-    /// Training epochs of the linear classifier.
-    #[arg(long, default_value_t = 100)]
+    /// Optimiser of the probe.
+    #[arg(long, value_enum, default_value_t = Optimizer::Lbfgs)]
+    pub optimizer: Optimizer,
+    /// Budget in passes over the training features: loss evaluations for
+    /// L-BFGS, epochs for SGD.
+    #[arg(long, default_value_t = 500)]
     pub epochs: usize,
-    /// Learning rate of the linear classifier.
-    #[arg(long, default_value_t = 1e-3)]
+    /// L2 penalty wd/2 ||W||^2 on the probe's weights (features are
+    /// standardised first).
+    #[arg(long, default_value_t = 1e-4)]
+    pub weight_decay: f64,
+    /// Peak learning rate of SGD (cosine to zero, momentum 0.9).
+    #[arg(long, default_value_t = 0.1)]
     pub lr: f64,
-    /// Images per step.
+    /// Mini-batch size of SGD.
+    #[arg(long, default_value_t = 256)]
+    pub probe_batch: usize,
+    /// Seed of the SGD shuffle.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Images per forward pass (default: the checkpoint's batch).
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Backend.
+    /// Backend (the probe runs on the CPU).
     #[arg(long, value_enum)]
     pub device: Option<Device>,
+    /// Worker threads (default: the checkpoint's setting, else all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Also report the baseline: the same probe on raw, mean-centred,
+    /// L2-normalised pixels at the checkpoint's image size.
+    #[arg(long)]
+    pub pixels: bool,
+    /// Also report weighted k-NN (k = 20, T = 0.07, as `eval knn`) on the
+    /// same features, saving a second pass of the backbone over the data.
+    #[arg(long)]
+    pub knn: bool,
 }
 
-/// Flags of `sere visualize` (declared for later).
+impl LinearArgs {
+    /// The probe settings these flags ask for.
+    pub fn probe_config(&self) -> ProbeConfig {
+        ProbeConfig {
+            optimizer: self.optimizer,
+            weight_decay: self.weight_decay as f32,
+            epochs: self.epochs,
+            lr: self.lr as f32,
+            batch: self.probe_batch,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Flags of `sere visualize`.
 #[derive(Debug, Clone, Args)]
 pub struct VisualizeArgs {
-    /// Checkpoint file.
-    #[arg(long, value_name = "FILE")]
+    /// Checkpoint file (or run directory: its newest checkpoint); its
+    /// teacher backbone is drawn.
+    #[arg(long, value_name = "FILE|DIR")]
     pub checkpoint: PathBuf,
-    /// Image to visualise (default: a synthetic sample).
+    /// Image file (JPEG or PNG) to visualise (repeatable); without it, the
+    /// first --count test images of --data.
     #[arg(long, value_name = "FILE")]
-    pub image: Option<PathBuf>,
-    /// Output directory for the PNGs.
+    pub image: Vec<PathBuf>,
+    /// Dataset whose first test images are drawn when no --image is given.
+    #[arg(long, value_name = "SPEC", default_value = "synthetic")]
+    pub data: String,
+    /// Number of dataset images to draw.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub count: usize,
+    /// Output directory for the PNGs (created if missing).
     #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
+    pub out: PathBuf,
+    /// Integer magnification of every panel (default: panels of at least
+    /// 128 px).
+    #[arg(long, value_name = "N")]
+    pub zoom: Option<usize>,
+    /// Worker threads (default: the checkpoint's setting, else all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 /// Flags of `sere export` (declared for later).
@@ -559,17 +613,88 @@ mod tests {
 
     #[test]
     fn declared_commands_report_not_implemented() {
+        let cli = parse(&["export", "--checkpoint", "c", "--out", "o"]);
+        let msg = cli.command.check_implemented().unwrap_err().to_string();
+        assert!(msg.contains("not implemented yet"), "{msg}");
+        assert!(msg.contains(cli.command.name()), "{msg}");
         for args in [
-            &["visualize", "--checkpoint", "c"][..],
-            &["export", "--checkpoint", "c", "--out", "o"][..],
+            &["train"][..],
+            &["visualize", "--checkpoint", "c", "--out", "o"][..],
             &["eval", "linear", "--checkpoint", "c", "--data", "d"][..],
         ] {
-            let cli = parse(args);
-            let err = cli.command.check_implemented().unwrap_err();
-            let msg = err.to_string();
-            assert!(msg.contains("not implemented yet"), "{msg}");
-            assert!(msg.contains(cli.command.name()), "{msg}");
+            assert!(parse(args).command.check_implemented().is_ok(), "{args:?}");
         }
-        assert!(parse(&["train"]).command.check_implemented().is_ok());
+    }
+
+    #[test]
+    fn linear_and_visualize_flags_parse() {
+        let l = match parse(&["eval", "linear", "--checkpoint", "c", "--data", "d"]).command {
+            Command::Eval(EvalCommand::Linear(l)) => l,
+            c => panic!("{c:?}"),
+        };
+        assert_eq!(l.probe_config(), ProbeConfig::default());
+        assert!(!l.pixels && l.batch.is_none() && l.threads.is_none());
+        let l = match parse(&[
+            "eval",
+            "linear",
+            "--checkpoint",
+            "c",
+            "--data",
+            "d",
+            "--optimizer",
+            "sgd",
+            "--epochs",
+            "7",
+            "--weight-decay",
+            "0.5",
+            "--lr",
+            "0.2",
+            "--probe-batch",
+            "64",
+            "--seed",
+            "3",
+            "--threads",
+            "2",
+            "--pixels",
+        ])
+        .command
+        {
+            Command::Eval(EvalCommand::Linear(l)) => l,
+            c => panic!("{c:?}"),
+        };
+        let p = l.probe_config();
+        assert_eq!(
+            (p.optimizer, p.epochs, p.weight_decay, p.lr, p.batch, p.seed),
+            (Optimizer::Sgd, 7, 0.5, 0.2, 64, 3)
+        );
+        assert!(l.pixels && l.threads == Some(2));
+
+        let v = match parse(&[
+            "visualize",
+            "--checkpoint",
+            "c",
+            "--out",
+            "o",
+            "--image",
+            "a.png",
+            "--image",
+            "b.jpg",
+            "--zoom",
+            "2",
+        ])
+        .command
+        {
+            Command::Visualize(v) => v,
+            c => panic!("{c:?}"),
+        };
+        assert_eq!(
+            v.image,
+            vec![PathBuf::from("a.png"), PathBuf::from("b.jpg")]
+        );
+        assert_eq!(
+            (v.data.as_str(), v.count, v.zoom),
+            ("synthetic", 4, Some(2))
+        );
+        assert!(Cli::try_parse_from(["sere", "visualize", "--checkpoint", "c"]).is_err());
     }
 }

@@ -15,3 +15,4 @@ pub mod metrics;
 
 pub mod eval;
 pub mod train;
+pub mod visualize;

@@ -2,14 +2,19 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::Parser;
 use sere_host::checkpoint::{self, Checkpoint};
-use sere_host::cli::{BenchStepArgs, Cli, Command, EvalCommand, KnnArgs, Resume, TrainArgs};
+use sere_host::cli::{
+    BenchStepArgs, Cli, Command, EvalCommand, KnnArgs, LinearArgs, Resume, TrainArgs, VisualizeArgs,
+};
+use sere_host::config::Device;
 use sere_host::data::DataSpec;
 use sere_host::error::{report, SereError};
-use sere_host::eval::{features, features::Embedder, knn};
+use sere_host::eval::{features, features::Embedder, knn, linear};
 use sere_host::train;
+use sere_host::visualize;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -25,7 +30,9 @@ fn run(cmd: Command) -> Result<(), SereError> {
         Command::Train(args) => run_train(&args),
         Command::BenchStep(args) => run_bench(&args),
         Command::Eval(EvalCommand::Knn(args)) => run_knn(&args),
-        _ => unreachable!("check_implemented rejects the rest"),
+        Command::Eval(EvalCommand::Linear(args)) => run_linear(&args),
+        Command::Visualize(args) => run_visualize(&args),
+        Command::Export(_) => unreachable!("check_implemented rejects export"),
     }
 }
 
@@ -99,7 +106,7 @@ fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
     let emb = Embedder::from_checkpoint(&ck)?;
-    train::set_threads(emb.config().threads);
+    train::set_threads(args.threads.or(emb.config().threads));
     let data = DataSpec::parse(&args.data)
         .and_then(|s| s.open())
         .map_err(SereError::data)?;
@@ -117,13 +124,12 @@ fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
         args.temperature as f32,
         data.num_classes(),
     );
-    println!(
-        "{{\"metric\":\"knn_top1\",\"features\":\"teacher_cls\",\"k\":{},\"temperature\":{},\"train\":{},\"test\":{},\"top1\":{:.4}}}",
+    print_knn(
+        "teacher_cls",
         args.k,
         args.temperature,
-        train_l.len(),
-        test_l.len(),
-        acc
+        (train_l.len(), test_l.len()),
+        acc,
     );
     if args.pixels {
         let img = emb.config().img;
@@ -143,10 +149,126 @@ fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
             args.temperature as f32,
             data.num_classes(),
         );
-        println!(
-            "{{\"metric\":\"knn_top1\",\"features\":\"pixels\",\"k\":{},\"temperature\":{},\"train\":{},\"test\":{},\"top1\":{:.4}}}",
-            args.k, args.temperature, trl.len(), tel.len(), acc
+        print_knn(
+            "pixels",
+            args.k,
+            args.temperature,
+            (trl.len(), tel.len()),
+            acc,
         );
+    }
+    Ok(())
+}
+
+/// One JSON line per k-NN evaluation.
+fn print_knn(features: &str, k: usize, temperature: f64, (train, test): (usize, usize), top1: f32) {
+    println!(
+        "{{\"metric\":\"knn_top1\",\"features\":\"{features}\",\"k\":{k},\"temperature\":{temperature},\"train\":{train},\"test\":{test},\"top1\":{top1:.4}}}"
+    );
+}
+
+fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
+    if args.device == Some(Device::Cuda) {
+        return Err(SereError::Device(
+            "`eval linear` runs on the CPU in this build; run with --device cpu".into(),
+        ));
+    }
+    let cfg = args.probe_config();
+    let path = checkpoint_in(&args.checkpoint)?;
+    let ck = Checkpoint::load(&path)?;
+    let emb = Embedder::from_checkpoint(&ck)?;
+    train::set_threads(args.threads.or(emb.config().threads));
+    let data = DataSpec::parse(&args.data)
+        .and_then(|s| s.open())
+        .map_err(SereError::data)?;
+    let test = data.test_split().map_err(SereError::data)?;
+    let batch = args.batch.unwrap_or(emb.config().batch).max(1);
+    let classes = data.num_classes();
+    let started = Instant::now();
+    let (mut train_f, train_l) = emb.embed(&data.train, batch)?;
+    let (mut test_f, test_l) = emb.embed(test, batch)?;
+    let embed_s = started.elapsed().as_secs_f64();
+    if args.knn {
+        // Before the probe, which standardises the features in place.
+        let (k, t) = (20, 0.07);
+        let acc = knn::weighted_knn_accuracy(
+            &train_f,
+            &train_l,
+            &test_f,
+            &test_l,
+            emb.dim(),
+            k,
+            t as f32,
+            classes,
+        );
+        print_knn("teacher_cls", k, t, (train_l.len(), test_l.len()), acc);
+    }
+    let started = Instant::now();
+    let r = linear::evaluate(
+        &mut train_f,
+        &train_l,
+        &mut test_f,
+        &test_l,
+        emb.dim(),
+        classes,
+        &cfg,
+    )?;
+    print_linear(
+        "teacher_cls",
+        &cfg,
+        &r,
+        (train_l.len(), test_l.len()),
+        embed_s,
+        started,
+    );
+    if args.pixels {
+        let img = emb.config().img;
+        let started = Instant::now();
+        let (mut tr, trl) = features::pixel_features(&data.train, img, batch)?;
+        let (mut te, tel) = features::pixel_features(test, img, batch)?;
+        let d = 3 * img * img;
+        let mean = features::column_mean(&tr, d);
+        features::centre_and_normalize(&mut tr, &mean);
+        features::centre_and_normalize(&mut te, &mean);
+        let embed_s = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let r = linear::evaluate(&mut tr, &trl, &mut te, &tel, d, classes, &cfg)?;
+        print_linear("pixels", &cfg, &r, (trl.len(), tel.len()), embed_s, started);
+    }
+    Ok(())
+}
+
+/// One JSON line per linear evaluation, as `eval knn` prints.
+fn print_linear(
+    features: &str,
+    cfg: &linear::ProbeConfig,
+    r: &linear::ProbeReport,
+    (train, test): (usize, usize),
+    embed_s: f64,
+    fit_started: Instant,
+) {
+    println!(
+        "{{\"metric\":\"linear_top1\",\"features\":\"{features}\",\"optimizer\":\"{}\",\"weight_decay\":{},\"epochs\":{},\"iterations\":{},\"passes\":{},\"train\":{train},\"test\":{test},\"loss\":{:.6},\"train_top1\":{:.4},\"top1\":{:.4},\"features_s\":{:.2},\"fit_s\":{:.2}}}",
+        cfg.optimizer.name(),
+        cfg.weight_decay,
+        cfg.epochs,
+        r.fit.iterations,
+        r.fit.passes,
+        r.fit.loss,
+        r.train_top1,
+        r.top1,
+        embed_s,
+        fit_started.elapsed().as_secs_f64(),
+    );
+}
+
+fn run_visualize(args: &VisualizeArgs) -> Result<(), SereError> {
+    let path = checkpoint_in(&args.checkpoint)?;
+    let ck = Checkpoint::load(&path)?;
+    let emb = Embedder::from_checkpoint(&ck)?;
+    train::set_threads(args.threads.or(emb.config().threads));
+    for file in visualize::run(&emb, args)? {
+        println!("{}", file.display());
     }
     Ok(())
 }

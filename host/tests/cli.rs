@@ -110,3 +110,236 @@ fn unimplemented_commands_say_so() {
     assert!(!o.status.success());
     assert!(!stderr(&o).contains("panicked"));
 }
+
+const TINY_DATA: &str = "synthetic:size=16,train=64,test=32";
+
+/// A run directory with a tiny checkpoint (2 steps on tiny synthetic data),
+/// trained once per test binary.
+fn tiny_run() -> &'static PathBuf {
+    static RUN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| {
+        let d = tmp("tiny-run");
+        let o = sere(&[
+            "train",
+            "--preset",
+            "custom",
+            "--dim",
+            "32",
+            "--depth",
+            "2",
+            "--heads",
+            "2",
+            "--img",
+            "16",
+            "--local-img",
+            "8",
+            "--patch",
+            "4",
+            "--batch",
+            "4",
+            "--locals",
+            "0",
+            "--out-dim",
+            "64",
+            "--steps",
+            "2",
+            "--data",
+            TINY_DATA,
+            "--set",
+            "head_hidden=64",
+            "--set",
+            "bottleneck=32",
+            "--threads",
+            "2",
+            "--out",
+            d.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "tiny training failed: {}", stderr(&o));
+        d
+    })
+}
+
+/// The JSON lines of stdout.
+fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+#[test]
+fn eval_linear_reports_top1_deterministically() {
+    let run = tiny_run().to_str().unwrap();
+    let args = [
+        "eval",
+        "linear",
+        "--checkpoint",
+        run,
+        "--data",
+        TINY_DATA,
+        "--threads",
+        "2",
+        "--pixels",
+    ];
+    let o = sere(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = json_lines(&o);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for (line, features) in lines.iter().zip(["teacher_cls", "pixels"]) {
+        assert_eq!(line["metric"], "linear_top1");
+        assert_eq!(line["features"], features);
+        assert_eq!(
+            (line["train"].as_u64(), line["test"].as_u64()),
+            (Some(64), Some(32))
+        );
+        let top1 = line["top1"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&top1), "{line}");
+        // The probe fits its training set better than chance (10 classes).
+        assert!(line["train_top1"].as_f64().unwrap() > 0.3, "{line}");
+        assert!(line["loss"].as_f64().unwrap() < 10f64.ln(), "{line}");
+    }
+    // Same numbers on a second run (timings aside), and with SGD too.
+    let strip = |mut v: serde_json::Value| {
+        let m = v.as_object_mut().unwrap();
+        m.remove("features_s");
+        m.remove("fit_s");
+        v
+    };
+    let again = json_lines(&sere(&args));
+    assert_eq!(strip(again[0].clone()), strip(lines[0].clone()));
+    let sgd = sere(&[
+        "eval",
+        "linear",
+        "--checkpoint",
+        run,
+        "--data",
+        TINY_DATA,
+        "--optimizer",
+        "sgd",
+        "--epochs",
+        "5",
+    ]);
+    assert!(sgd.status.success(), "{}", stderr(&sgd));
+    assert_eq!(json_lines(&sgd)[0]["optimizer"], "sgd");
+}
+
+#[test]
+fn eval_linear_without_a_checkpoint_is_a_clear_error() {
+    let o = sere(&[
+        "eval",
+        "linear",
+        "--checkpoint",
+        "/nonexistent/ck.safetensors",
+        "--data",
+        "synthetic",
+    ]);
+    assert_fails_with(&o, "/nonexistent/ck.safetensors");
+    let empty = tmp("no-ck");
+    let o = sere(&[
+        "eval",
+        "linear",
+        "--checkpoint",
+        empty.to_str().unwrap(),
+        "--data",
+        "synthetic",
+    ]);
+    assert_fails_with(&o, "no checkpoint-");
+}
+
+#[test]
+fn visualize_writes_decodable_pngs_of_the_expected_size() {
+    let run = tiny_run().to_str().unwrap();
+    let out = tmp("vis");
+    let o = sere(&[
+        "visualize",
+        "--checkpoint",
+        run,
+        "--data",
+        TINY_DATA,
+        "--count",
+        "2",
+        "--zoom",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let listed: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    // 2 heads: input + 2 heads + mean; input + 5 query maps; 16 px panels.
+    let expected = [
+        ("img000_attn.png", 4),
+        ("img000_relation.png", 6),
+        ("img001_attn.png", 4),
+        ("img001_relation.png", 6),
+    ];
+    assert_eq!(listed.len(), expected.len(), "{listed:?}");
+    for ((name, panels), line) in expected.iter().zip(&listed) {
+        let path = out.join(name);
+        assert_eq!(PathBuf::from(line), path);
+        let img = image::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let w = sere_host::visualize::row_width(*panels, 16);
+        assert_eq!((img.width(), img.height()), (w as u32, 16), "{name}");
+    }
+    let names: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 4, "no temporary files left: {names:?}");
+
+    // An image file, drawn at the default zoom (panels of 128 px).
+    let png = out.join("input.png");
+    image::RgbImage::from_fn(40, 24, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 10) as u8, 90])
+    })
+    .save(&png)
+    .unwrap();
+    let out2 = tmp("vis-file");
+    let o = sere(&[
+        "visualize",
+        "--checkpoint",
+        run,
+        "--image",
+        png.to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = image::open(out2.join("img000_attn.png")).unwrap();
+    assert_eq!(
+        (img.width(), img.height()),
+        (sere_host::visualize::row_width(4, 128) as u32, 128)
+    );
+}
+
+#[test]
+fn visualize_names_an_unreadable_image_and_writes_nothing() {
+    let run = tiny_run().to_str().unwrap();
+    let d = tmp("vis-bad");
+    let bad = d.join("broken.png");
+    std::fs::write(&bad, b"not a png").unwrap();
+    let out = d.join("out");
+    let o = sere(&[
+        "visualize",
+        "--checkpoint",
+        run,
+        "--image",
+        bad.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_fails_with(&o, "broken.png");
+    assert!(!out.exists());
+    let o = sere(&[
+        "visualize",
+        "--checkpoint",
+        run,
+        "--image",
+        "/nonexistent/x.jpg",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_fails_with(&o, "/nonexistent/x.jpg");
+}

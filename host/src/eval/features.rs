@@ -35,6 +35,15 @@ impl Embedder {
         self.cfg.dim
     }
 
+    /// Runs the teacher backbone (no drop-path) on `n` normalised images of
+    /// the checkpoint's size (`n x 3 x img x img`, as [`EvalTransform`]
+    /// makes them); tokens and attention probabilities land in `acts`.
+    pub fn forward(&self, images: &[f32], n: usize, acts: &mut VitActs) {
+        self.net
+            .vit
+            .forward(&self.params, images, n, self.cfg.img, acts, None);
+    }
+
     /// L2-normalised CLS features (`len x dim`) and labels of a split,
     /// images resized to the training crop size.
     pub fn embed(&self, split: &Split, batch: usize) -> Result<(Vec<f32>, Vec<u32>), SereError> {

@@ -126,11 +126,11 @@ impl DinoHeadConfig {
 
 /// One linear layer's parameter ranges.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct LinearRanges {
-    inp: usize,
-    out: usize,
-    weight: Range<usize>,
-    bias: Range<usize>,
+pub(crate) struct LinearRanges {
+    pub(crate) inp: usize,
+    pub(crate) out: usize,
+    pub(crate) weight: Range<usize>,
+    pub(crate) bias: Range<usize>,
 }
 
 /// The DINO projection head (see the module documentation).
@@ -141,9 +141,9 @@ struct LinearRanges {
 /// fixed to 1 and not stored).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DinoHead {
-    cfg: DinoHeadConfig,
-    mlp: Vec<LinearRanges>,
-    last_v: Range<usize>,
+    pub(crate) cfg: DinoHeadConfig,
+    pub(crate) mlp: Vec<LinearRanges>,
+    pub(crate) last_v: Range<usize>,
 }
 
 /// Activations of one [`DinoHead::forward`], kept for the backward pass, and
@@ -531,12 +531,12 @@ impl SereActs {
 /// Batch-norm affine parameters start at (1, 0) and are not decayed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SereHead {
-    c: usize,
-    proj_gamma: Range<usize>,
-    proj_beta: Range<usize>,
-    pred_weight: Range<usize>,
-    pred_gamma: Range<usize>,
-    pred_beta: Range<usize>,
+    pub(crate) c: usize,
+    pub(crate) proj_gamma: Range<usize>,
+    pub(crate) proj_beta: Range<usize>,
+    pub(crate) pred_weight: Range<usize>,
+    pub(crate) pred_gamma: Range<usize>,
+    pub(crate) pred_beta: Range<usize>,
 }
 
 /// Column statistics of `x` (`rows x c`) in parallel: `mean`, biased `var`,

@@ -50,33 +50,33 @@ impl VitConfig {
 }
 
 #[derive(Debug, Clone)]
-struct BlockParams {
-    norm1_w: Range<usize>,
-    norm1_b: Range<usize>,
-    qkv_w: Range<usize>,
-    qkv_b: Range<usize>,
-    proj_w: Range<usize>,
-    proj_b: Range<usize>,
-    norm2_w: Range<usize>,
-    norm2_b: Range<usize>,
-    fc1_w: Range<usize>,
-    fc1_b: Range<usize>,
-    fc2_w: Range<usize>,
-    fc2_b: Range<usize>,
+pub(crate) struct BlockParams {
+    pub(crate) norm1_w: Range<usize>,
+    pub(crate) norm1_b: Range<usize>,
+    pub(crate) qkv_w: Range<usize>,
+    pub(crate) qkv_b: Range<usize>,
+    pub(crate) proj_w: Range<usize>,
+    pub(crate) proj_b: Range<usize>,
+    pub(crate) norm2_w: Range<usize>,
+    pub(crate) norm2_b: Range<usize>,
+    pub(crate) fc1_w: Range<usize>,
+    pub(crate) fc1_b: Range<usize>,
+    pub(crate) fc2_w: Range<usize>,
+    pub(crate) fc2_b: Range<usize>,
 }
 
 /// The ViT: parameter ranges inside a flat buffer plus its configuration.
 #[derive(Debug, Clone)]
 pub struct Vit {
-    cfg: VitConfig,
-    cls: Range<usize>,
-    pos: Range<usize>,
-    pe_w: Range<usize>,
-    pe_b: Range<usize>,
-    blocks: Vec<BlockParams>,
-    norm_w: Range<usize>,
-    norm_b: Range<usize>,
-    drop_rates: Vec<f32>,
+    pub(crate) cfg: VitConfig,
+    pub(crate) cls: Range<usize>,
+    pub(crate) pos: Range<usize>,
+    pub(crate) pe_w: Range<usize>,
+    pub(crate) pe_b: Range<usize>,
+    pub(crate) blocks: Vec<BlockParams>,
+    pub(crate) norm_w: Range<usize>,
+    pub(crate) norm_b: Range<usize>,
+    pub(crate) drop_rates: Vec<f32>,
 }
 
 /// Activations of one block, kept for backward.
@@ -136,6 +136,20 @@ impl VitActs {
     /// Images in the batch this workspace is shaped for.
     pub fn batch(&self) -> usize {
         self.batch
+    }
+    /// Attention probabilities of block `block` (0-based; panics if out of
+    /// range) from the last forward pass, `B x heads x T x T`: row `i` of
+    /// head `h` of image `b` is how token `i` attends to every token (token
+    /// 0 is the CLS token).
+    pub fn attention(&self, block: usize) -> &[f32] {
+        &self.blocks[block].probs
+    }
+    /// Drop-path keep factors (attention branch, MLP branch) of block
+    /// `block` from the last forward pass, one per image (for the GPU
+    /// engine's test that it draws the same masks).
+    #[cfg(test)]
+    pub(crate) fn drop_path_keeps(&self, block: usize) -> (&[f32], &[f32]) {
+        (&self.blocks[block].keep1, &self.blocks[block].keep2)
     }
 }
 
@@ -705,9 +719,7 @@ fn gelu_bwd_in_place(x: &[f32], d: &mut [f32]) {
     d.par_chunks_mut(4096)
         .zip(x.par_chunks(4096))
         .for_each(|(dc, xc)| {
-            for (g, &v) in dc.iter_mut().zip(xc) {
-                *g *= sere_core::activation::gelu_grad(v);
-            }
+            sere_core::activation::gelu_grad_in_place(xc, dc).expect("equal chunk lengths")
         });
 }
 
@@ -873,7 +885,7 @@ pub fn bicubic_matrix(inp: usize, out: usize) -> Vec<f32> {
 
 /// Separable 2-D bicubic resize of a `g0 x g0` grid to `g x g`, as an
 /// `(g*g) x (g0*g0)` matrix acting on row-major grids.
-fn bicubic_matrix_2d(g0: usize, g: usize) -> Vec<f32> {
+pub fn bicubic_matrix_2d(g0: usize, g: usize) -> Vec<f32> {
     let w = bicubic_matrix(g0, g);
     let (n, n0) = (g * g, g0 * g0);
     let mut m = vec![0.0f32; n * n0];

@@ -135,6 +135,61 @@ fn random_crop(rng: &mut impl RngExt, src: f32, scale: (f64, f64)) -> CropBox {
     CropBox::new(x, y, side, side, rng.random::<bool>()).expect("valid synthetic crop")
 }
 
+/// Synthetic inputs of one training step of `cfg`: random pixels for every
+/// crop and the overlap grids of random crop rectangles (deterministic by
+/// `cfg.seed`). Shared by `sere bench-step` and the criterion step bench.
+pub struct BenchInputs {
+    batch: usize,
+    locals: usize,
+    globals: Vec<f32>,
+    local_crops: Vec<f32>,
+    grids: Vec<crate::augment::BatchPairGrids>,
+}
+
+impl BenchInputs {
+    /// Generates the inputs for `cfg`'s batch, crop sizes and grids.
+    pub fn new(cfg: &TrainConfig) -> Self {
+        let (b, l) = (cfg.batch, cfg.locals);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+        let globals: Vec<f32> = (0..2 * b * 3 * cfg.img * cfg.img)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        let local_crops: Vec<f32> = (0..l * b * 3 * cfg.local_img * cfg.local_img)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        let views = 2 + l;
+        let crops: Vec<CropBox> = (0..b * views)
+            .map(|i| {
+                let scale = if i % views < 2 {
+                    cfg.global_scale
+                } else {
+                    cfg.local_scale
+                };
+                random_crop(&mut rng, 256.0, scale)
+            })
+            .collect();
+        let grids = batch_pair_grids(&crops, views, grid_sizes(cfg));
+        BenchInputs {
+            batch: b,
+            locals: l,
+            globals,
+            local_crops,
+            grids,
+        }
+    }
+
+    /// The step's input, borrowing the generated tensors.
+    pub fn input(&self) -> StepInput<'_> {
+        StepInput {
+            batch: self.batch,
+            locals: self.locals,
+            globals: &self.globals,
+            local_crops: &self.local_crops,
+            grids: &self.grids,
+        }
+    }
+}
+
 /// Runs `warmup + steps` training steps on synthetic tensors.
 pub fn bench_step(
     cfg: &TrainConfig,
@@ -145,32 +200,8 @@ pub fn bench_step(
     set_threads(cfg.threads);
     let mut engine = Backend::new(cfg)?;
     let (b, l) = (cfg.batch, cfg.locals);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
-    let globals: Vec<f32> = (0..2 * b * 3 * cfg.img * cfg.img)
-        .map(|_| rng.random_range(-2.0..2.0))
-        .collect();
-    let locals: Vec<f32> = (0..l * b * 3 * cfg.local_img * cfg.local_img)
-        .map(|_| rng.random_range(-2.0..2.0))
-        .collect();
-    let views = 2 + l;
-    let crops: Vec<CropBox> = (0..b * views)
-        .map(|i| {
-            let scale = if i % views < 2 {
-                cfg.global_scale
-            } else {
-                cfg.local_scale
-            };
-            random_crop(&mut rng, 256.0, scale)
-        })
-        .collect();
-    let grids = batch_pair_grids(&crops, views, grid_sizes(cfg));
-    let input = StepInput {
-        batch: b,
-        locals: l,
-        globals: &globals,
-        local_crops: &locals,
-        grids: &grids,
-    };
+    let inputs = BenchInputs::new(cfg);
+    let input = inputs.input();
     let total = (warmup + steps) as u64;
     let sched = Schedules::new(cfg, total.max(1), total.max(1));
     let mut times = Vec::with_capacity(steps);
@@ -179,6 +210,8 @@ pub fn bench_step(
         engine
             .step(&input, &sched.at(s as u64))
             .map_err(|e| SereError::Other(e.to_string()))?;
+        // GPU work is asynchronous: wait for the device before the clock.
+        engine.synchronize()?;
         if s >= warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }

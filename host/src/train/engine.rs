@@ -79,6 +79,15 @@ pub enum StepError {
         /// What was not finite.
         what: String,
     },
+    /// The GPU failed (a driver, cuBLAS or launch error, or a shape the
+    /// device kernels rejected).
+    #[error("step {step}: CUDA: {message}")]
+    Device {
+        /// Step index.
+        step: u64,
+        /// The device error, one line.
+        message: String,
+    },
     /// A kernel rejected its inputs (a bug or an inconsistent batch).
     #[error("step {step}: {source}")]
     Kernel {

@@ -229,6 +229,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
                 what: "the loss or gradient",
             },
             StepError::Kernel { source, .. } => SereError::Core(source),
+            e @ StepError::Device { .. } => SereError::Other(e.to_string()),
         })?;
         done += 1;
         let epoch = batch.position.epoch;
@@ -271,7 +272,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
 /// Writes `checkpoint-<step>.safetensors` atomically (`--resume DIR` takes
 /// the newest one).
 fn save(engine: &Backend, dir: &Path, step: u64) -> Result<PathBuf, SereError> {
-    let ck = engine.snapshot(step);
+    let ck = engine.snapshot(step)?;
     let path = dir.join(checkpoint::file_name(step));
     ck.save_atomic(&path)?;
     Ok(path)

@@ -4,25 +4,79 @@
 //! statistics, the step and the configuration. The data order and every
 //! random stream are functions of (seed, step), so no generator state is
 //! needed to continue exactly where the run stopped.
+//!
+//! Every backend goes through [`RunState`] (the run's state on the host),
+//! so a checkpoint written by one backend resumes on another.
 
 use super::engine::CpuEngine;
 use super::network::SERE_HEAD_NAMES;
 use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::config::TrainConfig;
 use crate::error::SereError;
+use crate::model::heads::SereHeadState;
+use crate::model::params::ParamLayout;
 
 /// Format version written into every checkpoint.
 pub const FORMAT: &str = "sere-train-1";
 
-/// A checkpoint of the engine after `step` steps.
-pub fn snapshot(e: &CpuEngine, step: u64) -> Checkpoint {
+/// A run's state on the host, borrowed from (or written into) a backend.
+pub struct RunState<'a> {
+    /// Parameter layout shared by student and teacher.
+    pub layout: &'a ParamLayout,
+    /// Student parameters.
+    pub student: &'a mut [f32],
+    /// Teacher parameters.
+    pub teacher: &'a mut [f32],
+    /// AdamW first moments.
+    pub adam_m: &'a mut [f32],
+    /// AdamW second moments.
+    pub adam_v: &'a mut [f32],
+    /// DINO centre.
+    pub centre: &'a mut [f32],
+    /// Student SERE heads' batch-norm statistics.
+    pub student_bn: &'a mut [SereHeadState; 4],
+    /// Teacher SERE heads' batch-norm statistics.
+    pub teacher_bn: &'a mut [SereHeadState; 4],
+    /// AdamW steps of every parameter but the DINO last layer.
+    pub adam_steps: &'a mut u32,
+    /// AdamW steps of the DINO last layer.
+    pub last_layer_steps: &'a mut u32,
+}
+
+/// A run's state on the host, read-only (what a snapshot reads).
+pub struct RunView<'a> {
+    /// Parameter layout shared by student and teacher.
+    pub layout: &'a ParamLayout,
+    /// Student parameters.
+    pub student: &'a [f32],
+    /// Teacher parameters.
+    pub teacher: &'a [f32],
+    /// AdamW first moments.
+    pub adam_m: &'a [f32],
+    /// AdamW second moments.
+    pub adam_v: &'a [f32],
+    /// DINO centre.
+    pub centre: &'a [f32],
+    /// Student SERE heads' batch-norm statistics.
+    pub student_bn: &'a [SereHeadState; 4],
+    /// Teacher SERE heads' batch-norm statistics.
+    pub teacher_bn: &'a [SereHeadState; 4],
+    /// AdamW steps of every parameter but the DINO last layer.
+    pub adam_steps: u32,
+    /// AdamW steps of the DINO last layer.
+    pub last_layer_steps: u32,
+}
+
+/// A checkpoint of a run's state after `step` steps.
+pub fn snapshot_state(s: &RunView, cfg: &TrainConfig, step: u64) -> Checkpoint {
     let mut ck = Checkpoint::new();
-    let layout = &e.net.layout;
-    ck.insert_params("student.", layout, &e.student);
-    ck.insert_params("teacher.", layout, &e.teacher);
-    ck.insert_params("optim.m.", layout, &e.adam_m);
-    ck.insert_params("optim.v.", layout, &e.adam_v);
-    ck.insert("dino.centre", &[e.centre.len()], e.centre.clone());
-    for (net, states) in [("student", &e.student_bn), ("teacher", &e.teacher_bn)] {
+    let layout = s.layout;
+    ck.insert_params("student.", layout, s.student);
+    ck.insert_params("teacher.", layout, s.teacher);
+    ck.insert_params("optim.m.", layout, s.adam_m);
+    ck.insert_params("optim.v.", layout, s.adam_v);
+    ck.insert("dino.centre", &[s.centre.len()], s.centre.to_vec());
+    for (net, states) in [("student", s.student_bn), ("teacher", s.teacher_bn)] {
         for (name, st) in SERE_HEAD_NAMES.iter().zip(states.iter()) {
             for (bn, r) in [("projection", &st.projection), ("predictor", &st.predictor)] {
                 let p = format!("bn.{net}.{name}.{bn}");
@@ -33,15 +87,15 @@ pub fn snapshot(e: &CpuEngine, step: u64) -> Checkpoint {
     }
     ck.set_meta("format", FORMAT);
     ck.set_meta("step", step);
-    ck.set_meta("adam_steps", e.adam_steps);
-    ck.set_meta("last_layer_steps", e.last_layer_steps);
-    ck.set_config(e.config());
+    ck.set_meta("adam_steps", s.adam_steps);
+    ck.set_meta("last_layer_steps", s.last_layer_steps);
+    ck.set_config(cfg);
     ck
 }
 
-/// Restores the engine from a checkpoint and returns the step to continue
-/// from. The checkpoint's model shape must match the engine's.
-pub fn restore(e: &mut CpuEngine, ck: &Checkpoint) -> Result<u64, SereError> {
+/// Restores a run's state from a checkpoint and returns the step to
+/// continue from. The checkpoint's model shape must match.
+pub fn restore_state(s: RunState, ck: &Checkpoint) -> Result<u64, SereError> {
     match ck.meta("format") {
         Some(FORMAT) => {}
         other => {
@@ -52,17 +106,14 @@ pub fn restore(e: &mut CpuEngine, ck: &Checkpoint) -> Result<u64, SereError> {
             .into())
         }
     }
-    let layout = e.net.layout.clone();
-    ck.read_params("student.", &layout, &mut e.student)?;
-    ck.read_params("teacher.", &layout, &mut e.teacher)?;
-    ck.read_params("optim.m.", &layout, &mut e.adam_m)?;
-    ck.read_params("optim.v.", &layout, &mut e.adam_v)?;
-    let k = e.centre.len();
-    ck.read_tensor("dino.centre", &[k], &mut e.centre)?;
-    for (net, states) in [
-        ("student", &mut e.student_bn),
-        ("teacher", &mut e.teacher_bn),
-    ] {
+    let layout = s.layout;
+    ck.read_params("student.", layout, s.student)?;
+    ck.read_params("teacher.", layout, s.teacher)?;
+    ck.read_params("optim.m.", layout, s.adam_m)?;
+    ck.read_params("optim.v.", layout, s.adam_v)?;
+    let k = s.centre.len();
+    ck.read_tensor("dino.centre", &[k], s.centre)?;
+    for (net, states) in [("student", s.student_bn), ("teacher", s.teacher_bn)] {
         for (name, st) in SERE_HEAD_NAMES.iter().zip(states.iter_mut()) {
             for (bn, r) in [
                 ("projection", &mut st.projection),
@@ -75,7 +126,45 @@ pub fn restore(e: &mut CpuEngine, ck: &Checkpoint) -> Result<u64, SereError> {
             }
         }
     }
-    e.adam_steps = ck.meta_parse("adam_steps")?;
-    e.last_layer_steps = ck.meta_parse("last_layer_steps")?;
+    *s.adam_steps = ck.meta_parse("adam_steps")?;
+    *s.last_layer_steps = ck.meta_parse("last_layer_steps")?;
     Ok(ck.meta_parse("step")?)
+}
+
+/// A checkpoint of the CPU engine after `step` steps.
+pub fn snapshot(e: &CpuEngine, step: u64) -> Checkpoint {
+    let s = RunView {
+        layout: &e.net.layout,
+        student: &e.student,
+        teacher: &e.teacher,
+        adam_m: &e.adam_m,
+        adam_v: &e.adam_v,
+        centre: &e.centre,
+        student_bn: &e.student_bn,
+        teacher_bn: &e.teacher_bn,
+        adam_steps: e.adam_steps,
+        last_layer_steps: e.last_layer_steps,
+    };
+    snapshot_state(&s, e.config(), step)
+}
+
+/// Restores the CPU engine from a checkpoint and returns the step to
+/// continue from. The checkpoint's model shape must match the engine's.
+pub fn restore(e: &mut CpuEngine, ck: &Checkpoint) -> Result<u64, SereError> {
+    let layout = e.net.layout.clone();
+    restore_state(
+        RunState {
+            layout: &layout,
+            student: &mut e.student,
+            teacher: &mut e.teacher,
+            adam_m: &mut e.adam_m,
+            adam_v: &mut e.adam_v,
+            centre: &mut e.centre,
+            student_bn: &mut e.student_bn,
+            teacher_bn: &mut e.teacher_bn,
+            adam_steps: &mut e.adam_steps,
+            last_layer_steps: &mut e.last_layer_steps,
+        },
+        ck,
+    )
 }
