@@ -41,7 +41,7 @@ mkdir -p "$OUT"
 # images (peak 6.25e-4), teacher momentum 0.99 -> 1, no warm-up, last layer
 # trained from the start (runs are shorter than one epoch).
 COMMON=(--data "$DATA" --img 28 --local-img 12 --patch 4 --local-overlap 3
-        --out-dim 1024 --lr 5e-3 --threads "$THREADS"
+        --out-dim 1024 --threads "$THREADS"
         --set momentum_teacher=0.99 --set warmup_epochs=0 --set freeze_last_layer=0
         --set checkpoint_every=$((STEPS / 2)))
 
@@ -65,7 +65,7 @@ for cfg in $CONFIGS; do
             extra=(--lr 1e-12)
         else
             steps=$STEPS
-            extra=()
+            extra=(--lr 5e-3)
         fi
         final="$dir/checkpoint-$(printf %08d "$steps").safetensors"
         if [ "$PHASE" != eval ] && [ ! -e "$final" ]; then
