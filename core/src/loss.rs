@@ -14,7 +14,7 @@
 
 use crate::error::{check_len, check_nonzero, check_positive, shape_product, Error, Result};
 use crate::fastmath::exp as expf;
-use crate::simd::{sum_map, sum_zip, sum_zip3};
+use crate::simd::sum_zip3_blocked;
 use crate::softmax::row_max;
 use libm::logf;
 
@@ -73,10 +73,10 @@ crate::simd::multiversion! {
                 what: "centred teacher logits",
             });
         }
-        let zs = sum_map(s, |v| expf(v * inv_ts - ms));
-        let zt = sum_zip(t, c, |tv, cv| expf(tc(tv, cv) - mt));
+        let zs = sum_zip3_blocked(s, s, s, |v, _, _| expf(v * inv_ts - ms));
+        let zt = sum_zip3_blocked(t, c, c, |tv, cv, _| expf(tc(tv, cv) - mt));
         let inv_zt = 1.0 / zt;
-        let cross = sum_zip3(s, t, c, |sv, tv, cv| {
+        let cross = sum_zip3_blocked(s, t, c, |sv, tv, cv| {
             let q = expf(tc(tv, cv) - mt) * inv_zt;
             // q = 0 terms contribute nothing (and stay 0 for any s).
             if q > 0.0 {

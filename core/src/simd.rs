@@ -114,6 +114,30 @@ pub(crate) fn sum_zip3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32
     fold(acc)
 }
 
+/// Sum of `f(a, b, c)` over triples, for bodies too heavy for the 8-lane
+/// form to vectorise (`exp` inside): `f` fills a 64-element stack block in a
+/// plain loop, which LLVM's loop vectoriser handles, then the block is summed
+/// in 8 lanes. Fixed order, so the result does not depend on the SIMD path.
+#[inline(always)]
+pub(crate) fn sum_zip3_blocked(
+    a: &[f32],
+    b: &[f32],
+    c: &[f32],
+    f: impl Fn(f32, f32, f32) -> f32,
+) -> f32 {
+    const BLOCK: usize = 64;
+    let mut buf = [0.0f32; BLOCK];
+    let mut total = 0.0f32;
+    for ((x, y), z) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).zip(c.chunks(BLOCK)) {
+        let out = &mut buf[..x.len()];
+        for (((o, &u), &v), &w) in out.iter_mut().zip(x).zip(y).zip(z) {
+            *o = f(u, v, w);
+        }
+        total += sum(out);
+    }
+    total
+}
+
 /// Dot product of `a` and `b` (same length), in 8 lanes.
 #[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -165,6 +189,13 @@ mod tests {
                 (sum_map(a, |x| x * x) - ns).abs() < 1e-5 * (1.0 + ns),
                 "n {n}"
             );
+        }
+        for n in [0usize, 1, 63, 64, 65, 130, 200] {
+            let a: [f32; 200] = core::array::from_fn(|i| libm::sinf(i as f32 * 0.3));
+            let a = &a[..n];
+            let naive: f32 = a.iter().map(|x| x * x + 1.0).sum();
+            let blocked = sum_zip3_blocked(a, a, a, |x, y, _| x * y + 1.0);
+            assert!((blocked - naive).abs() < 1e-5 * (1.0 + naive), "n {n}");
         }
         let s = sqrt8([0.0, 1.0, 4.0, 9.0, 2.0, 0.25, 100.0, 1e-8]);
         assert_eq!(s[..4], [0.0, 1.0, 2.0, 3.0]);
