@@ -14,7 +14,7 @@
 
 use crate::error::{check_len, check_nonzero, check_positive, shape_product, Error, Result};
 use crate::fastmath::exp as expf;
-use crate::simd::sum_zip3_blocked;
+use crate::simd::{max_zip, sum_zip3_blocked};
 use crate::softmax::row_max;
 use libm::logf;
 
@@ -110,27 +110,6 @@ crate::simd::multiversion! {
             })
         }
     }
-}
-
-/// Maximum of `f(a, b)` over pairs, in 8 lanes (vectorisable; NaN-free
-/// inputs, as checked by the callers).
-#[inline(always)]
-fn max_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ta, tb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for ((m, &u), &v) in acc.iter_mut().zip(x).zip(y) {
-            let w = f(u, v);
-            *m = if w > *m { w } else { *m };
-        }
-    }
-    for ((m, &u), &v) in acc.iter_mut().zip(ta).zip(tb) {
-        let w = f(u, v);
-        *m = if w > *m { w } else { *m };
-    }
-    acc.iter()
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 fn check_ce(
