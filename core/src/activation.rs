@@ -4,7 +4,7 @@
 //! approximation, not PyTorch's `tanh` approximation.
 
 use crate::error::{check_len, Result};
-use crate::fastmath::{erf as erff, exp as expf};
+use crate::fastmath::{erf as erff, erf_and_gauss};
 use core::f32::consts::FRAC_1_SQRT_2;
 
 /// `1 / sqrt(2 pi)`.
@@ -30,7 +30,9 @@ pub fn gelu(x: f32) -> f32 {
 /// ```
 #[inline]
 pub fn gelu_grad(x: f32) -> f32 {
-    0.5 * (1.0 + erff(x * FRAC_1_SQRT_2)) + x * INV_SQRT_2PI * expf(-0.5 * x * x)
+    // One exp: erf's Gaussian factor at x / sqrt 2 is exp(-x^2 / 2).
+    let (erf, gauss) = erf_and_gauss(x * FRAC_1_SQRT_2);
+    0.5 * (1.0 + erf) + x * INV_SQRT_2PI * gauss
 }
 
 /// Element-wise GELU: `out[i] = gelu(x[i])`.

@@ -16,8 +16,11 @@ pub(crate) fn exp(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     let under = x < -87.3;
     let x = x.clamp(-87.3, 88.3);
-    // Round to nearest without a libm call: the magic-number trick.
-    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    // Round to nearest without a libm call: the magic-number trick. Adding
+    // 1.5 * 2^23 leaves `n` in the low mantissa bits of `shifted`.
+    const MAGIC: f32 = 12_582_912.0;
+    let shifted = x * LOG2E + MAGIC;
+    let n = shifted - MAGIC;
     let r = x - n * C1 - n * C2;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -26,7 +29,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `2^n` from those bits with integer lane ops: `n as i32` would be a
+    // saturating conversion, which LLVM scalarises lane by lane.
+    let n_int = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
+    let scale = f32::from_bits(n_int.wrapping_add(127) << 23);
     if under {
         0.0
     } else {
@@ -40,6 +46,14 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// `|x| / 2` times this, i.e. relative 1e-6 of `gelu(x)` (measured 6.6e-7).
 #[inline(always)]
 pub(crate) fn erf(x: f32) -> f32 {
+    erf_and_gauss(x).0
+}
+
+/// `(erf(x), e^(-x^2))`: the Gaussian factor is part of the erf formula, and
+/// GELU's derivative needs it too (`e^(-x^2/2)` at `x / sqrt 2`), so callers
+/// that need both pay for one `exp`.
+#[inline(always)]
+pub(crate) fn erf_and_gauss(x: f32) -> (f32, f32) {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
         0.254_829_6,
@@ -51,8 +65,9 @@ pub(crate) fn erf(x: f32) -> f32 {
     let ax = x.abs();
     let t = 1.0 / (1.0 + P * ax);
     let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let y = 1.0 - poly * exp(-ax * ax);
-    y.copysign(x)
+    let gauss = exp(-ax * ax);
+    let y = 1.0 - poly * gauss;
+    (y.copysign(x), gauss)
 }
 
 #[cfg(test)]
