@@ -2,8 +2,9 @@
 //! evaluates: cosine similarity of L2-normalised features, the `k` most
 //! similar training samples vote with weight `exp(sim / T)`, top-1 accuracy.
 
+use crate::backend::cpu::gemm;
 use rayon::prelude::*;
-use sere_core::linalg::{gemm, MatRef};
+use sere_core::linalg::MatRef;
 
 /// L2-normalises each row of `feats` (`rows x dim`) in place.
 pub fn l2_normalize_rows(feats: &mut [f32], dim: usize) {

@@ -9,8 +9,9 @@
 //! so results are bit-identical for any thread count. Nothing is allocated
 //! inside an optimisation loop.
 
+use crate::backend::cpu::gemm;
 use rayon::prelude::*;
-use sere_core::linalg::{gemm, MatRef};
+use sere_core::linalg::MatRef;
 
 use crate::data::rng::{stream, Purpose};
 use crate::error::SereError;

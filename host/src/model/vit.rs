@@ -12,9 +12,10 @@
 
 use super::params::{Init, ParamLayout};
 use crate::backend::cpu;
+use crate::backend::cpu::gemm;
 use rand::RngExt;
 use rayon::prelude::*;
-use sere_core::linalg::{gemm, MatRef};
+use sere_core::linalg::MatRef;
 use std::ops::Range;
 
 /// Size of a ViT.

@@ -1,11 +1,14 @@
 //! CPU kernels of the host: `sere-core`'s row-level kernels split over
-//! rayon's threads. Matmuls go through `sere_core::linalg::gemm`
-//! (matrixmultiply's tuned SGEMM, single-threaded per call): splitting rows
-//! (or output features) across rayon's pool keeps one thread pool, instead
-//! of nesting matrixmultiply's own pool inside rayon's.
+//! rayon's threads. Matmuls go through [`gemm`] (a blocked AVX2 + FMA SGEMM,
+//! matrixmultiply elsewhere; single-threaded per call): splitting rows (or
+//! output features) across rayon's pool keeps one thread pool, instead of
+//! nesting a GEMM's own pool inside rayon's.
 
+mod gemm;
+
+pub use gemm::{gemm, gemm_bias};
 use rayon::prelude::*;
-use sere_core::linalg::{gemm, MatRef};
+use sere_core::linalg::MatRef;
 
 /// Rows per parallel task so that each task still amortises GEMM packing.
 fn chunk_rows(rows: usize, min: usize) -> usize {
@@ -30,8 +33,18 @@ pub fn linear_fwd(
         .zip(x.par_chunks(rc * inp))
         .for_each(|(yc, xc)| {
             let r = xc.len() / inp;
-            sere_core::linalg::linear_forward(xc, w, b, r, inp, out, yc)
-                .expect("linear_fwd shapes");
+            gemm_bias(
+                1.0,
+                xc,
+                MatRef::row_major(r, inp),
+                w,
+                MatRef::row_major(out, inp).transposed(),
+                0.0,
+                b,
+                yc,
+                MatRef::row_major(r, out),
+            )
+            .expect("linear_fwd shapes");
         });
 }
 
