@@ -6,6 +6,9 @@
 # Environment knobs (all optional):
 #   THREADS="1 2"        thread counts to run
 #   STEPS=10 WARMUP=2     timed / untimed steps per run
+#   ROUNDS=1              repeat the whole (gemm, torch, sere) sequence, alternating; the
+#                         table then shows the median over rounds of each run's median
+#                         and the sere/torch ratio of every round (for shared, noisy hosts)
 #   SKIP_BUILD=1          do not run cargo; use the binary as it is
 #   SERE=path             the sere binary (default target/release/sere)
 #   CARGO_FLAGS=--offline extra flags for `cargo build` (default --offline)
@@ -17,6 +20,7 @@ cd "$(dirname "$0")/.." || exit 1
 THREADS="${THREADS:-1 2}"
 STEPS="${STEPS:-10}"
 WARMUP="${WARMUP:-2}"
+ROUNDS="${ROUNDS:-1}"
 PYTHON="${PYTHON:-python3}"
 CARGO_FLAGS="${CARGO_FLAGS---offline}"
 SERE="${SERE:-target/release/sere}"
@@ -74,51 +78,76 @@ last_json() {  # the last line that looks like a JSON object, in stdout else std
     printf '%s' "$line"
 }
 
+for r in $(seq 1 "$ROUNDS"); do
 for t in $THREADS; do
-    echo "== threads $t: gemm_peak.py" >&2
-    "$PYTHON" bench/gemm_peak.py --threads "$t" >"$WORK/gemm_$t.out" 2>"$WORK/gemm_$t.err" \
-        || { echo "gemm_peak.py failed:" >&2; tail -n 5 "$WORK/gemm_$t.err" >&2; }
-    echo "== threads $t: torch_step.py" >&2
+    echo "== round $r, threads $t: gemm_peak.py" >&2
+    "$PYTHON" bench/gemm_peak.py --threads "$t" >"$WORK/gemm_${t}_$r.out" 2>"$WORK/gemm_${t}_$r.err" \
+        || { echo "gemm_peak.py failed:" >&2; tail -n 5 "$WORK/gemm_${t}_$r.err" >&2; }
+    echo "== round $r, threads $t: torch_step.py" >&2
     "$PYTHON" bench/torch_step.py "${CFG[@]}" "${TORCH_EXTRA[@]}" --threads "$t" \
-        --steps "$STEPS" --warmup "$WARMUP" >"$WORK/torch_$t.out" 2>"$WORK/torch_$t.err" \
-        || { echo "torch_step.py failed:" >&2; tail -n 5 "$WORK/torch_$t.err" >&2; }
-    grep -h "first-step losses" "$WORK/torch_$t.err" >&2
+        --steps "$STEPS" --warmup "$WARMUP" >"$WORK/torch_${t}_$r.out" 2>"$WORK/torch_${t}_$r.err" \
+        || { echo "torch_step.py failed:" >&2; tail -n 5 "$WORK/torch_${t}_$r.err" >&2; }
+    grep -h "first-step losses" "$WORK/torch_${t}_$r.err" >&2
     if [ "$SERE_STATUS" = "ok" ]; then
-        echo "== threads $t: sere bench-step" >&2
+        echo "== round $r, threads $t: sere bench-step" >&2
         if ! "$SERE" bench-step "${CFG[@]}" "${SERE_EXTRA[@]}" --threads "$t" \
-            --steps "$STEPS" --warmup "$WARMUP" >"$WORK/sere_$t.out" 2>"$WORK/sere_$t.err"; then
+            --steps "$STEPS" --warmup "$WARMUP" >"$WORK/sere_${t}_$r.out" 2>"$WORK/sere_${t}_$r.err"; then
             echo "sere bench-step failed (threads $t):" >&2
-            tail -n 10 "$WORK/sere_$t.err" >&2
+            tail -n 10 "$WORK/sere_${t}_$r.err" >&2
         fi
     fi
 done
+done
 
 echo "### raw JSON"
-for t in $THREADS; do
-    for k in gemm torch sere; do
-        line="$(last_json "$WORK/${k}_$t")"
-        [ -n "$line" ] && echo "$line"
+for r in $(seq 1 "$ROUNDS"); do
+    for t in $THREADS; do
+        for k in gemm torch sere; do
+            line="$(last_json "$WORK/${k}_${t}_$r")"
+            [ -n "$line" ] && echo "$line"
+        done
     done
 done
 echo
 
-SERE_STATUS="$SERE_STATUS" SERE_NOTE="$SERE_NOTE" THREADS="$THREADS" WORK="$WORK" "$PYTHON" - <<'EOF'
-import json, os, sys
+SERE_STATUS="$SERE_STATUS" SERE_NOTE="$SERE_NOTE" THREADS="$THREADS" ROUNDS="$ROUNDS" WORK="$WORK" \
+    "$PYTHON" - <<'EOF'
+import json, os, statistics, sys
 sys.path.insert(0, "bench")
 from torch_step import step_flops
 
 work, status = os.environ["WORK"], os.environ["SERE_STATUS"]
 
-def load(kind, t):
+rounds = int(os.environ["ROUNDS"])
+
+def load_one(kind, t, r):
     for ext in ("out", "err"):
         try:
-            lines = [l for l in open(os.path.join(work, f"{kind}_{t}.{ext}"))
+            lines = [l for l in open(os.path.join(work, f"{kind}_{t}_{r}.{ext}"))
                      if l.lstrip().startswith("{")]
             if lines:
                 return json.loads(lines[-1])
         except (OSError, ValueError):
             pass
     return None
+
+def load(kind, t):
+    """One record per (kind, threads): the median over rounds of each field
+    that is a median or a rate, min of mins, max of maxes, max of peak RSS."""
+    runs = [x for x in (load_one(kind, t, r) for r in range(1, rounds + 1)) if x]
+    if not runs:
+        return None
+    out = dict(runs[-1])
+    for key in ("median_ms", "images_per_s", "gflop_per_s"):
+        vals = [x[key] for x in runs if x.get(key) is not None]
+        if vals:
+            out[key] = statistics.median(vals)
+    for key, pick in (("min_ms", min), ("max_ms", max), ("peak_rss_mb", max)):
+        vals = [x[key] for x in runs if x.get(key) is not None]
+        if vals:
+            out[key] = pick(vals)
+    out["_runs"] = runs
+    return out
 
 def f(v, fmt):
     return "n/a" if v is None else format(v, fmt)
@@ -153,6 +182,10 @@ for t in os.environ["THREADS"].split():
         ratio = ""
         if name == "sere" and tor and med and tor.get("median_ms"):
             ratio = f"{med / tor['median_ms']:.2f}x"
+            if rounds > 1:
+                per = [f"{s_['median_ms'] / t_['median_ms']:.2f}"
+                       for s_, t_ in zip(r["_runs"], tor["_runs"])]
+                notes.append(f"{t} threads, sere/torch per round: {', '.join(per)}")
         lo, hi = r.get("min_ms"), r.get("max_ms")
         print(f"| {t} | {name} | {f(med, '.1f')} | {f(lo, '.0f')}-{f(hi, '.0f')} | "
               f"{f(r.get('images_per_s'), '.2f')} | {f(r.get('peak_rss_mb'), '.0f')} | "

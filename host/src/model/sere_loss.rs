@@ -32,7 +32,10 @@
 
 use rayon::prelude::*;
 use sere_core::bilinear::{grid_sample_backward, grid_sample_forward, MapLayout, SampleShape};
-use sere_core::loss::{dino_centre_update, dino_loss_backward, DinoShape};
+use sere_core::loss::{
+    dino_centre_update, dino_loss_backward, relation_cross_entropy,
+    relation_cross_entropy_backward, DinoShape,
+};
 use sere_core::relation::{
     channel_relation_backward, channel_relation_forward, spatial_relation_backward,
     spatial_relation_forward,
@@ -206,18 +209,20 @@ pub struct SereLossOutput {
 /// Per-task scratch.
 #[derive(Debug, Default)]
 struct Scratch {
-    /// Teacher channel probabilities, `[2][C][C]`.
+    /// Teacher channel relation logits, `[2][C][C]`.
     qc: Vec<f32>,
-    /// Student channel log-probabilities / gradient, `C x C`.
+    /// Student channel relation logits, `C x C`.
     lc: Vec<f32>,
     /// Sampled teacher / student features, `P x C`.
     xt: Vec<f32>,
     xs: Vec<f32>,
     /// Gradient of the sampled student features, `P x C`.
     dxs: Vec<f32>,
-    /// Teacher probabilities / student log-probabilities, `heads x P x P`.
+    /// Teacher / student spatial relation logits, `heads x P x P`.
     lt: Vec<f32>,
     ls: Vec<f32>,
+    /// Gradient of the student relation logits (spatial or channel).
+    gl: Vec<f32>,
     /// Sum of this task's terms.
     loss: f64,
     /// First error met by this task.
@@ -236,36 +241,6 @@ fn fit(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..]
 }
 
-/// In place: `x <- softmax(x / tau)` per row.
-fn softmax_t(x: &mut [f32], cols: usize, tau: f32) -> Result<()> {
-    let inv = 1.0 / tau;
-    for r in x.chunks_exact_mut(cols) {
-        r.iter_mut().for_each(|v| *v *= inv);
-    }
-    sere_core::softmax::softmax_rows_in_place(x, x.len() / cols, cols)
-}
-
-/// In place: `x <- log_softmax(x / tau)` per row.
-fn log_softmax_t(x: &mut [f32], cols: usize, tau: f32) -> Result<()> {
-    let inv = 1.0 / tau;
-    for r in x.chunks_exact_mut(cols) {
-        let mut m = f32::NEG_INFINITY;
-        for v in r.iter_mut() {
-            *v *= inv;
-            m = m.max(*v);
-        }
-        if !m.is_finite() || r.iter().any(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                what: "student relation logits",
-            });
-        }
-        let z: f32 = r.iter().map(|&v| (v - m).exp()).sum();
-        let lse = m + z.ln();
-        r.iter_mut().for_each(|v| *v -= lse);
-    }
-    Ok(())
-}
-
 /// A non-finite gradient scale would silently poison the gradients.
 fn check_scale(scale: f32, grads: &Option<StudentGrads>) -> Result<f32> {
     if grads.is_some() && !scale.is_finite() {
@@ -274,14 +249,6 @@ fn check_scale(scale: f32, grads: &Option<StudentGrads>) -> Result<f32> {
         });
     }
     Ok(scale)
-}
-
-/// `-sum q log p` over all rows (f64), `q`, `logp` of equal length.
-fn cross(q: &[f32], logp: &[f32]) -> f64 {
-    -q.iter()
-        .zip(logp)
-        .map(|(&a, &b)| a as f64 * b as f64)
-        .sum::<f64>()
 }
 
 /// One image's gradient maps, indexed by view (`None` without gradients).
@@ -485,7 +452,6 @@ impl SereLoss {
                     grid_sample_forward(tmap, gt, shape_t, MapLayout::Hwc, xt)?;
                     let q = fit(&mut sc.lt, rows * p);
                     spatial_relation_forward(xt, p, c, heads, q)?;
-                    softmax_t(q, p, tau_t)?;
                     // Student.
                     let (hs, ws) = shapes_c.hw(s);
                     let smap = student.map(&shapes_c, s, b);
@@ -499,19 +465,21 @@ impl SereLoss {
                     grid_sample_forward(smap, gs, shape_s, MapLayout::Hwc, xs)?;
                     let lp = fit(&mut sc.ls, rows * p);
                     spatial_relation_forward(xs, p, c, heads, lp)?;
-                    log_softmax_t(lp, p, tau_s)?;
-                    acc += cross(q, lp) / rows as f64;
-                    // Backward: dlogits = scale / rows * (softmax - q) / tau_s.
-                    if let Some(gmap) = gimg[s].as_deref_mut() {
-                        let f = scale / (rows as f32 * tau_s);
-                        for (l, &qv) in lp.iter_mut().zip(q.iter()) {
-                            *l = f * (l.exp() - qv);
-                        }
-                        let dxs = fit(&mut sc.dxs, p * c);
-                        dxs.fill(0.0);
-                        spatial_relation_backward(&sc.xs, lp, p, c, heads, dxs)?;
-                        grid_sample_backward(smap, gs, dxs, shape_s, MapLayout::Hwc, gmap, None)?;
-                    }
+                    // Cross-entropy of the sharpened teacher and the student
+                    // (sere-core's fused row kernel); its logit gradient is
+                    // scale / rows * (softmax(S / tau_s) - softmax(T / tau_t)) / tau_s.
+                    let Some(gmap) = gimg[s].as_deref_mut() else {
+                        acc += relation_cross_entropy(lp, q, rows, p, tau_s, tau_t)? as f64;
+                        continue;
+                    };
+                    let gl = fit(&mut sc.gl, rows * p);
+                    gl.fill(0.0);
+                    acc += relation_cross_entropy_backward(lp, q, rows, p, tau_s, tau_t, scale, gl)?
+                        as f64;
+                    let dxs = fit(&mut sc.dxs, p * c);
+                    dxs.fill(0.0);
+                    spatial_relation_backward(&sc.xs, gl, p, c, heads, dxs)?;
+                    grid_sample_backward(smap, gs, dxs, shape_s, MapLayout::Hwc, gmap, None)?;
                 }
             }
             Ok(acc)
@@ -543,7 +511,6 @@ impl SereLoss {
             let qc = fit(&mut sc.qc, GLOBAL_VIEWS * cc);
             for (t, q) in qc.chunks_exact_mut(cc).enumerate() {
                 channel_relation_forward(&teacher[shapes_c.map_range(t, b)], ng, c, q)?;
-                softmax_t(q, c, tau_t)?;
             }
             let (q0, q1) = qc.split_at(cc);
             for (s, gmap) in gimg.iter_mut().enumerate() {
@@ -555,32 +522,27 @@ impl SereLoss {
                 let xs = student.map(&shapes_c, s, b);
                 let lp = fit(&mut sc.lc, cc);
                 channel_relation_forward(xs, n, c, lp)?;
-                log_softmax_t(lp, c, tau_s)?;
-                // The teachers of student view s: the global views other than s.
-                let f = scale / (c as f32 * tau_s);
-                match s {
-                    0 | 1 => {
-                        let q = if s == 0 { q1 } else { q0 };
-                        acc += cross(q, lp) / c as f64;
-                        if let Some(gmap) = gmap.as_deref_mut() {
-                            // scale / C * (p - q) / tau_s
-                            for (l, &qv) in lp.iter_mut().zip(q) {
-                                *l = f * (l.exp() - qv);
-                            }
-                            channel_relation_backward(xs, lp, n, c, gmap)?;
-                        }
+                // The teachers of student view s: the global views other than
+                // s (both for a local view). Each term's logit gradient is
+                // scale / C * (softmax(S / tau_s) - softmax(T / tau_t)) / tau_s.
+                let teachers: &[&[f32]] = match s {
+                    0 => &[q1],
+                    1 => &[q0],
+                    _ => &[q0, q1],
+                };
+                let Some(gmap) = gmap.as_deref_mut() else {
+                    for q in teachers {
+                        acc += relation_cross_entropy(lp, q, c, c, tau_s, tau_t)? as f64;
                     }
-                    _ => {
-                        acc += (cross(q0, lp) + cross(q1, lp)) / c as f64;
-                        if let Some(gmap) = gmap.as_deref_mut() {
-                            // Both teachers: scale / C * (2 p - q0 - q1) / tau_s
-                            for ((l, &a), &b) in lp.iter_mut().zip(q0).zip(q1) {
-                                *l = f * (2.0 * l.exp() - a - b);
-                            }
-                            channel_relation_backward(xs, lp, n, c, gmap)?;
-                        }
-                    }
+                    continue;
+                };
+                let gl = fit(&mut sc.gl, cc);
+                gl.fill(0.0);
+                for q in teachers {
+                    acc += relation_cross_entropy_backward(lp, q, c, c, tau_s, tau_t, scale, gl)?
+                        as f64;
                 }
+                channel_relation_backward(xs, gl, n, c, gmap)?;
             }
             Ok(acc)
         })?;
