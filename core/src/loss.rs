@@ -14,7 +14,7 @@
 
 use crate::error::{check_len, check_nonzero, check_positive, shape_product, Error, Result};
 use crate::fastmath::exp as expf;
-use crate::simd::{max_zip, sum_zip3_blocked};
+use crate::simd::{max_zip, sum, sum_zip, sum_zip3_blocked};
 use crate::softmax::row_max;
 use libm::logf;
 
@@ -187,6 +187,98 @@ pub fn relation_cross_entropy_backward(
         .zip(grad_student.chunks_exact_mut(cols))
     {
         total += ce_row(s, t, None, tau_s, tau_t, Some((g, row_scale)))?;
+    }
+    Ok((total / rows as f64) as f32)
+}
+
+crate::simd::multiversion! {
+    /// One row of [`soft_target_cross_entropy`]: `s` logits, `q` target.
+    fn soft_target_row(
+        s: &[f32],
+        q: &[f32],
+        tau_s: f32,
+        grad: Option<(&mut [f32], f32)>,
+    ) -> Result<f64> {
+        let inv_ts = 1.0 / tau_s;
+        let ms = row_max(s, "student logits")? * inv_ts;
+        row_max(q, "target probabilities")?;
+        if !ms.is_finite() {
+            return Err(Error::NonFinite {
+                what: "student logits / tau_s (overflow)",
+            });
+        }
+        let zs = sum_zip3_blocked(s, s, s, |v, _, _| expf(v * inv_ts - ms));
+        let mass = sum(q);
+        // -sum q log p = sum q (ms - s / tau_s) + mass ln zs; every term of
+        // the first sum is non-negative.
+        let cross = sum_zip(q, s, |qv, sv| qv * (ms - sv * inv_ts));
+        if let Some((g, scale)) = grad {
+            let f = scale * inv_ts;
+            if !f.is_finite() {
+                return Err(Error::NonFinite {
+                    what: "gradient scale / tau_s",
+                });
+            }
+            // d/ds_k = (mass p_k - q_k) / tau_s (mass = 1 for a distribution).
+            let fp = f * mass / zs;
+            for ((gk, &sv), &qv) in g.iter_mut().zip(s).zip(q) {
+                *gk += fp * expf(sv * inv_ts - ms) - f * qv;
+            }
+        }
+        let loss = mass as f64 * logf(zs) as f64 + cross as f64;
+        if loss.is_finite() {
+            Ok(loss)
+        } else {
+            Err(Error::NonFinite {
+                what: "cross-entropy (logits too large for the temperature)",
+            })
+        }
+    }
+}
+
+/// Cross-entropy of the student against a given target distribution per row
+/// (for instance a sharpened teacher softmax computed once and shared by
+/// several students): mean over the `rows` rows of
+/// `-sum_k q_k log softmax(S / tau_s)_k`. With `grad` = `Some((g, scale))`
+/// it adds `scale * dL/dS` to `g`. Same loss and gradient as
+/// [`relation_cross_entropy_backward`] given `q = softmax(T / tau_t)`, at two
+/// exponentials per element instead of five.
+///
+/// ```
+/// use sere_core::loss::soft_target_cross_entropy;
+/// let s = [0.0f32, 0.0];
+/// let mut g = [0.0f32; 2];
+/// let loss = soft_target_cross_entropy(&s, &[1.0, 0.0], 1, 2, 1.0, Some((&mut g, 1.0))).unwrap();
+/// assert!((loss - core::f32::consts::LN_2).abs() < 1e-6);
+/// assert!((g[0] + 0.5).abs() < 1e-6 && (g[1] - 0.5).abs() < 1e-6);
+/// ```
+pub fn soft_target_cross_entropy(
+    student: &[f32],
+    target: &[f32],
+    rows: usize,
+    cols: usize,
+    tau_s: f32,
+    grad: Option<(&mut [f32], f32)>,
+) -> Result<f32> {
+    check_ce(student, target, rows, cols, tau_s, 1.0)?;
+    let mut total = 0.0f64;
+    match grad {
+        Some((g, scale)) => {
+            check_len("grad_student", g.len(), student.len())?;
+            let row_scale = scale / rows as f32;
+            for ((s, q), gr) in student
+                .chunks_exact(cols)
+                .zip(target.chunks_exact(cols))
+                .zip(g.chunks_exact_mut(cols))
+            {
+                total += soft_target_row(s, q, tau_s, Some((gr, row_scale)))?;
+            }
+        }
+        None => {
+            for (s, q) in student.chunks_exact(cols).zip(target.chunks_exact(cols)) {
+                total += soft_target_row(s, q, tau_s, None)?;
+            }
+        }
     }
     Ok((total / rows as f64) as f32)
 }

@@ -209,6 +209,35 @@ fn relation_cross_entropy() {
 }
 
 #[test]
+fn soft_target_cross_entropy() {
+    let mut rng = Rng::new(17);
+    let (rows, cols) = (3, 7);
+    // A normalised target and one with total mass 1.7 (the gradient's
+    // `mass * p - q` form holds for any non-negative target).
+    for (tau_s, mass) in [(1.0f32, 1.0f32), (0.1, 1.0), (0.5, 1.7)] {
+        let s = rng.normals(rows * cols, 1.0);
+        let mut q: Vec<f32> = rng
+            .normals(rows * cols, 1.0)
+            .iter()
+            .map(|v| v.exp())
+            .collect();
+        for row in q.chunks_mut(cols) {
+            let z: f32 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v *= mass / z);
+        }
+        let mut g = vec![0.0f32; s.len()];
+        loss::soft_target_cross_entropy(&s, &q, rows, cols, tau_s, Some((&mut g, 1.0))).unwrap();
+        assert_grad(
+            &format!("soft-target CE tau_s {tau_s} mass {mass}"),
+            &s,
+            &g,
+            ce_tol(tau_s),
+            |s| loss::soft_target_cross_entropy(s, &q, rows, cols, tau_s, None).unwrap() as f64,
+        );
+    }
+}
+
+#[test]
 fn dino_loss() {
     let mut rng = Rng::new(8);
     let shape = loss::DinoShape {

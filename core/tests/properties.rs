@@ -17,7 +17,7 @@ use sere_core::geometry::{overlap_grids, CropBox, GridPlacement, Rect};
 use sere_core::linalg::{gemm, linear_forward, MatRef};
 use sere_core::loss::{
     dino_centre_update, dino_loss, dino_loss_backward, relation_cross_entropy,
-    relation_cross_entropy_backward, DinoShape,
+    relation_cross_entropy_backward, soft_target_cross_entropy, DinoShape,
 };
 use sere_core::norm::{batch_norm_forward, layer_norm_forward};
 use sere_core::optim::{adamw_step, clip_grad_norm, ema_update, l2_norm, AdamW};
@@ -544,6 +544,29 @@ proptest! {
             .map(|row| -softmax_f64(row, 1.0 / tau as f64).iter().map(|&q| if q > 0.0 { q * q.ln() } else { 0.0 }).sum::<f64>())
             .sum::<f64>() / r as f64;
         prop_assert!(close(loss as f64, ent, 1e-5, 1e-4), "loss {} entropy {}", loss, ent);
+    }
+
+    /// A target given as probabilities (`softmax(T / tau_t)`, computed once)
+    /// gives the loss and gradient of the teacher-logit form.
+    #[test]
+    fn soft_target_matches_teacher_logit_form(
+        (r, c, s, t) in ce_case(), tau_s in 0.1f32..2.0, tau_t in 0.05f32..2.0, scale in 0.1f32..10.0,
+    ) {
+        let mut q = t.clone();
+        for row in q.chunks_mut(c) {
+            row.iter_mut().for_each(|v| *v /= tau_t);
+        }
+        softmax_rows_in_place(&mut q, r, c).unwrap();
+        let (mut g1, mut g2) = (vec![0.0f32; r * c], vec![0.0f32; r * c]);
+        let l1 = relation_cross_entropy_backward(&s, &t, r, c, tau_s, tau_t, scale, &mut g1).unwrap();
+        let l2 = soft_target_cross_entropy(&s, &q, r, c, tau_s, Some((&mut g2, scale))).unwrap();
+        let l3 = soft_target_cross_entropy(&s, &q, r, c, tau_s, None).unwrap();
+        prop_assert!(close(l1 as f64, l2 as f64, 1e-5, 1e-5), "loss {} vs {}", l1, l2);
+        prop_assert_eq!(l2.to_bits(), l3.to_bits());
+        let gmax = g1.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (a, b) in g1.iter().zip(&g2) {
+            prop_assert!((a - b).abs() <= 1e-5 * (1.0 + gmax), "grad {} vs {}", a, b);
+        }
     }
 
     /// Gibbs: cross-entropy >= entropy of the teacher distribution, and the

@@ -33,8 +33,7 @@
 use rayon::prelude::*;
 use sere_core::bilinear::{grid_sample_backward, grid_sample_forward, MapLayout, SampleShape};
 use sere_core::loss::{
-    dino_centre_update, dino_loss_backward, relation_cross_entropy,
-    relation_cross_entropy_backward, DinoShape,
+    dino_centre_update, dino_loss_backward, soft_target_cross_entropy, DinoShape,
 };
 use sere_core::relation::{
     channel_relation_backward, channel_relation_forward, spatial_relation_backward,
@@ -209,7 +208,7 @@ pub struct SereLossOutput {
 /// Per-task scratch.
 #[derive(Debug, Default)]
 struct Scratch {
-    /// Teacher channel relation logits, `[2][C][C]`.
+    /// Teacher channel relation probabilities, `[2][C][C]`.
     qc: Vec<f32>,
     /// Student channel relation logits, `C x C`.
     lc: Vec<f32>,
@@ -218,7 +217,8 @@ struct Scratch {
     xs: Vec<f32>,
     /// Gradient of the sampled student features, `P x C`.
     dxs: Vec<f32>,
-    /// Teacher / student spatial relation logits, `heads x P x P`.
+    /// Teacher probabilities / student logits of the spatial relation,
+    /// `heads x P x P`.
     lt: Vec<f32>,
     ls: Vec<f32>,
     /// Gradient of the student relation logits (spatial or channel).
@@ -239,6 +239,14 @@ pub struct SereLoss {
 fn fit(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     v.resize(n, 0.0);
     &mut v[..]
+}
+
+/// In place: `x <- softmax(x / tau)` per row (the sharpened teacher,
+/// computed once per teacher view and shared by its students).
+fn softmax_t(x: &mut [f32], cols: usize, tau: f32) -> Result<()> {
+    let inv = 1.0 / tau;
+    x.iter_mut().for_each(|v| *v *= inv);
+    sere_core::softmax::softmax_rows_in_place(x, x.len() / cols, cols)
 }
 
 /// A non-finite gradient scale would silently poison the gradients.
@@ -452,6 +460,7 @@ impl SereLoss {
                     grid_sample_forward(tmap, gt, shape_t, MapLayout::Hwc, xt)?;
                     let q = fit(&mut sc.lt, rows * p);
                     spatial_relation_forward(xt, p, c, heads, q)?;
+                    softmax_t(q, p, tau_t)?;
                     // Student.
                     let (hs, ws) = shapes_c.hw(s);
                     let smap = student.map(&shapes_c, s, b);
@@ -466,16 +475,16 @@ impl SereLoss {
                     let lp = fit(&mut sc.ls, rows * p);
                     spatial_relation_forward(xs, p, c, heads, lp)?;
                     // Cross-entropy of the sharpened teacher and the student
-                    // (sere-core's fused row kernel); its logit gradient is
-                    // scale / rows * (softmax(S / tau_s) - softmax(T / tau_t)) / tau_s.
+                    // (sere-core's vectorised rows); its logit gradient is
+                    // scale / rows * (softmax(S / tau_s) - q) / tau_s.
                     let Some(gmap) = gimg[s].as_deref_mut() else {
-                        acc += relation_cross_entropy(lp, q, rows, p, tau_s, tau_t)? as f64;
+                        acc += soft_target_cross_entropy(lp, q, rows, p, tau_s, None)? as f64;
                         continue;
                     };
                     let gl = fit(&mut sc.gl, rows * p);
                     gl.fill(0.0);
-                    acc += relation_cross_entropy_backward(lp, q, rows, p, tau_s, tau_t, scale, gl)?
-                        as f64;
+                    acc +=
+                        soft_target_cross_entropy(lp, q, rows, p, tau_s, Some((gl, scale)))? as f64;
                     let dxs = fit(&mut sc.dxs, p * c);
                     dxs.fill(0.0);
                     spatial_relation_backward(&sc.xs, gl, p, c, heads, dxs)?;
@@ -511,6 +520,7 @@ impl SereLoss {
             let qc = fit(&mut sc.qc, GLOBAL_VIEWS * cc);
             for (t, q) in qc.chunks_exact_mut(cc).enumerate() {
                 channel_relation_forward(&teacher[shapes_c.map_range(t, b)], ng, c, q)?;
+                softmax_t(q, c, tau_t)?;
             }
             let (q0, q1) = qc.split_at(cc);
             for (s, gmap) in gimg.iter_mut().enumerate() {
@@ -524,7 +534,7 @@ impl SereLoss {
                 channel_relation_forward(xs, n, c, lp)?;
                 // The teachers of student view s: the global views other than
                 // s (both for a local view). Each term's logit gradient is
-                // scale / C * (softmax(S / tau_s) - softmax(T / tau_t)) / tau_s.
+                // scale / C * (softmax(S / tau_s) - q) / tau_s.
                 let teachers: &[&[f32]] = match s {
                     0 => &[q1],
                     1 => &[q0],
@@ -532,14 +542,14 @@ impl SereLoss {
                 };
                 let Some(gmap) = gmap.as_deref_mut() else {
                     for q in teachers {
-                        acc += relation_cross_entropy(lp, q, c, c, tau_s, tau_t)? as f64;
+                        acc += soft_target_cross_entropy(lp, q, c, c, tau_s, None)? as f64;
                     }
                     continue;
                 };
                 let gl = fit(&mut sc.gl, cc);
                 gl.fill(0.0);
                 for q in teachers {
-                    acc += relation_cross_entropy_backward(lp, q, c, c, tau_s, tau_t, scale, gl)?
+                    acc += soft_target_cross_entropy(lp, q, c, c, tau_s, Some((&mut *gl, scale)))?
                         as f64;
                 }
                 channel_relation_backward(xs, gl, n, c, gmap)?;
