@@ -112,6 +112,17 @@ crate::simd::multiversion! {
     }
 }
 
+/// The accumulated student gradient must be finite: `scale / tau_s` near the
+/// top of the `f32` range, summed over several terms, can overflow even when
+/// each term is finite. On this error the buffer's contents are unspecified.
+fn check_grad(grad: &[f32]) -> Result<()> {
+    row_max(
+        grad,
+        "accumulated student gradient (overflow: scale / tau_s too large, or a non-finite input buffer)",
+    )
+    .map(|_| ())
+}
+
 fn check_ce(
     student: &[f32],
     teacher: &[f32],
@@ -158,6 +169,10 @@ pub fn relation_cross_entropy(
 /// `grad_student` (so several loss terms can accumulate into one buffer) and
 /// returns the loss. The teacher gets no gradient.
 ///
+/// Fails with [`Error::NonFinite`] if the accumulated gradient is not
+/// finite (`scale / tau_s` near the top of the `f32` range, or a non-finite
+/// value already in the buffer); the buffer's contents are then unspecified.
+///
 /// ```
 /// use sere_core::loss::relation_cross_entropy_backward;
 /// let logits = [1.0f32, -2.0, 0.5];
@@ -188,6 +203,7 @@ pub fn relation_cross_entropy_backward(
     {
         total += ce_row(s, t, None, tau_s, tau_t, Some((g, row_scale)))?;
     }
+    check_grad(grad_student)?;
     Ok((total / rows as f64) as f32)
 }
 
@@ -244,6 +260,10 @@ crate::simd::multiversion! {
 /// [`relation_cross_entropy_backward`] given `q = softmax(T / tau_t)`, at two
 /// exponentials per element instead of five.
 ///
+/// Fails with [`Error::NonFinite`] if the accumulated gradient is not
+/// finite (`scale / tau_s` near the top of the `f32` range, or a non-finite
+/// value already in the buffer); the buffer's contents are then unspecified.
+///
 /// ```
 /// use sere_core::loss::soft_target_cross_entropy;
 /// let s = [0.0f32, 0.0];
@@ -273,6 +293,7 @@ pub fn soft_target_cross_entropy(
             {
                 total += soft_target_row(s, q, tau_s, Some((gr, row_scale)))?;
             }
+            check_grad(g)?;
         }
         None => {
             for (s, q) in student.chunks_exact(cols).zip(target.chunks_exact(cols)) {
@@ -412,6 +433,10 @@ pub fn dino_loss(
 /// [`dino_loss`] and its gradient: adds `scale * dL/dstudent` to
 /// `grad_student` (same layout as `student`) and returns the loss.
 ///
+/// Fails with [`Error::NonFinite`] if the accumulated gradient is not
+/// finite (`scale / tau_s` near the top of the `f32` range, or a non-finite
+/// value already in the buffer); the buffer's contents are then unspecified.
+///
 /// ```
 /// use sere_core::loss::{dino_loss_backward, DinoShape};
 /// let shape = DinoShape { student_views: 3, teacher_views: 2, batch: 2, dim: 4 };
@@ -434,15 +459,17 @@ pub fn dino_loss_backward(
     grad_student: &mut [f32],
 ) -> Result<f32> {
     check_len("grad_student", grad_student.len(), student.len())?;
-    dino_impl(
+    let loss = dino_impl(
         student,
         teacher,
         centre,
         shape,
         tau_s,
         tau_t,
-        Some((grad_student, scale)),
-    )
+        Some((&mut *grad_student, scale)),
+    )?;
+    check_grad(grad_student)?;
+    Ok(loss)
 }
 
 /// EMA update of the DINO centre from this step's teacher outputs

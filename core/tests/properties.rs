@@ -1185,3 +1185,42 @@ proptest! {
         }
     }
 }
+
+/// Regression (found by fuzz/relation_loss): with `tau_s` at the smallest
+/// normal float, the DINO gradient summed over teacher views overflowed to
+/// infinity while the call returned `Ok`. Every cross-entropy backward now
+/// reports a non-finite accumulated gradient as an error.
+#[test]
+fn ce_backwards_reject_non_finite_gradients() {
+    // Student rows one-hot at tau_s = MIN_POSITIVE, teacher one-hot elsewhere:
+    // each (teacher, student) term adds about f = scale / (pairs batch tau_s)
+    // = 2.5e38 to the local view's gradient, and its two teachers sum to 5e38.
+    let shape = DinoShape {
+        student_views: 3,
+        teacher_views: 2,
+        batch: 1,
+        dim: 3,
+    };
+    let s = [1.0f32, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0];
+    let t = [0.0f32, 1.0, 0.0, 0.0, 1.0, 0.0];
+    let mut g = [0.0f32; 9];
+    let res = dino_loss_backward(
+        &s,
+        &t,
+        &[0.0; 3],
+        shape,
+        f32::MIN_POSITIVE,
+        0.04,
+        12.0,
+        &mut g,
+    );
+    assert!(matches!(res, Err(Error::NonFinite { .. })), "{res:?} {g:?}");
+
+    let mut g = [0.0f32, f32::NAN, 0.0];
+    let res = relation_cross_entropy_backward(&s[..3], &t[..3], 1, 3, 1.0, 1.0, 1.0, &mut g);
+    assert!(matches!(res, Err(Error::NonFinite { .. })), "{res:?}");
+    let mut g = [f32::INFINITY, 0.0, 0.0];
+    let q = [0.2f32, 0.3, 0.5];
+    let res = soft_target_cross_entropy(&s[..3], &q, 1, 3, 1.0, Some((&mut g, 1.0)));
+    assert!(matches!(res, Err(Error::NonFinite { .. })), "{res:?}");
+}

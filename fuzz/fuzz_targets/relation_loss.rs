@@ -7,7 +7,10 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use sere_core::loss::{dino_loss, dino_loss_backward, relation_cross_entropy, relation_cross_entropy_backward, DinoShape};
+use sere_core::loss::{
+    dino_loss, dino_loss_backward, relation_cross_entropy, relation_cross_entropy_backward, soft_target_cross_entropy,
+    DinoShape,
+};
 use sere_core::relation::{
     channel_relation_backward, channel_relation_forward, spatial_relation_backward, spatial_relation_forward,
 };
@@ -192,6 +195,30 @@ fn cross_entropy(ce: CrossEntropy) {
         // Same loss as the forward-only call.
         assert_eq!(res.ok().map(f32::to_bits), Some(l.to_bits()), "backward loss differs");
         assert!(finite(&g), "non-finite gradient {g:?} (scale {scale}, tau_s {tau_s})");
+    }
+
+    // The soft-target form with the raw `t` as an arbitrary target: only
+    // shapes, temperature and finiteness are its contract.
+    let mut g2 = vec![0.0f32; ce.len_g.get(s.len())];
+    let res_st = soft_target_cross_entropy(&s, &t, rows, cols, tau_s, Some((&mut g2, scale)));
+    let st_ok = rows > 0 && cols > 0 && s.len() == len && t.len() == len && positive(tau_s) && g2.len() == s.len();
+    if !st_ok || !(finite(&s) && finite(&t)) {
+        assert!(res_st.is_err(), "bad soft-target arguments accepted: {res_st:?}");
+    }
+    // With a softmax target it is a cross-entropy: finite, non-negative, and
+    // the gradient is finite whenever the call succeeds.
+    if args_ok && finite(&t) {
+        let mut q: Vec<f32> = t.iter().map(|v| v / tau_t).collect();
+        if softmax_rows_in_place(&mut q, rows, cols).is_ok() {
+            let mut g3 = vec![0.0f32; s.len()];
+            let res_q = soft_target_cross_entropy(&s, &q, rows, cols, tau_s, Some((&mut g3, scale)));
+            if let Ok(l) = res_q {
+                assert!(l.is_finite() && l >= -1e-3 * (1.0 + l.abs()), "soft-target loss {l}");
+                assert!(finite(&g3), "non-finite soft-target gradient (scale {scale}, tau_s {tau_s})");
+                let fwd = soft_target_cross_entropy(&s, &q, rows, cols, tau_s, None);
+                assert_eq!(fwd.ok().map(f32::to_bits), Some(l.to_bits()), "soft-target backward loss differs");
+            }
+        }
     }
 }
 
