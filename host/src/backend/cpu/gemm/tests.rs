@@ -201,3 +201,32 @@ fn rejects_bad_shapes() {
     );
     assert!(err.is_err());
 }
+
+#[test]
+fn fallback_matches_blocked() {
+    // CPUs without AVX2 + FMA (and k = 0) take matrixmultiply with the bias
+    // folded into C; both paths must agree.
+    for &(m, k, n) in &[(7, 5, 17), (13, 300, 3), (4, 0, 9), (1, 1, 1)] {
+        for (beta, with_bias) in [(0.0, true), (1.0, true), (-0.5, false)] {
+            let (am, bm, cm) = (
+                view(m, k, false, 1, 2),
+                view(k, n, true, 0, 1),
+                view(m, n, false, 2, 0),
+            );
+            let a = fill(am.required_len() + 1, 5);
+            let b = fill(bm.required_len() + 1, 6);
+            let c0 = fill(cm.required_len(), 7);
+            let bias = fill(n, 8);
+            let bias = with_bias.then_some(bias.as_slice());
+            let (mut c1, mut c2) = (c0.clone(), c0.clone());
+            gemm_bias(0.5, &a, am, &b, bm, beta, bias, &mut c1, cm).unwrap();
+            super::fallback(0.5, &a, am, &b, bm, beta, bias, &mut c2, cm).unwrap();
+            for (x, y) in c1.iter().zip(&c2) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                    "{x} vs {y} (m {m} k {k} n {n} beta {beta})"
+                );
+            }
+        }
+    }
+}
