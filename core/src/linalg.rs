@@ -112,6 +112,40 @@ impl MatRef {
     }
 }
 
+/// The checks [`gemm`] makes before touching memory, for other GEMM
+/// implementations over the same views: `A` is `m x k`, `B` `k x n`, `C`
+/// `m x n`; each view (with its slice length) lies inside its slice with
+/// strides that fit `isize`; `C`'s strides address distinct elements.
+///
+/// ```
+/// use sere_core::linalg::{check_gemm_views, MatRef};
+/// let m = MatRef::row_major(2, 3);
+/// assert!(check_gemm_views((m, 6), (m.transposed(), 6), (MatRef::row_major(2, 2), 4)).is_ok());
+/// assert!(check_gemm_views((m, 5), (m.transposed(), 6), (MatRef::row_major(2, 2), 4)).is_err());
+/// ```
+pub fn check_gemm_views(
+    (am, a_len): (MatRef, usize),
+    (bm, b_len): (MatRef, usize),
+    (cm, c_len): (MatRef, usize),
+) -> Result<()> {
+    if am.cols != bm.rows || am.rows != cm.rows || bm.cols != cm.cols {
+        return Err(Error::InvalidArgument {
+            what: "gemm shapes",
+            requirement: "A is m x k, B is k x n and C is m x n",
+        });
+    }
+    am.fits("A", a_len)?;
+    bm.fits("B", b_len)?;
+    cm.fits("C", c_len)?;
+    if cm.rows > 1 && cm.cols > 1 && (cm.row_stride == 0 || cm.col_stride == 0) {
+        return Err(Error::InvalidArgument {
+            what: "C strides",
+            requirement: "must address distinct elements",
+        });
+    }
+    Ok(())
+}
+
 /// `C = alpha * A B + beta * C` on strided views (SGEMM). With `beta == 0`
 /// the previous contents of `C` are ignored (NaN included). `C` must not
 /// overlap itself (row and column strides such that elements are distinct),
@@ -137,21 +171,7 @@ pub fn gemm(
     c: &mut [f32],
     cm: MatRef,
 ) -> Result<()> {
-    if am.cols != bm.rows || am.rows != cm.rows || bm.cols != cm.cols {
-        return Err(Error::InvalidArgument {
-            what: "gemm shapes",
-            requirement: "A is m x k, B is k x n and C is m x n",
-        });
-    }
-    am.fits("A", a.len())?;
-    bm.fits("B", b.len())?;
-    cm.fits("C", c.len())?;
-    if cm.rows > 1 && cm.cols > 1 && (cm.row_stride == 0 || cm.col_stride == 0) {
-        return Err(Error::InvalidArgument {
-            what: "C strides",
-            requirement: "must address distinct elements",
-        });
-    }
+    check_gemm_views((am, a.len()), (bm, b.len()), (cm, c.len()))?;
     if cm.rows == 0 || cm.cols == 0 {
         return Ok(());
     }

@@ -17,7 +17,7 @@
 use std::cell::RefCell;
 
 use sere_core::error::{Error, Result};
-use sere_core::linalg::MatRef;
+use sere_core::linalg::{check_gemm_views, MatRef};
 
 /// Rows of the register tile.
 const MR: usize = 6;
@@ -36,7 +36,8 @@ thread_local! {
 }
 
 /// `C = alpha A B + beta C` over strided views, like
-/// [`sere_core::linalg::gemm`] (same arguments, same checks), with `beta = 0`
+/// [`sere_core::linalg::gemm`] (same arguments, same checks:
+/// [`check_gemm_views`]), with `beta = 0`
 /// overwriting `C` without reading it.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
@@ -66,15 +67,7 @@ pub fn gemm_bias(
     c: &mut [f32],
     cm: MatRef,
 ) -> Result<()> {
-    if am.cols != bm.rows || am.rows != cm.rows || bm.cols != cm.cols {
-        return Err(Error::InvalidArgument {
-            what: "gemm shapes",
-            requirement: "A is m x k, B is k x n and C is m x n",
-        });
-    }
-    check_fits("A", am, a.len())?;
-    check_fits("B", bm, b.len())?;
-    check_fits("C", cm, c.len())?;
+    check_gemm_views((am, a.len()), (bm, b.len()), (cm, c.len()))?;
     if let Some(bias) = bias {
         if bias.len() != cm.cols {
             return Err(Error::ShapeMismatch {
@@ -83,12 +76,6 @@ pub fn gemm_bias(
                 got: bias.len(),
             });
         }
-    }
-    if cm.rows > 1 && cm.cols > 1 && (cm.row_stride == 0 || cm.col_stride == 0) {
-        return Err(Error::InvalidArgument {
-            what: "C strides",
-            requirement: "must address distinct elements",
-        });
     }
     if cm.rows == 0 || cm.cols == 0 {
         return Ok(());
@@ -105,19 +92,6 @@ pub fn gemm_bias(
         unsafe { blocked(alpha, a, am, b, bm, beta, bias, c, cm, pa, pb) };
     });
     Ok(())
-}
-
-fn check_fits(what: &'static str, m: MatRef, len: usize) -> Result<()> {
-    let need = m.required_len();
-    if need <= len && m.row_stride <= isize::MAX as usize && m.col_stride <= isize::MAX as usize {
-        Ok(())
-    } else {
-        Err(Error::ShapeMismatch {
-            what,
-            expected: need,
-            got: len,
-        })
-    }
 }
 
 /// Whether this CPU runs the AVX2 + FMA kernel (detected once, cached by std).
