@@ -12,6 +12,11 @@
 #   CONFIGS="dino full spatial channel random"  which runs, in this order
 #   PHASE=all | train | eval   train only, evaluate only, or both
 #   EVAL_ALL=1  evaluate every checkpoint (default: the final one)
+#   FEATURES="cls dino"  frozen features to evaluate: cls = the final CLS token
+#       (default); dino = DINO's linear-evaluation features, the CLS tokens of
+#       the last 4 blocks and the mean patch token (--last-blocks 4 --avgpool)
+#   SERE_EVAL=$SERE  the binary that evaluates
+# Evaluations already in results.jsonl are not run again.
 # Runs already finished (final checkpoint present) are not trained again, so
 # the script can be restarted after an interruption.
 set -euo pipefail
@@ -23,6 +28,8 @@ STEPS="${STEPS:-1200}"
 THREADS="${THREADS:-2}"
 OUT="${OUT:-runs/ablation}"
 SERE="${SERE:-target/release/sere}"
+SERE_EVAL="${SERE_EVAL:-$SERE}"
+FEATURES="${FEATURES:-cls}"
 CONFIGS="${CONFIGS:-dino full spatial channel random}"
 PHASE="${PHASE:-all}"
 
@@ -44,6 +51,21 @@ COMMON=(--data "$DATA" --img 28 --local-img 12 --patch 4 --local-overlap 3
         --out-dim 1024 --threads "$THREADS"
         --set momentum_teacher=0.99 --set warmup_epochs=0 --set freeze_last_layer=0
         --set checkpoint_every=$((STEPS / 2)))
+
+# Flags and reported name of each feature set.
+feature_flags() {
+    case "$1" in
+        cls) echo "" ;;
+        dino) echo "--last-blocks 4 --avgpool" ;;
+        *) echo "ablation.sh: unknown feature set $1" >&2; exit 1 ;;
+    esac
+}
+feature_name() {
+    case "$1" in
+        cls) echo "teacher_cls" ;;
+        dino) echo "teacher_cls_last4+avgpool" ;;
+    esac
+}
 
 weights() {
     case "$1" in
@@ -82,12 +104,21 @@ for cfg in $CONFIGS; do
         [ -n "${EVAL_ALL:-}" ] && cks=("$dir"/checkpoint-*.safetensors)
         for ck in "${cks[@]}"; do
             step=$(basename "$ck" .safetensors | sed 's/checkpoint-0*//')
-            # One pass of the backbone: weighted 20-NN, then the linear probe.
-            "$SERE" eval linear --knn --checkpoint "$ck" --data "$DATA" --threads "$THREADS" |
-                while read -r line; do
-                    echo "{\"config\":\"$cfg\",\"seed\":$seed,\"step\":$step,\"eval\":$line}" |
-                        tee -a "$OUT/results.jsonl"
-                done
+            for feat in $FEATURES; do
+                flags=$(feature_flags "$feat")
+                key="\"config\":\"$cfg\",\"seed\":$seed,\"step\":$step,\"eval\":{\"metric\":\"linear_top1\",\"features\":\"$(feature_name "$feat")\""
+                if [ -e "$OUT/results.jsonl" ] && grep -qF "$key" "$OUT/results.jsonl"; then
+                    continue
+                fi
+                # One pass of the backbone: weighted 20-NN, then the linear probe.
+                # shellcheck disable=SC2086 # flags are words
+                "$SERE_EVAL" eval linear --knn $flags --checkpoint "$ck" --data "$DATA" \
+                    --threads "$THREADS" |
+                    while read -r line; do
+                        echo "{\"config\":\"$cfg\",\"seed\":$seed,\"step\":$step,\"eval\":$line}" |
+                            tee -a "$OUT/results.jsonl"
+                    done
+            done
         done
     done
 done

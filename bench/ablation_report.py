@@ -2,8 +2,8 @@
 """Table and loss-curve plot of a `bench/ablation.sh` run.
 
 Reads OUT/results.jsonl (one evaluation per line) and OUT/<config>-s<seed>/metrics.jsonl,
-prints a markdown table (k-NN and linear top-1, mean +- half-range over seeds, per config
-and checkpoint step) and writes OUT/loss_curves.png (total and per-term losses against the
+prints a markdown table (k-NN and linear top-1 of each evaluated feature set, mean +-
+half-range over seeds, per config and checkpoint step) and writes OUT/loss_curves.png (total and per-term losses against the
 step, one line per run). Needs matplotlib only for the plot.
 
     python3 bench/ablation_report.py runs/ablation
@@ -29,22 +29,31 @@ def mean_spread(xs):
     return m, (max(xs) - min(xs)) / 2
 
 
+FEATURES = {"teacher_cls": "", "teacher_cls_last4+avgpool": ", DINO features"}
+METRICS = {"knn_top1": "k-NN", "linear_top1": "linear"}
+
+
 def table(out):
     res = collections.defaultdict(lambda: collections.defaultdict(dict))
     for line in (out / "results.jsonl").read_text().splitlines():
         if not line.strip():
             continue
         r = json.loads(line)
-        metric = r["eval"]["metric"]
-        res[(r["config"], r["step"])][metric][r["seed"]] = 100 * r["eval"]["top1"]
-    print("| run | step | seeds | k-NN top-1 (%) | linear top-1 (%) |")
-    print("|---|---:|---:|---:|---:|")
+        col = (r["eval"].get("features", "teacher_cls"), r["eval"]["metric"])
+        res[(r["config"], r["step"])][col][r["seed"]] = 100 * r["eval"]["top1"]
+    # Columns: the final CLS token first (k-NN, linear), then other features.
+    cols = sorted({c for cells in res.values() for c in cells},
+                  key=lambda c: (list(FEATURES).index(c[0]) if c[0] in FEATURES else 99,
+                                 c[0], list(METRICS).index(c[1])))
+    heads = [f"{METRICS.get(m, m)}{FEATURES.get(f, ', ' + f)} top-1 (%)" for f, m in cols]
+    print("| run | step | seeds | " + " | ".join(heads) + " |")
+    print("|---|---:|---:|" + "---:|" * len(cols))
     keys = sorted(res, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1]))
     for cfg, step in keys:
         cells = []
         seeds = set()
-        for metric in ("knn_top1", "linear_top1"):
-            vals = res[(cfg, step)].get(metric, {})
+        for col in cols:
+            vals = res[(cfg, step)].get(col, {})
             seeds |= set(vals)
             if vals:
                 m, s = mean_spread(list(vals.values()))
@@ -52,7 +61,7 @@ def table(out):
                 cells.append(f"{m:.2f} ± {s:.2f} ({per})")
             else:
                 cells.append("-")
-        print(f"| {LABEL.get(cfg, cfg)} | {step} | {len(seeds)} | {cells[0]} | {cells[1]} |")
+        print(f"| {LABEL.get(cfg, cfg)} | {step} | {len(seeds)} | " + " | ".join(cells) + " |")
 
 
 def plot(out):

@@ -112,20 +112,21 @@ fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
         .map_err(SereError::data)?;
     let test = data.test_split().map_err(SereError::data)?;
     let batch = args.batch.unwrap_or(emb.config().batch).max(1);
-    let (train_f, train_l) = emb.embed(&data.train, batch)?;
-    let (test_f, test_l) = emb.embed(test, batch)?;
+    let spec = args.features.spec();
+    let (train_f, train_l) = emb.embed(&data.train, batch, spec)?;
+    let (test_f, test_l) = emb.embed(test, batch, spec)?;
     let acc = knn::weighted_knn_accuracy(
         &train_f,
         &train_l,
         &test_f,
         &test_l,
-        emb.dim(),
+        spec.dim(emb.dim()),
         args.k,
         args.temperature as f32,
         data.num_classes(),
     );
     print_knn(
-        "teacher_cls",
+        &spec.name(),
         args.k,
         args.temperature,
         (train_l.len(), test_l.len()),
@@ -184,9 +185,10 @@ fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
     let test = data.test_split().map_err(SereError::data)?;
     let batch = args.batch.unwrap_or(emb.config().batch).max(1);
     let classes = data.num_classes();
+    let spec = args.features.spec();
     let started = Instant::now();
-    let (mut train_f, train_l) = emb.embed(&data.train, batch)?;
-    let (mut test_f, test_l) = emb.embed(test, batch)?;
+    let (mut train_f, train_l) = emb.embed(&data.train, batch, spec)?;
+    let (mut test_f, test_l) = emb.embed(test, batch, spec)?;
     let embed_s = started.elapsed().as_secs_f64();
     if args.knn {
         // Before the probe, which standardises the features in place.
@@ -196,12 +198,12 @@ fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
             &train_l,
             &test_f,
             &test_l,
-            emb.dim(),
+            spec.dim(emb.dim()),
             k,
             t as f32,
             classes,
         );
-        print_knn("teacher_cls", k, t, (train_l.len(), test_l.len()), acc);
+        print_knn(&spec.name(), k, t, (train_l.len(), test_l.len()), acc);
     }
     let started = Instant::now();
     let r = linear::evaluate(
@@ -209,12 +211,12 @@ fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
         &train_l,
         &mut test_f,
         &test_l,
-        emb.dim(),
+        spec.dim(emb.dim()),
         classes,
         &cfg,
     )?;
     print_linear(
-        "teacher_cls",
+        &spec.name(),
         &cfg,
         &r,
         (train_l.len(), test_l.len()),

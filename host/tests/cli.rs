@@ -224,6 +224,49 @@ fn eval_linear_reports_top1_deterministically() {
 }
 
 #[test]
+fn eval_takes_dino_linear_evaluation_features_and_checks_the_block_count() {
+    let run = tiny_run().to_str().unwrap();
+    let o = sere(&[
+        "eval",
+        "linear",
+        "--knn",
+        "--last-blocks",
+        "2",
+        "--avgpool",
+        "--checkpoint",
+        run,
+        "--data",
+        TINY_DATA,
+        "--epochs",
+        "20",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = json_lines(&o);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for (line, metric) in lines.iter().zip(["knn_top1", "linear_top1"]) {
+        assert_eq!(line["metric"], metric);
+        assert_eq!(line["features"], "teacher_cls_last2+avgpool");
+    }
+    // The tiny backbone has 2 blocks: asking for 3 is refused, saying why.
+    for cmd in ["knn", "linear"] {
+        let o = sere(&[
+            "eval",
+            cmd,
+            "--last-blocks",
+            "3",
+            "--checkpoint",
+            run,
+            "--data",
+            TINY_DATA,
+        ]);
+        assert_fails_with(
+            &o,
+            "--last-blocks 3 does not fit the checkpoint's 2-block backbone",
+        );
+    }
+}
+
+#[test]
 fn eval_linear_without_a_checkpoint_is_a_clear_error() {
     let o = sere(&[
         "eval",

@@ -81,6 +81,23 @@ fn matches_pytorch_float64_outputs_and_all_gradients() {
             1e-4,
             1e-5,
         );
+        // DINO's evaluation features: every block's normed CLS, then the
+        // mean normed patch token; the final CLS alone is the default.
+        let (mut all, mut last) = (Vec::new(), Vec::new());
+        for b in 0..batch {
+            vit.eval_features(&params, &acts, b, 2, true, &mut all);
+            vit.eval_features(&params, &acts, b, 1, false, &mut last);
+        }
+        assert_close(
+            &format!("features@{img}"),
+            &all,
+            &floats(&case["features_all_blocks_avgpool"]),
+            1e-4,
+            1e-5,
+        );
+        for b in 0..batch {
+            assert_eq!(&last[b * 12..(b + 1) * 12], &all[b * 36 + 12..b * 36 + 24]);
+        }
         let mut grads = vec![0.0f32; layout.len()];
         vit.backward(&params, &mut acts, &floats(&case["dout"]), &mut grads);
         for e in layout.entries() {

@@ -1,5 +1,7 @@
-//! Frozen CLS features of a checkpoint's teacher backbone (DINO evaluates
-//! the teacher), L2-normalised, for k-NN and linear evaluation.
+//! Frozen features of a checkpoint's teacher backbone (DINO evaluates the
+//! teacher), L2-normalised, for k-NN and linear evaluation: the final CLS
+//! token by default, or DINO's linear-evaluation variants (CLS tokens of the
+//! last blocks, pooled patch tokens), chosen by [`FeatureSpec`].
 
 use crate::checkpoint::Checkpoint;
 use crate::config::TrainConfig;
@@ -7,6 +9,65 @@ use crate::data::{EvalBatches, EvalTransform, Split};
 use crate::error::SereError;
 use crate::model::vit::VitActs;
 use crate::train::network::SereNet;
+
+/// Which frozen features to take, as DINO's `eval_linear.py` chooses them.
+///
+/// ```
+/// use sere_host::eval::features::FeatureSpec;
+/// let spec = FeatureSpec { last_blocks: 4, avgpool: true };
+/// assert_eq!(spec.dim(128), 5 * 128);
+/// assert_eq!(spec.name(), "teacher_cls_last4+avgpool");
+/// assert_eq!(FeatureSpec::default().name(), "teacher_cls");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeatureSpec {
+    /// CLS tokens of this many last blocks, concatenated (DINO's
+    /// `--n_last_blocks`; 1 is the final CLS token alone).
+    pub last_blocks: usize,
+    /// Also the mean of the last block's patch tokens (DINO's
+    /// `--avgpool_patchtokens`).
+    pub avgpool: bool,
+}
+
+impl Default for FeatureSpec {
+    fn default() -> Self {
+        FeatureSpec {
+            last_blocks: 1,
+            avgpool: false,
+        }
+    }
+}
+
+impl FeatureSpec {
+    /// Feature width for a backbone of width `dim`.
+    pub fn dim(&self, dim: usize) -> usize {
+        (self.last_blocks + usize::from(self.avgpool)) * dim
+    }
+
+    /// The name reported in the evaluation's JSON line.
+    pub fn name(&self) -> String {
+        let mut name = String::from("teacher_cls");
+        if self.last_blocks != 1 {
+            name += &format!("_last{}", self.last_blocks);
+        }
+        if self.avgpool {
+            name += "+avgpool";
+        }
+        name
+    }
+
+    /// Checks the spec against a backbone of `depth` blocks.
+    pub fn check(&self, depth: usize) -> Result<(), SereError> {
+        if (1..=depth).contains(&self.last_blocks) {
+            Ok(())
+        } else {
+            Err(SereError::Other(format!(
+                "--last-blocks {} does not fit the checkpoint's {depth}-block backbone; use 1 to {depth}",
+                self.last_blocks
+            )))
+        }
+    }
+}
 
 /// A backbone restored from a checkpoint, ready to embed images.
 pub struct Embedder {
@@ -30,7 +91,7 @@ impl Embedder {
         &self.cfg
     }
 
-    /// Feature width.
+    /// Token width of the backbone.
     pub fn dim(&self) -> usize {
         self.cfg.dim
     }
@@ -44,12 +105,17 @@ impl Embedder {
             .forward(&self.params, images, n, self.cfg.img, acts, None);
     }
 
-    /// L2-normalised CLS features (`len x dim`) and labels of a split,
+    /// L2-normalised features (`len x spec.dim(dim)`) and labels of a split,
     /// images resized to the training crop size.
-    pub fn embed(&self, split: &Split, batch: usize) -> Result<(Vec<f32>, Vec<u32>), SereError> {
-        let d = self.cfg.dim;
+    pub fn embed(
+        &self,
+        split: &Split,
+        batch: usize,
+        spec: FeatureSpec,
+    ) -> Result<(Vec<f32>, Vec<u32>), SereError> {
+        spec.check(self.cfg.depth)?;
         let img = self.cfg.img;
-        let mut feats = Vec::with_capacity(split.len() * d);
+        let mut feats = Vec::with_capacity(split.len() * spec.dim(self.cfg.dim));
         let mut labels = Vec::with_capacity(split.len());
         let mut acts = VitActs::default();
         for b in EvalBatches::new(split, EvalTransform::new(img), batch).map_err(SereError::data)? {
@@ -58,13 +124,19 @@ impl Embedder {
             self.net
                 .vit
                 .forward(&self.params, &b.images, n, img, &mut acts, None);
-            let t = acts.t;
             for i in 0..n {
-                feats.extend_from_slice(&acts.out()[i * t * d..i * t * d + d]);
+                self.net.vit.eval_features(
+                    &self.params,
+                    &acts,
+                    i,
+                    spec.last_blocks,
+                    spec.avgpool,
+                    &mut feats,
+                );
             }
             labels.extend_from_slice(&b.labels);
         }
-        super::knn::l2_normalize_rows(&mut feats, d);
+        super::knn::l2_normalize_rows(&mut feats, spec.dim(self.cfg.dim));
         Ok((feats, labels))
     }
 }

@@ -426,6 +426,57 @@ impl Vit {
         );
     }
 
+    /// Frozen features of image `b` from the last [`Vit::forward`], as DINO's
+    /// linear evaluation takes them (`get_intermediate_layers`): the CLS
+    /// token leaving each of the last `last_blocks` blocks, each through the
+    /// final norm, oldest first; then, with `avgpool`, the mean of the last
+    /// block's normed patch tokens. Appends `(last_blocks + avgpool) * dim`
+    /// values to `out`. `last_blocks` must be in `1..=depth`.
+    pub fn eval_features(
+        &self,
+        params: &[f32],
+        acts: &VitActs,
+        b: usize,
+        last_blocks: usize,
+        avgpool: bool,
+        out: &mut Vec<f32>,
+    ) {
+        let (d, t, depth) = (self.cfg.dim, acts.t, self.cfg.depth);
+        assert!(
+            (1..=depth).contains(&last_blocks) && b < acts.batch,
+            "eval_features: block count or image index out of range"
+        );
+        let cls = b * t * d..(b * t + 1) * d;
+        for x in &acts.xs[depth + 1 - last_blocks..depth] {
+            // Earlier blocks' CLS rows: normed here, as the last one already is.
+            let start = out.len();
+            out.resize(start + d, 0.0);
+            let (mut mean, mut rstd) = ([0.0f32], [0.0f32]);
+            layer_norm_fwd_into(
+                params,
+                (&self.norm_w, &self.norm_b),
+                &x[cls.clone()],
+                (1, d),
+                &mut out[start..],
+                (&mut mean, &mut rstd),
+            );
+        }
+        out.extend_from_slice(&acts.out[cls]);
+        if avgpool {
+            let start = out.len();
+            out.resize(start + d, 0.0);
+            let patches = &acts.out[(b * t + 1) * d..(b + 1) * t * d];
+            let acc = &mut out[start..];
+            for row in patches.chunks_exact(d) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            let inv = 1.0 / (t - 1).max(1) as f32;
+            acc.iter_mut().for_each(|a| *a *= inv);
+        }
+    }
+
     /// Backward pass: given `dout` (`B*T x D`, gradient of the final norm's
     /// output), adds every parameter's gradient into `grads`.
     pub fn backward(&self, params: &[f32], acts: &mut VitActs, dout: &[f32], grads: &mut [f32]) {
