@@ -175,6 +175,13 @@ pub enum CheckpointError {
         /// Its number of values.
         len: usize,
     },
+    /// A backbone written by `sere export`, where a training checkpoint is
+    /// needed.
+    #[error(
+        "this file is a backbone exported by `sere export` (timm names, no heads or training \
+         state); pass the training checkpoint (checkpoint-*.safetensors) it was exported from"
+    )]
+    ExportedBackbone,
     /// A required metadata entry is absent.
     #[error("checkpoint metadata `{key}` is missing; the file was not written by `sere train`")]
     MissingMeta {
@@ -345,6 +352,9 @@ impl Checkpoint {
 
     /// The run's config stored by [`Checkpoint::set_config`].
     pub fn config(&self) -> Result<TrainConfig, CheckpointError> {
+        if self.meta(meta::FORMAT) == Some(crate::export::FORMAT) {
+            return Err(CheckpointError::ExportedBackbone);
+        }
         let text = self
             .meta(meta::CONFIG)
             .ok_or_else(|| CheckpointError::MissingMeta {

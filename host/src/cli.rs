@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ConfigError, Device, Preset, TrainConfig};
-use crate::error::SereError;
 use crate::eval::features::FeatureSpec;
 use crate::eval::linear::{Optimizer, ProbeConfig};
+use crate::export::Network;
 
 /// `sere`: self-supervised ViT pre-training with feature self-relations.
 #[derive(Debug, Parser)]
@@ -35,7 +35,8 @@ pub enum Command {
     BenchStep(BenchStepArgs),
     /// Draw attention maps and spatial self-relations of a checkpoint.
     Visualize(VisualizeArgs),
-    /// Export a checkpoint's student backbone (not implemented yet).
+    /// Write a checkpoint's backbone as a standalone safetensors file under
+    /// timm's parameter names (for PyTorch / timm / DINO code).
     Export(ExportArgs),
 }
 
@@ -49,18 +50,6 @@ impl Command {
             Command::BenchStep(_) => "bench-step",
             Command::Visualize(_) => "visualize",
             Command::Export(_) => "export",
-        }
-    }
-
-    /// `Err(SereError::NotImplemented)` for the commands that are declared
-    /// but not written yet (`export`); call it first in `main` so they exit
-    /// non-zero with a clear message.
-    pub fn check_implemented(&self) -> Result<(), SereError> {
-        match self {
-            Command::Export(_) => Err(SereError::NotImplemented {
-                command: self.name(),
-            }),
-            _ => Ok(()),
         }
     }
 }
@@ -433,15 +422,20 @@ pub struct VisualizeArgs {
     pub threads: Option<usize>,
 }
 
-/// Flags of `sere export` (declared for later).
+/// Flags of `sere export`.
 #[derive(Debug, Clone, Args)]
 pub struct ExportArgs {
-    /// Checkpoint file.
-    #[arg(long, value_name = "FILE")]
+    /// Training checkpoint file (or run directory: its newest checkpoint).
+    #[arg(long, value_name = "FILE|DIR")]
     pub checkpoint: PathBuf,
-    /// Output file.
+    /// Output safetensors file (written atomically; must not be the
+    /// checkpoint itself).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+    /// Which network's backbone: the EMA teacher (what DINO and SERE
+    /// evaluate and release) or the student.
+    #[arg(long, value_enum, default_value_t = Network::Teacher)]
+    pub network: Network,
 }
 
 #[cfg(test)]
@@ -643,18 +637,16 @@ mod tests {
     }
 
     #[test]
-    fn declared_commands_report_not_implemented() {
-        let cli = parse(&["export", "--checkpoint", "c", "--out", "o"]);
-        let msg = cli.command.check_implemented().unwrap_err().to_string();
-        assert!(msg.contains("not implemented yet"), "{msg}");
-        assert!(msg.contains(cli.command.name()), "{msg}");
-        for args in [
-            &["train"][..],
-            &["visualize", "--checkpoint", "c", "--out", "o"][..],
-            &["eval", "linear", "--checkpoint", "c", "--data", "d"][..],
-        ] {
-            assert!(parse(args).command.check_implemented().is_ok(), "{args:?}");
-        }
+    fn export_defaults_to_the_teacher() {
+        let export = |args: &[&str]| match parse(&[&["export"], args].concat()).command {
+            Command::Export(e) => e,
+            c => panic!("parsed {c:?}"),
+        };
+        let e = export(&["--checkpoint", "c", "--out", "o"]);
+        assert_eq!(e.network, Network::Teacher);
+        let e = export(&["--checkpoint", "c", "--out", "o", "--network", "student"]);
+        assert_eq!(e.network, Network::Student);
+        assert!(Cli::try_parse_from(["sere", "export", "--checkpoint", "c"]).is_err());
     }
 
     #[test]

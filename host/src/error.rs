@@ -50,14 +50,6 @@ pub enum SereError {
         /// Which quantity (e.g. "loss", "gradient norm").
         what: &'static str,
     },
-    /// The command is declared but not written yet.
-    #[error(
-        "`sere {command}` is not implemented yet; see `sere --help` for the commands that are"
-    )]
-    NotImplemented {
-        /// The command as typed, e.g. `"export"`.
-        command: &'static str,
-    },
     /// Anything else, already phrased for the user.
     #[error("{0}")]
     Other(String),
@@ -148,10 +140,11 @@ mod tests {
         );
         assert!(text.contains("batch: must be at least 1 image"), "{text}");
 
-        let e = SereError::NotImplemented { command: "export" };
-        assert_eq!(
-            render(&e),
-            "error: `sere export` is not implemented yet; see `sere --help` for the commands that are"
+        let e: SereError = crate::checkpoint::CheckpointError::ExportedBackbone.into();
+        assert!(
+            render(&e).starts_with("error: this file is a backbone exported by `sere export`"),
+            "{}",
+            render(&e)
         );
         assert_eq!(report(&e), ExitCode::FAILURE);
     }

@@ -14,5 +14,6 @@ pub mod error;
 pub mod metrics;
 
 pub mod eval;
+pub mod export;
 pub mod train;
 pub mod visualize;

@@ -7,12 +7,14 @@ use std::time::Instant;
 use clap::Parser;
 use sere_host::checkpoint::{self, Checkpoint};
 use sere_host::cli::{
-    BenchStepArgs, Cli, Command, EvalCommand, KnnArgs, LinearArgs, Resume, TrainArgs, VisualizeArgs,
+    BenchStepArgs, Cli, Command, EvalCommand, ExportArgs, KnnArgs, LinearArgs, Resume, TrainArgs,
+    VisualizeArgs,
 };
 use sere_host::config::Device;
 use sere_host::data::DataSpec;
 use sere_host::error::{report, SereError};
 use sere_host::eval::{features, features::Embedder, knn, linear};
+use sere_host::export;
 use sere_host::train;
 use sere_host::visualize;
 
@@ -25,14 +27,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cmd: Command) -> Result<(), SereError> {
-    cmd.check_implemented()?;
     match cmd {
         Command::Train(args) => run_train(&args),
         Command::BenchStep(args) => run_bench(&args),
         Command::Eval(EvalCommand::Knn(args)) => run_knn(&args),
         Command::Eval(EvalCommand::Linear(args)) => run_linear(&args),
         Command::Visualize(args) => run_visualize(&args),
-        Command::Export(_) => unreachable!("check_implemented rejects export"),
+        Command::Export(args) => run_export(&args),
     }
 }
 
@@ -272,5 +273,36 @@ fn run_visualize(args: &VisualizeArgs) -> Result<(), SereError> {
     for file in visualize::run(&emb, args)? {
         println!("{}", file.display());
     }
+    Ok(())
+}
+
+fn run_export(args: &ExportArgs) -> Result<(), SereError> {
+    let path = checkpoint_in(&args.checkpoint)?;
+    // Exporting over the source would replace a training checkpoint (with
+    // its optimizer state) by a backbone: refuse before reading anything.
+    if let (Ok(a), Ok(b)) = (path.canonicalize(), args.out.canonicalize()) {
+        if a == b {
+            return Err(SereError::Other(format!(
+                "--out {} is the checkpoint being exported; choose another file name",
+                args.out.display()
+            )));
+        }
+    }
+    let ck = Checkpoint::load(&path)?;
+    let out = export::backbone(&ck, args.network)?;
+    out.save_atomic(&args.out)?;
+    let params: usize = out.tensors.values().map(|(_, d)| d.len()).sum();
+    let step = out
+        .meta(checkpoint::meta::STEP)
+        .and_then(|s| s.parse::<u64>().ok());
+    let line = serde_json::json!({
+        "exported": args.out.display().to_string(),
+        "from": path.display().to_string(),
+        "network": args.network.name(),
+        "step": step,
+        "tensors": out.tensors.len(),
+        "parameters": params,
+    });
+    println!("{line}");
     Ok(())
 }

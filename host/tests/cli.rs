@@ -104,13 +104,6 @@ fn cuda_without_a_cuda_build_is_a_clear_error() {
     assert_fails_with(&o, "cuda");
 }
 
-#[test]
-fn unimplemented_commands_say_so() {
-    let o = sere(&["export", "--checkpoint", "x"]);
-    assert!(!o.status.success());
-    assert!(!stderr(&o).contains("panicked"));
-}
-
 const TINY_DATA: &str = "synthetic:size=16,train=64,test=32";
 
 /// A run directory with a tiny checkpoint (2 steps on tiny synthetic data),
@@ -385,4 +378,156 @@ fn visualize_names_an_unreadable_image_and_writes_nothing() {
         out.to_str().unwrap(),
     ]);
     assert_fails_with(&o, "/nonexistent/x.jpg");
+}
+
+/// The tensors of a safetensors file, read with the `safetensors` crate
+/// itself (not sere's checkpoint reader): name -> (shape, values), metadata.
+type Tensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+fn read_safetensors(
+    path: &std::path::Path,
+) -> (Tensors, std::collections::HashMap<String, String>) {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().clone().unwrap_or_default();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors = st
+        .iter()
+        .map(|(name, v)| {
+            assert_eq!(v.dtype(), safetensors::Dtype::F32, "{name}");
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name.to_string(), (v.shape().to_vec(), data))
+        })
+        .collect();
+    (tensors, meta)
+}
+
+#[test]
+fn export_writes_the_backbone_under_timm_names() {
+    let run = tiny_run();
+    let dir = tmp("export");
+    let out = dir.join("backbone.safetensors");
+    let o = sere(&[
+        "export",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = &json_lines(&o)[0];
+    assert_eq!(line["network"], "teacher");
+    assert_eq!(line["step"], 2);
+
+    // timm's VisionTransformer names and shapes (dim 32, depth 2, patch 4,
+    // 16 px: 16 patches + CLS, MLP ratio 4), nothing else.
+    let mut want: Vec<(String, Vec<usize>)> = vec![
+        ("cls_token".into(), vec![1, 1, 32]),
+        ("pos_embed".into(), vec![1, 17, 32]),
+        ("patch_embed.proj.weight".into(), vec![32, 3, 4, 4]),
+        ("patch_embed.proj.bias".into(), vec![32]),
+        ("norm.weight".into(), vec![32]),
+        ("norm.bias".into(), vec![32]),
+    ];
+    for i in 0..2 {
+        for (name, shape) in [
+            ("norm1.weight", vec![32]),
+            ("norm1.bias", vec![32]),
+            ("attn.qkv.weight", vec![96, 32]),
+            ("attn.qkv.bias", vec![96]),
+            ("attn.proj.weight", vec![32, 32]),
+            ("attn.proj.bias", vec![32]),
+            ("norm2.weight", vec![32]),
+            ("norm2.bias", vec![32]),
+            ("mlp.fc1.weight", vec![128, 32]),
+            ("mlp.fc1.bias", vec![128]),
+            ("mlp.fc2.weight", vec![32, 128]),
+            ("mlp.fc2.bias", vec![32]),
+        ] {
+            want.push((format!("blocks.{i}.{name}"), shape));
+        }
+    }
+    want.sort();
+    let (tensors, meta) = read_safetensors(&out);
+    let got: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, (s, _))| (k.clone(), s.clone()))
+        .collect();
+    assert_eq!(got, want);
+    for (key, value) in [
+        ("format", "sere-backbone"),
+        ("network", "teacher"),
+        ("img_size", "16"),
+        ("patch_size", "4"),
+        ("embed_dim", "32"),
+        ("depth", "2"),
+        ("num_heads", "2"),
+        ("in_chans", "3"),
+    ] {
+        assert_eq!(meta.get(key).map(String::as_str), Some(value), "{key}");
+    }
+
+    // The values are the checkpoint's teacher (or student) backbone.
+    let (source, _) = read_safetensors(&run.join("checkpoint-00000002.safetensors"));
+    let same_as = |tensors: &Tensors, network: &str| {
+        tensors
+            .iter()
+            .all(|(k, v)| source[&format!("{network}.backbone.{k}")] == *v)
+    };
+    assert!(same_as(&tensors, "teacher"));
+    assert!(
+        !same_as(&tensors, "student"),
+        "teacher and student differ after 2 steps"
+    );
+    let student = dir.join("student.safetensors");
+    let o = sere(&[
+        "export",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--out",
+        student.to_str().unwrap(),
+        "--network",
+        "student",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(same_as(&read_safetensors(&student).0, "student"));
+
+    // An exported backbone is not a training checkpoint: eval says so.
+    let o = sere(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--data",
+        TINY_DATA,
+    ]);
+    assert_fails_with(&o, "exported by `sere export`");
+}
+
+#[test]
+fn export_refuses_to_overwrite_its_checkpoint_or_a_missing_one() {
+    let d = tmp("export-self");
+    let ck = d.join("checkpoint-00000002.safetensors");
+    std::fs::copy(tiny_run().join("checkpoint-00000002.safetensors"), &ck).unwrap();
+    let before = std::fs::read(&ck).unwrap();
+    let o = sere(&[
+        "export",
+        "--checkpoint",
+        d.to_str().unwrap(),
+        "--out",
+        ck.to_str().unwrap(),
+    ]);
+    assert_fails_with(&o, "is the checkpoint being exported");
+    assert_eq!(std::fs::read(&ck).unwrap(), before, "checkpoint untouched");
+    let o = sere(&[
+        "export",
+        "--checkpoint",
+        "/nonexistent/ck.safetensors",
+        "--out",
+        d.join("b.safetensors").to_str().unwrap(),
+    ]);
+    assert_fails_with(&o, "/nonexistent/ck.safetensors");
 }

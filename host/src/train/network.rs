@@ -40,7 +40,7 @@ impl SereNet {
     /// Builds the layout for a configuration (validated by the caller).
     pub fn new(cfg: &TrainConfig) -> Self {
         let mut layout = ParamLayout::new();
-        let vit = Vit::new(&mut layout, "backbone.", vit_config(cfg));
+        let vit = Vit::new(&mut layout, BACKBONE_PREFIX, vit_config(cfg));
         let dino = DinoHead::new(
             &mut layout,
             "dino_head",
@@ -66,6 +66,10 @@ impl SereNet {
         [0, 1, 2, 3].map(|i| self.sere[i].new_state())
     }
 }
+
+/// Name prefix of the backbone's parameters in a network's layout (the
+/// rest of each name is timm's).
+pub const BACKBONE_PREFIX: &str = "backbone.";
 
 /// The backbone's configuration from a training configuration.
 pub fn vit_config(cfg: &TrainConfig) -> VitConfig {
