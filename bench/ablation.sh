@@ -98,6 +98,10 @@ for cfg in $CONFIGS; do
             echo "   $(($(date +%s) - start)) s"
         fi
         [ "$PHASE" = train ] && continue
+        if [ ! -e "$final" ]; then
+            echo "== $cfg seed $seed: not trained yet (no $final), not evaluated"
+            continue
+        fi
         # The final checkpoint only, unless EVAL_ALL=1 (each evaluation embeds
         # all 70k images: minutes on 2 cores).
         cks=("$final")
