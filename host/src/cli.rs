@@ -300,31 +300,7 @@ pub struct KnnArgs {
     pub pixels: bool,
     /// Which frozen features.
     #[command(flatten)]
-    pub features: FeatureArgs,
-}
-
-/// Which frozen features `sere eval` takes (DINO's `eval_linear.py`
-/// choices; the default, the final CLS token, is what DINO's k-NN uses).
-#[derive(Debug, Clone, Args)]
-pub struct FeatureArgs {
-    /// Concatenate the CLS tokens of the last N blocks, each through the
-    /// final norm (DINO's `--n_last_blocks`; its ViT-S/16 linear probe uses 4).
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub last_blocks: usize,
-    /// Append the mean of the last block's patch tokens (DINO's
-    /// `--avgpool_patchtokens`).
-    #[arg(long)]
-    pub avgpool: bool,
-}
-
-impl FeatureArgs {
-    /// The features these flags ask for.
-    pub fn spec(&self) -> FeatureSpec {
-        FeatureSpec {
-            last_blocks: self.last_blocks,
-            avgpool: self.avgpool,
-        }
-    }
+    pub features: FeatureSpec,
 }
 
 /// Flags of `sere eval linear`.
@@ -376,7 +352,7 @@ pub struct LinearArgs {
     pub knn: bool,
     /// Which frozen features.
     #[command(flatten)]
-    pub features: FeatureArgs,
+    pub features: FeatureSpec,
 }
 
 impl LinearArgs {

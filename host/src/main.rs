@@ -113,7 +113,7 @@ fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
         .map_err(SereError::data)?;
     let test = data.test_split().map_err(SereError::data)?;
     let batch = args.batch.unwrap_or(emb.config().batch).max(1);
-    let spec = args.features.spec();
+    let spec = args.features;
     let (train_f, train_l) = emb.embed(&data.train, batch, spec)?;
     let (test_f, test_l) = emb.embed(test, batch, spec)?;
     let acc = knn::weighted_knn_accuracy(
@@ -186,7 +186,7 @@ fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
     let test = data.test_split().map_err(SereError::data)?;
     let batch = args.batch.unwrap_or(emb.config().batch).max(1);
     let classes = data.num_classes();
-    let spec = args.features.spec();
+    let spec = args.features;
     let started = Instant::now();
     let (mut train_f, train_l) = emb.embed(&data.train, batch, spec)?;
     let (mut test_f, test_l) = emb.embed(test, batch, spec)?;

@@ -10,7 +10,9 @@ use crate::error::SereError;
 use crate::model::vit::VitActs;
 use crate::train::network::SereNet;
 
-/// Which frozen features to take, as DINO's `eval_linear.py` chooses them.
+/// Which frozen features to take, as DINO's `eval_linear.py` chooses them;
+/// also the `sere eval` flags that choose them. The default, the final CLS
+/// token, is what DINO's k-NN uses.
 ///
 /// ```
 /// use sere_host::eval::features::FeatureSpec;
@@ -19,13 +21,16 @@ use crate::train::network::SereNet;
 /// assert_eq!(spec.name(), "teacher_cls_last4+avgpool");
 /// assert_eq!(FeatureSpec::default().name(), "teacher_cls");
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct FeatureSpec {
-    /// CLS tokens of this many last blocks, concatenated (DINO's
-    /// `--n_last_blocks`; 1 is the final CLS token alone).
+    /// Concatenate the CLS tokens of the last N blocks, each through the
+    /// final norm (DINO's `--n_last_blocks`; its ViT-S/16 linear probe uses
+    /// 4; 1 is the final CLS token alone).
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub last_blocks: usize,
-    /// Also the mean of the last block's patch tokens (DINO's
+    /// Append the mean of the last block's patch tokens (DINO's
     /// `--avgpool_patchtokens`).
+    #[arg(long)]
     pub avgpool: bool,
 }
 
