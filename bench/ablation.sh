@@ -17,8 +17,9 @@
 #       the last 4 blocks and the mean patch token (--last-blocks 4 --avgpool)
 #   SERE_EVAL=$SERE  the binary that evaluates
 # Evaluations already in results.jsonl are not run again.
-# Runs already finished (final checkpoint present) are not trained again, so
-# the script can be restarted after an interruption.
+# Runs already finished (final checkpoint present) are not trained again and
+# interrupted ones resume from their newest checkpoint, so the script can be
+# restarted after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -91,10 +92,24 @@ for cfg in $CONFIGS; do
         fi
         final="$dir/checkpoint-$(printf %08d "$steps").safetensors"
         if [ "$PHASE" != eval ] && [ ! -e "$final" ]; then
+            # An interrupted run continues from its newest checkpoint (exact
+            # resume); one stopped before its first checkpoint is moved aside
+            # to $OUT/incomplete/ (sere train refuses a folder holding a run).
+            resume=()
+            if compgen -G "$dir/checkpoint-*.safetensors" >/dev/null; then
+                resume=(--resume "$dir")
+                echo "== resume $cfg seed $seed from $(ls "$dir"/checkpoint-*.safetensors | tail -n 1)"
+            elif [ -e "$dir" ]; then
+                mkdir -p "$OUT/incomplete"
+                aside="$OUT/incomplete/$cfg-s$seed-$(date -u +%Y%m%dT%H%M%S)"
+                mv "$dir" "$aside"
+                [ -e "$dir.log" ] && mv "$dir.log" "$aside.log"
+                echo "== $cfg seed $seed: interrupted before its first checkpoint, moved to $aside"
+            fi
             echo "== train $cfg seed $seed ($steps steps) -> $dir"
             start=$(date +%s)
             "$SERE" train "${COMMON[@]}" --alpha "$alpha" --beta "$beta" --seed "$seed" \
-                --steps "$steps" "${extra[@]}" --out "$dir" </dev/null >"$dir.log" 2>&1
+                --steps "$steps" "${extra[@]}" --out "$dir" "${resume[@]}" </dev/null >>"$dir.log" 2>&1
             echo "   $(($(date +%s) - start)) s"
         fi
         [ "$PHASE" = train ] && continue

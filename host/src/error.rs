@@ -50,6 +50,22 @@ pub enum SereError {
         /// Which quantity (e.g. "loss", "gradient norm").
         what: &'static str,
     },
+    /// A fresh run was pointed at a directory that already holds a run;
+    /// training into it would truncate its metrics and mix its checkpoints
+    /// with the new run's (a later `--resume` or `eval` of the directory
+    /// would then pick the wrong one).
+    #[error(
+        "{} already holds a training run ({found}); continue it with `sere train --resume {}`, \
+         or train into another --out (or remove the directory first)",
+        dir.display(),
+        dir.display()
+    )]
+    RunExists {
+        /// The output directory.
+        dir: PathBuf,
+        /// What was found there, e.g. "metrics.jsonl, 2 checkpoints".
+        found: String,
+    },
     /// Anything else, already phrased for the user.
     #[error("{0}")]
     Other(String),

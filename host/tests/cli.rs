@@ -152,6 +152,35 @@ fn tiny_run() -> &'static PathBuf {
     })
 }
 
+#[test]
+fn a_fresh_run_does_not_overwrite_an_existing_one() {
+    let run = tiny_run();
+    let metrics = run.join("metrics.jsonl");
+    let ck = run.join("checkpoint-00000002.safetensors");
+    let before = (
+        std::fs::read(&metrics).unwrap(),
+        std::fs::read(&ck).unwrap(),
+    );
+    let o = sere(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        TINY_DATA,
+        "--steps",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_fails_with(&o, "already holds a training run");
+    assert_fails_with(&o, "--resume");
+    let after = (
+        std::fs::read(&metrics).unwrap(),
+        std::fs::read(&ck).unwrap(),
+    );
+    assert!(before == after, "metrics and checkpoint untouched");
+}
+
 /// The JSON lines of stdout.
 fn json_lines(o: &Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&o.stdout)

@@ -142,12 +142,52 @@ pub fn set_threads(threads: Option<usize>) {
     }
 }
 
-/// Trains with `cfg`, optionally resuming from a checkpoint file.
+/// Refuses to start a fresh run in `dir` when it already holds one (a
+/// `metrics.jsonl` or `checkpoint-*.safetensors`): nothing already written
+/// is lost. A missing or unrelated directory is fine.
+fn refuse_existing_run(dir: &Path) -> Result<(), SereError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(SereError::io("cannot read output directory", dir, e)),
+    };
+    let (mut metrics, mut checkpoints) = (false, 0usize);
+    for entry in entries {
+        let entry = entry.map_err(|e| SereError::io("cannot read output directory", dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name == "metrics.jsonl" {
+            metrics = true;
+        } else if name.starts_with("checkpoint-") && name.ends_with(".safetensors") {
+            checkpoints += 1;
+        }
+    }
+    let found = match (metrics, checkpoints) {
+        (false, 0) => return Ok(()),
+        (true, 0) => "metrics.jsonl".to_string(),
+        (m, n) => format!(
+            "{}{n} checkpoint{}",
+            if m { "metrics.jsonl, " } else { "" },
+            if n == 1 { "" } else { "s" }
+        ),
+    };
+    Err(SereError::RunExists {
+        dir: dir.to_path_buf(),
+        found,
+    })
+}
+
+/// Trains with `cfg`, optionally resuming from a checkpoint file. A fresh
+/// run refuses an output directory that already holds a run
+/// ([`SereError::RunExists`]).
 pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, SereError> {
     cfg.validate()?;
+    let out_dir = cfg.out_dir();
+    if resume.is_none() {
+        refuse_existing_run(&out_dir)?;
+    }
     set_threads(cfg.threads);
     let mut engine = Backend::new(&cfg)?;
-    let out_dir = cfg.out_dir();
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| SereError::io("cannot create output directory", &out_dir, e))?;
 
@@ -276,4 +316,31 @@ fn save(engine: &Backend, dir: &Path, step: u64) -> Result<PathBuf, SereError> {
     let path = dir.join(checkpoint::file_name(step));
     ck.save_atomic(&path)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_run_refuses_a_directory_holding_a_run_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(refuse_existing_run(&d.join("missing")).is_ok());
+        std::fs::write(d.join("notes.txt"), "unrelated").unwrap();
+        std::fs::write(d.join("checkpoint-old.bin"), "unrelated").unwrap();
+        assert!(refuse_existing_run(d).is_ok(), "unrelated files are fine");
+
+        std::fs::write(d.join("metrics.jsonl"), "").unwrap();
+        let e = refuse_existing_run(d).unwrap_err().to_string();
+        assert!(
+            e.contains("already holds a training run (metrics.jsonl)"),
+            "{e}"
+        );
+        std::fs::write(d.join("checkpoint-00000002.safetensors"), "").unwrap();
+        std::fs::write(d.join("checkpoint-00000004.safetensors"), "").unwrap();
+        let e = refuse_existing_run(d).unwrap_err().to_string();
+        assert!(e.contains("(metrics.jsonl, 2 checkpoints)"), "{e}");
+        assert!(e.contains(&format!("--resume {}", d.display())), "{e}");
+    }
 }
