@@ -174,11 +174,33 @@ fn a_fresh_run_does_not_overwrite_an_existing_one() {
     ]);
     assert_fails_with(&o, "already holds a training run");
     assert_fails_with(&o, "--resume");
+
+    // Resuming another run's checkpoint into this folder is refused too;
+    // into a new folder it continues there.
+    let other = tmp("resume-into");
+    let other_ck = other.join("checkpoint-00000002.safetensors");
+    std::fs::copy(&ck, &other_ck).unwrap();
+    let resume_into = |out: &std::path::Path| {
+        sere(&[
+            "train",
+            "--resume",
+            other_ck.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    assert_fails_with(&resume_into(run), "already holds a training run");
     let after = (
         std::fs::read(&metrics).unwrap(),
         std::fs::read(&ck).unwrap(),
     );
     assert!(before == after, "metrics and checkpoint untouched");
+    let fresh = other.join("continued");
+    let o = resume_into(&fresh);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(fresh.join("checkpoint-00000003.safetensors").exists());
 }
 
 /// The JSON lines of stdout.

@@ -63,19 +63,22 @@ fn same_seed_same_result_and_resume_continues_exactly() {
     );
     assert!(ra.last.loss.is_finite());
 
-    // A 7-step run interrupted after its step-3 checkpoint and resumed from
-    // it ends exactly where the uninterrupted run did.
+    // A 7-step run interrupted at step 5, after its step-3 checkpoint, and
+    // resumed in its own directory from that checkpoint ends exactly where
+    // the uninterrupted run did.
     let at3 = a.join("checkpoint-00000003.safetensors");
     assert!(at3.exists(), "checkpoint_every = 3 writes step 3");
     std::fs::create_dir_all(&c).unwrap();
-    let lines3: String = std::fs::read_to_string(a.join("metrics.jsonl"))
+    let c3 = c.join("checkpoint-00000003.safetensors");
+    std::fs::copy(&at3, &c3).unwrap();
+    let lines5: String = std::fs::read_to_string(a.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .take(3)
+        .take(5)
         .map(|l| format!("{l}\n"))
         .collect();
-    std::fs::write(c.join("metrics.jsonl"), lines3).unwrap();
-    let resumed = train(tiny(&c, 7), Some(at3)).expect("run c, resumed");
+    std::fs::write(c.join("metrics.jsonl"), lines5).unwrap();
+    let resumed = train(tiny(&c, 7), Some(c3)).expect("run c, resumed");
     let cc = tensors(&resumed.checkpoint);
     assert_eq!(cc.meta("step"), Some("7"));
     let mut differ = Vec::new();
@@ -93,7 +96,8 @@ fn same_seed_same_result_and_resume_continues_exactly() {
         differ.is_empty(),
         "resumed run differs from the uninterrupted one in {differ:?}"
     );
-    // The metrics file has one line per step, none duplicated by the resume.
+    // The metrics file has one line per step: steps 4 and 5 of the
+    // interrupted run were dropped, not duplicated, by the resume.
     let lines = std::fs::read_to_string(c.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 7);
 

@@ -177,13 +177,30 @@ fn refuse_existing_run(dir: &Path) -> Result<(), SereError> {
     })
 }
 
-/// Trains with `cfg`, optionally resuming from a checkpoint file. A fresh
-/// run refuses an output directory that already holds a run
-/// ([`SereError::RunExists`]).
+/// Whether `dir` is the directory holding `file` (both resolved, so
+/// `runs/a` and `./runs/a/` agree). False when either cannot be resolved.
+fn is_parent_of(dir: &Path, file: &Path) -> bool {
+    let parent = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match (std::fs::canonicalize(dir), std::fs::canonicalize(parent)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Trains with `cfg`, optionally resuming from a checkpoint file. Only a run
+/// resumed in its own directory may write where a run already is: a fresh
+/// run, or one resumed into another `--out`, refuses a directory that holds
+/// a run ([`SereError::RunExists`]).
 pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, SereError> {
     cfg.validate()?;
     let out_dir = cfg.out_dir();
-    if resume.is_none() {
+    if !resume
+        .as_deref()
+        .is_some_and(|ck| is_parent_of(&out_dir, ck))
+    {
         refuse_existing_run(&out_dir)?;
     }
     set_threads(cfg.threads);
