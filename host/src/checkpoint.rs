@@ -598,6 +598,19 @@ pub fn file_name(step: u64) -> String {
     format!("checkpoint-{step:08}.safetensors")
 }
 
+/// The step part of a name shaped like [`file_name`]'s,
+/// `checkpoint-<step>.safetensors`, unparsed; `None` for other names.
+///
+/// ```
+/// use sere_host::checkpoint::{file_name, step_in_name};
+/// assert_eq!(step_in_name(&file_name(12)), Some("00000012"));
+/// assert_eq!(step_in_name("metrics.jsonl"), None);
+/// ```
+pub fn step_in_name(name: &str) -> Option<&str> {
+    name.strip_prefix("checkpoint-")?
+        .strip_suffix(".safetensors")
+}
+
 /// The checkpoint in `dir` named by [`file_name`] with the highest step,
 /// if any (temporary files are ignored).
 pub fn latest_in(dir: impl AsRef<Path>) -> io::Result<Option<PathBuf>> {
@@ -606,11 +619,7 @@ pub fn latest_in(dir: impl AsRef<Path>) -> io::Result<Option<PathBuf>> {
         let entry = entry?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some(step) = name
-            .strip_prefix("checkpoint-")
-            .and_then(|s| s.strip_suffix(".safetensors"))
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
+        let Some(step) = step_in_name(name).and_then(|s| s.parse::<u64>().ok()) else {
             continue;
         };
         if best.as_ref().is_none_or(|(b, _)| step > *b) {

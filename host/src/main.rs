@@ -15,6 +15,7 @@ use sere_host::data::DataSpec;
 use sere_host::error::{report, SereError};
 use sere_host::eval::{features, features::Embedder, knn, linear};
 use sere_host::export;
+use sere_host::metrics;
 use sere_host::train;
 use sere_host::visualize;
 
@@ -87,7 +88,7 @@ fn run_train(args: &TrainArgs) -> Result<(), SereError> {
     println!("checkpoint: {}", summary.checkpoint.display());
     println!(
         "metrics:    {}",
-        summary.out_dir.join("metrics.jsonl").display()
+        summary.out_dir.join(metrics::METRICS_FILE).display()
     );
     println!("output in   {}", summary.out_dir.display());
     Ok(())

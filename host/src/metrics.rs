@@ -59,6 +59,9 @@ fn f64_or_nan<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
+/// File name of a run's metrics in its output directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
 /// Appends [`StepMetrics`] to a JSON-lines file.
 #[derive(Debug)]
 pub struct MetricsWriter {

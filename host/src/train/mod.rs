@@ -15,7 +15,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::TrainConfig;
 use crate::data::{DataSpec, Loader, LoaderConfig, Position};
 use crate::error::SereError;
-use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepMetrics};
+use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepMetrics, METRICS_FILE};
 use engine::{StepError, StepInput, StepSchedule};
 use sere_core::schedule::{cosine_schedule, linear_warmup};
 
@@ -156,24 +156,26 @@ fn refuse_existing_run(dir: &Path) -> Result<(), SereError> {
         let entry = entry.map_err(|e| SereError::io("cannot read output directory", dir, e))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name == "metrics.jsonl" {
+        if name == METRICS_FILE {
             metrics = true;
-        } else if name.starts_with("checkpoint-") && name.ends_with(".safetensors") {
+        } else if checkpoint::step_in_name(&name).is_some() {
             checkpoints += 1;
         }
     }
-    let found = match (metrics, checkpoints) {
-        (false, 0) => return Ok(()),
-        (true, 0) => "metrics.jsonl".to_string(),
-        (m, n) => format!(
-            "{}{n} checkpoint{}",
-            if m { "metrics.jsonl, " } else { "" },
-            if n == 1 { "" } else { "s" }
-        ),
-    };
+    let mut found = Vec::new();
+    if metrics {
+        found.push(METRICS_FILE.to_string());
+    }
+    if checkpoints > 0 {
+        let plural = if checkpoints == 1 { "" } else { "s" };
+        found.push(format!("{checkpoints} checkpoint{plural}"));
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
     Err(SereError::RunExists {
         dir: dir.to_path_buf(),
-        found,
+        found: found.join(", "),
     })
 }
 
@@ -237,7 +239,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
             "the checkpoint is already at step {done} of {total}; raise --epochs or --steps to train further"
         )));
     }
-    let metrics_path = out_dir.join("metrics.jsonl");
+    let metrics_path = out_dir.join(METRICS_FILE);
     let mut metrics = if done > 0 {
         MetricsWriter::resume(&metrics_path, done)
     } else {
