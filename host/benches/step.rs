@@ -15,9 +15,9 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sere_host::backend::Backend;
 use sere_host::config::TrainConfig;
 use sere_host::train::bench::BenchInputs;
+use sere_host::train::engine::AnyEngine;
 use sere_host::train::Schedules;
 
 fn config(settings: &[&str]) -> TrainConfig {
@@ -30,7 +30,7 @@ fn config(settings: &[&str]) -> TrainConfig {
 }
 
 fn bench_config(c: &mut Criterion, name: &str, cfg: &TrainConfig) {
-    let mut backend = Backend::new(cfg).expect("cpu backend");
+    let mut backend = AnyEngine::new(cfg).expect("cpu backend");
     let inputs = BenchInputs::new(cfg);
     let input = inputs.input();
     let sched = Schedules::new(cfg, 1_000, 1_000);

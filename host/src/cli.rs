@@ -396,6 +396,9 @@ pub struct VisualizeArgs {
     /// Worker threads (default: the checkpoint's setting, else all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Device that runs the backbone (default: cpu).
+    #[arg(long, value_enum, value_name = "DEVICE")]
+    pub device: Option<Device>,
 }
 
 /// Flags of `sere export`.

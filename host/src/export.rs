@@ -100,7 +100,7 @@ pub fn backbone(ck: &Checkpoint, network: Network) -> Result<Checkpoint, Checkpo
     out.set_meta(meta::DEPTH, vit.depth);
     out.set_meta(meta::NUM_HEADS, vit.heads);
     out.set_meta(meta::MLP_RATIO, vit.mlp_ratio);
-    out.set_meta(meta::NORM_EPS, crate::backend::cpu::LN_EPS);
+    out.set_meta(meta::NORM_EPS, crate::backend::LN_EPS);
     out.set_meta(meta::TRAIN_CONFIG, cfg.to_toml());
     Ok(out)
 }

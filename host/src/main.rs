@@ -1,10 +1,12 @@
-//! The `sere` command: train, evaluate and benchmark SERE on CPU.
+//! The `sere` command: train, evaluate, visualise, export and benchmark
+//! SERE, on the CPU or a CUDA GPU (`--device`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use sere_host::backend::{Backend, Cpu};
 use sere_host::checkpoint::{self, Checkpoint};
 use sere_host::cli::{
     BenchStepArgs, Cli, Command, EvalCommand, ExportArgs, KnnArgs, LinearArgs, Resume, TrainArgs,
@@ -17,7 +19,26 @@ use sere_host::eval::{features, features::Embedder, knn, linear};
 use sere_host::export;
 use sere_host::metrics;
 use sere_host::train;
+use sere_host::train::engine::open_cuda;
 use sere_host::visualize;
+
+/// Runs `$body` with `$emb` the checkpoint's teacher backbone loaded on the
+/// device `$device` names (the CPU when it names none), or ends with the
+/// no-GPU error: never a silent CPU run when CUDA was asked for.
+macro_rules! on_device {
+    ($device:expr, $ck:expr, $emb:ident => $body:expr) => {
+        match $device.unwrap_or(Device::Cpu) {
+            Device::Cpu => {
+                let $emb = Embedder::from_checkpoint(Cpu, $ck)?;
+                $body
+            }
+            Device::Cuda => {
+                let $emb = Embedder::from_checkpoint(open_cuda()?, $ck)?;
+                $body
+            }
+        }
+    };
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -107,7 +128,10 @@ fn run_bench(args: &BenchStepArgs) -> Result<(), SereError> {
 fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
-    let emb = Embedder::from_checkpoint(&ck)?;
+    on_device!(args.device, &ck, emb => knn_on(&emb, args))
+}
+
+fn knn_on<B: Backend>(emb: &Embedder<B>, args: &KnnArgs) -> Result<(), SereError> {
     train::set_threads(args.threads.or(emb.config().threads));
     let data = DataSpec::parse(&args.data)
         .and_then(|s| s.open())
@@ -171,15 +195,15 @@ fn print_knn(features: &str, k: usize, temperature: f64, (train, test): (usize, 
 }
 
 fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
-    if args.device == Some(Device::Cuda) {
-        return Err(SereError::Device(
-            "`eval linear` runs on the CPU in this build; run with --device cpu".into(),
-        ));
-    }
-    let cfg = args.probe_config();
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
-    let emb = Embedder::from_checkpoint(&ck)?;
+    on_device!(args.device, &ck, emb => linear_on(&emb, args))
+}
+
+/// The linear probe on `emb`'s features; the probe itself is fitted on the
+/// CPU (L-BFGS on frozen features), the features come from the device.
+fn linear_on<B: Backend>(emb: &Embedder<B>, args: &LinearArgs) -> Result<(), SereError> {
+    let cfg = args.probe_config();
     train::set_threads(args.threads.or(emb.config().threads));
     let data = DataSpec::parse(&args.data)
         .and_then(|s| s.open())
@@ -269,9 +293,12 @@ fn print_linear(
 fn run_visualize(args: &VisualizeArgs) -> Result<(), SereError> {
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
-    let emb = Embedder::from_checkpoint(&ck)?;
+    on_device!(args.device, &ck, emb => visualize_on(&emb, args))
+}
+
+fn visualize_on<B: Backend>(emb: &Embedder<B>, args: &VisualizeArgs) -> Result<(), SereError> {
     train::set_threads(args.threads.or(emb.config().threads));
-    for file in visualize::run(&emb, args)? {
+    for file in visualize::run(emb, args)? {
         println!("{}", file.display());
     }
     Ok(())

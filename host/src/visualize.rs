@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use image::{ImageFormat, Rgb, RgbImage};
 use sere_core::{relation, softmax};
 
+use crate::backend::Backend;
 use crate::cli::VisualizeArgs;
 use crate::data::{decode_file, DataSpec, EvalTransform, Raster};
 use crate::error::SereError;
@@ -109,9 +110,16 @@ struct Maps {
 
 /// CLS attention (last block) and query relations (final tokens) of image 0
 /// of the last forward pass in `acts`.
-fn maps(acts: &VitActs, depth: usize, dim: usize, heads: usize) -> Result<Maps, SereError> {
+fn maps<B: Backend>(
+    be: &B,
+    acts: &VitActs<B>,
+    depth: usize,
+    dim: usize,
+    heads: usize,
+) -> Result<Maps, SereError> {
     let (n, t) = (acts.n, acts.t);
-    let probs = acts.attention(depth - 1);
+    let download = |b| be.download(b).map_err(|e| SereError::Device(e.to_string()));
+    let probs = download(acts.attention(depth - 1))?;
     let mut attention: Vec<Vec<f32>> = (0..heads)
         .map(|h| probs[h * t * t + 1..h * t * t + t].to_vec())
         .collect();
@@ -120,7 +128,8 @@ fn maps(acts: &VitActs, depth: usize, dim: usize, heads: usize) -> Result<Maps, 
         .collect();
     attention.push(mean);
 
-    let tokens = &acts.out()[dim..t * dim];
+    let out = download(acts.out())?;
+    let tokens = &out[dim..t * dim];
     let mut rel = vec![0.0f32; heads * n * n];
     relation::spatial_relation_forward(tokens, n, dim, heads, &mut rel)?;
     softmax::softmax_rows_in_place(&mut rel, heads * n, n)?;
@@ -253,7 +262,7 @@ fn inputs(args: &VisualizeArgs) -> Result<Vec<Raster>, SereError> {
 }
 
 /// Draws every input and returns the files written, in order.
-pub fn run(emb: &Embedder, args: &VisualizeArgs) -> Result<Vec<PathBuf>, SereError> {
+pub fn run<B: Backend>(emb: &Embedder<B>, args: &VisualizeArgs) -> Result<Vec<PathBuf>, SereError> {
     let cfg = emb.config();
     let (img, heads) = (cfg.img, cfg.heads);
     let g = img / cfg.patch;
@@ -278,12 +287,13 @@ pub fn run(emb: &Embedder, args: &VisualizeArgs) -> Result<Vec<PathBuf>, SereErr
     fs::create_dir_all(&args.out)
         .map_err(|e| SereError::io("cannot create output directory", &args.out, e))?;
     let tf = EvalTransform::new(img);
-    let mut acts = VitActs::default();
+    let mut acts = None;
     let mut written = Vec::new();
     for (i, raster) in rasters.iter().enumerate() {
         let view = tf.apply(raster);
-        emb.forward(&view, 1, &mut acts);
-        let m = maps(&acts, cfg.depth, cfg.dim, heads)?;
+        emb.forward(&view, 1, &mut acts)?;
+        let acts = acts.as_ref().expect("forward shaped it");
+        let m = maps(emb.backend(), acts, cfg.depth, cfg.dim, heads)?;
 
         let mut attn = canvas(1 + m.attention.len(), side);
         draw_input(&mut attn, &view, &tf, side);

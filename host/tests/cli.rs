@@ -106,6 +106,39 @@ fn cuda_without_a_cuda_build_is_a_clear_error() {
 
 const TINY_DATA: &str = "synthetic:size=16,train=64,test=32";
 
+/// Every command that runs the model takes `--device`; without a GPU,
+/// `--device cuda` is the no-GPU error, never a silent CPU run.
+#[test]
+fn eval_and_visualize_on_cuda_run_there_or_say_why_not() {
+    if sere_cuda::probe().is_ok() {
+        println!("skipped: a GPU is present (the GPU runs are in gpu-check)");
+        return;
+    }
+    let ck = tiny_run().to_str().unwrap();
+    let out = tmp("vis-cuda");
+    let vis = [
+        "visualize",
+        "--checkpoint",
+        ck,
+        "--data",
+        TINY_DATA,
+        "--count",
+        "1",
+    ];
+    let cases: [Vec<&str>; 3] = [
+        vec!["eval", "knn", "--checkpoint", ck, "--data", TINY_DATA],
+        vec!["eval", "linear", "--checkpoint", ck, "--data", TINY_DATA],
+        [&vis[..], &["--out", out.to_str().unwrap()]].concat(),
+    ];
+    for args in cases {
+        let o = sere(&[&args[..], &["--device", "cuda"]].concat());
+        assert_fails_with(&o, "--device cuda needs an NVIDIA GPU");
+        assert_fails_with(&o, "run with --device cpu");
+        assert!(o.stdout.is_empty(), "{args:?} printed a result: no CPU run");
+    }
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "no maps drawn");
+}
+
 /// A run directory with a tiny checkpoint (2 steps on tiny synthetic data),
 /// trained once per test binary.
 fn tiny_run() -> &'static PathBuf {

@@ -12,9 +12,10 @@
 //! `SERE_REQUIRE_GPU=1` (cuda/gpu-check.sh) a missing GPU is a failure.
 //! TF32 stays off (sere-cuda's default).
 
-use sere_host::backend::Backend;
-use sere_host::config::{Device, TrainConfig};
+use sere_host::backend::{Backend, Cpu, Cuda};
+use sere_host::config::TrainConfig;
 use sere_host::train::bench::BenchInputs;
+use sere_host::train::engine::Engine;
 use sere_host::train::Schedules;
 
 fn gpu_or_skip() -> bool {
@@ -56,11 +57,13 @@ fn tiny() -> TrainConfig {
     }
 }
 
-fn params(b: &Backend) -> (Vec<f32>, Vec<f32>) {
-    match b {
-        Backend::Cpu(e) => (e.student.clone(), e.teacher.clone()),
-        Backend::Cuda(e) => (e.student().unwrap(), e.teacher().unwrap()),
-    }
+/// Student and teacher parameters of an engine, on the host.
+fn params<B: Backend>(e: &Engine<B>) -> (Vec<f32>, Vec<f32>) {
+    let be = e.backend();
+    (
+        be.download(&e.student).unwrap(),
+        be.download(&e.teacher).unwrap(),
+    )
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
@@ -82,7 +85,7 @@ fn three_steps_match_the_cpu() {
     let inputs = BenchInputs::new(&cpu_cfg);
     let input = inputs.input();
     let sched = Schedules::new(&cpu_cfg, 3, 1);
-    let mut cpu = Backend::new(&cpu_cfg).unwrap();
+    let mut cpu = Engine::new(Cpu, &cpu_cfg).unwrap();
     let (s0c, _) = params(&cpu);
     let cpu_stats: Vec<_> = (0..3u64)
         .map(|s| cpu.step(&input, &sched.at(s)).unwrap())
@@ -95,11 +98,7 @@ fn three_steps_match_the_cpu() {
     if !gpu_or_skip() {
         return;
     }
-    let gpu_cfg = TrainConfig {
-        device: Device::Cuda,
-        ..tiny()
-    };
-    let mut gpu = Backend::new(&gpu_cfg).unwrap();
+    let mut gpu = Engine::new(Cuda::new(0).unwrap(), &cpu_cfg).unwrap();
     let (s0g, _) = params(&gpu);
     assert_eq!(max_abs_diff(&s0c, &s0g), 0.0, "same initial parameters");
     for (s, c) in cpu_stats.iter().enumerate() {
@@ -141,7 +140,7 @@ fn three_steps_match_the_cpu() {
     assert_eq!(max_abs_diff(&sg, &sc), 0.0);
     assert_eq!(max_abs_diff(&tg, &tc), 0.0);
     let ck = gpu.snapshot(3).unwrap();
-    let mut cpu2 = Backend::new(&cpu_cfg).unwrap();
+    let mut cpu2 = Engine::new(Cpu, &cpu_cfg).unwrap();
     assert_eq!(cpu2.restore(&ck).unwrap(), 3);
     let sched = Schedules::new(&cpu_cfg, 4, 1);
     let c = cpu.step(&input, &sched.at(3)).unwrap();
@@ -160,10 +159,12 @@ fn cuda_without_a_gpu_is_a_clear_error() {
         return;
     }
     let cfg = TrainConfig {
-        device: Device::Cuda,
+        device: sere_host::config::Device::Cuda,
         ..tiny()
     };
-    let e = Backend::new(&cfg).err().expect("no GPU: an error");
+    let e = sere_host::train::engine::AnyEngine::new(&cfg)
+        .err()
+        .expect("no GPU: an error");
     let msg = e.to_string();
     println!("{msg}");
     assert!(

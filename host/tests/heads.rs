@@ -3,10 +3,15 @@
 //! a float64 PyTorch reference (`fixtures/heads.txt`, written by
 //! `fixtures/gen_heads.py`; the tests only read the fixture).
 
+mod common;
+
 use std::collections::HashMap;
 
+use common::{down, up};
+use sere_host::backend::{Backend, Cpu};
 use sere_host::model::heads::{
-    BnMode, DinoHead, DinoHeadActs, DinoHeadConfig, SereActs, SereHead, BN_EPS,
+    BnMode, BnRunning, DinoHead, DinoHeadActs, DinoHeadConfig, SereActs, SereHead, SereHeadState,
+    BN_EPS,
 };
 use sere_host::model::params::ParamLayout;
 use sere_host::model::sere_loss::{
@@ -88,6 +93,129 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
+// ------------------------------------------------- heads on any backend
+
+on_every_backend! {
+    dino_head_backward_matches_finite_differences => dino_fd;
+    dino_head_init_and_output_norms => dino_init;
+    sere_predictor_backward_matches_finite_differences => sere_fd;
+    sere_batch_norm_matches_core_and_running_stats => sere_bn;
+    dino_head_matches_pytorch_reference => dino_reference;
+    sere_heads_match_pytorch_reference => sere_reference;
+}
+
+/// A SERE head's batch-norm statistics on the host (the checkpoint's form).
+type HostState = SereHeadState<Cpu>;
+
+fn host_state(head: &SereHead) -> HostState {
+    head.new_state(&Cpu).unwrap()
+}
+
+/// The DINO head's logits for host inputs, on `be`.
+fn dino_fwd<B: Backend>(
+    be: &B,
+    head: &DinoHead,
+    params: &[f32],
+    x: &[f32],
+    rows: usize,
+    acts: &mut Option<DinoHeadActs<B>>,
+) -> Vec<f32> {
+    head.prepare(be, acts, rows).unwrap();
+    let a = acts.as_mut().unwrap();
+    head.forward(be, &up(be, params), &up(be, x), a).unwrap();
+    down(be, a.logits())
+}
+
+/// The DINO head's backward on `be`, adding into host `grads` and `dx`.
+fn dino_bwd<B: Backend>(
+    be: &B,
+    head: &DinoHead,
+    params: &[f32],
+    acts: &mut Option<DinoHeadActs<B>>,
+    dlogits: &[f32],
+    grads: &mut Vec<f32>,
+    dx: &mut Vec<f32>,
+) {
+    let (mut g, mut d) = (up(be, grads), up(be, dx));
+    let a = acts.as_mut().unwrap();
+    head.backward(be, &up(be, params), a, &up(be, dlogits), &mut g, &mut d)
+        .unwrap();
+    *grads = down(be, &g);
+    *dx = down(be, &d);
+}
+
+fn to_device<B: Backend>(be: &B, s: &HostState) -> SereHeadState<B> {
+    let bn = |r: &BnRunning<Cpu>| BnRunning {
+        mean: up(be, &r.mean),
+        var: up(be, &r.var),
+    };
+    SereHeadState {
+        projection: bn(&s.projection),
+        predictor: bn(&s.predictor),
+    }
+}
+
+fn to_host<B: Backend>(be: &B, s: &SereHeadState<B>) -> HostState {
+    let bn = |r: &BnRunning<B>| BnRunning {
+        mean: down(be, &r.mean),
+        var: down(be, &r.var),
+    };
+    SereHeadState {
+        projection: bn(&s.projection),
+        predictor: bn(&s.predictor),
+    }
+}
+
+/// A SERE head's projection (or, with `predictor`, its predictor) on `be`
+/// for host inputs; the host `state` is updated as the device's was.
+#[allow(clippy::too_many_arguments)]
+fn sere_fwd<B: Backend>(
+    be: &B,
+    head: &SereHead,
+    predictor: bool,
+    params: &[f32],
+    state: &mut HostState,
+    mode: BnMode,
+    x: &[f32],
+    rows: usize,
+    acts: &mut Option<SereActs<B>>,
+) -> Vec<f32> {
+    head.prepare(be, acts, rows).unwrap();
+    let a = acts.as_mut().unwrap();
+    let mut st = to_device(be, state);
+    let (p, x) = (up(be, params), up(be, x));
+    if predictor {
+        head.forward_predictor(be, &p, &mut st, mode, &x, a)
+            .unwrap();
+    } else {
+        head.forward_projection(be, &p, &mut st, mode, &x, a)
+            .unwrap();
+    }
+    *state = to_host(be, &st);
+    down(be, a.output())
+}
+
+/// The predictor's backward on `be`, adding into host `grads` and `dx`.
+#[allow(clippy::too_many_arguments)]
+fn sere_bwd<B: Backend>(
+    be: &B,
+    head: &SereHead,
+    params: &[f32],
+    x: &[f32],
+    acts: &mut Option<SereActs<B>>,
+    dout: &[f32],
+    grads: &mut Vec<f32>,
+    dx: &mut Vec<f32>,
+) {
+    let (mut g, mut d) = (up(be, grads), up(be, dx));
+    let a = acts.as_mut().unwrap();
+    let (p, x, dout) = (up(be, params), up(be, x), up(be, dout));
+    head.backward_predictor(be, &p, &x, a, &dout, &mut g, &mut d)
+        .unwrap();
+    *grads = down(be, &g);
+    *dx = down(be, &d);
+}
+
 // ------------------------------------------------------------- DINO head FD
 
 fn small_dino(nlayers: usize) -> (ParamLayout, DinoHead) {
@@ -129,49 +257,47 @@ fn dino_head_layout_names_and_last_layer() {
     );
 }
 
-fn check_dino_fd(nlayers: usize, seed: u64) {
+fn check_dino_fd<B: Backend>(be: &B, nlayers: usize, seed: u64) {
     let (layout, head) = small_dino(nlayers);
     let mut rng = Rng(seed);
     let rows = 4;
     let mut params = rng.vec(layout.len(), 0.5);
     let mut x = rng.vec(rows * 6, 1.0);
     let r = rng.vec(rows * 7, 1.0);
-    let mut acts = DinoHeadActs::new();
-    head.forward(&params, &x, rows, &mut acts);
+    let mut acts = None;
+    dino_fwd(be, &head, &params, &x, rows, &mut acts);
     let mut grads = vec![0.0f32; layout.len()];
     let mut dx = vec![0.0f32; x.len()];
-    head.backward(&params, &mut acts, &r, &mut grads, &mut dx);
+    dino_bwd(be, &head, &params, &mut acts, &r, &mut grads, &mut dx);
 
     let h = 2e-3;
-    let mut ws = DinoHeadActs::new();
+    let mut ws = None;
     let xc = x.clone();
     let ng = numeric_grad(&mut params, h, |p| {
-        dot(head.forward(p, &xc, rows, &mut ws), &r)
+        dot(&dino_fwd(be, &head, p, &xc, rows, &mut ws), &r)
     });
     assert_grad_close(&format!("dino({nlayers}) params"), &grads, &ng, 1e-2, 1e-3);
     let pc = params.clone();
     let nx = numeric_grad(&mut x, h, |xv| {
-        dot(head.forward(&pc, xv, rows, &mut ws), &r)
+        dot(&dino_fwd(be, &head, &pc, xv, rows, &mut ws), &r)
     });
     assert_grad_close(&format!("dino({nlayers}) dx"), &dx, &nx, 1e-2, 1e-3);
 
     // ADD semantics: a second backward doubles the buffers.
     let g1 = grads.clone();
-    head.forward(&params, &x, rows, &mut acts);
-    head.backward(&params, &mut acts, &r, &mut grads, &mut dx);
+    dino_fwd(be, &head, &params, &x, rows, &mut acts);
+    dino_bwd(be, &head, &params, &mut acts, &r, &mut grads, &mut dx);
     for (a, b) in grads.iter().zip(&g1) {
         assert!((a - 2.0 * b).abs() <= 1e-5 * (1.0 + b.abs()));
     }
 }
 
-#[test]
-fn dino_head_backward_matches_finite_differences() {
-    check_dino_fd(3, 1);
-    check_dino_fd(1, 2);
+fn dino_fd<B: Backend>(be: &B) {
+    check_dino_fd(be, 3, 1);
+    check_dino_fd(be, 1, 2);
 }
 
-#[test]
-fn dino_head_init_and_output_norms() {
+fn dino_init<B: Backend>(be: &B) {
     use rand::SeedableRng;
     let mut layout = ParamLayout::new();
     let head = DinoHead::new(&mut layout, "h", DinoHeadConfig::new(16, 32));
@@ -179,8 +305,7 @@ fn dino_head_init_and_output_norms() {
     let mut params = vec![0.0f32; layout.len()];
     layout.init(&mut params, &mut rand_chacha::ChaCha8Rng::seed_from_u64(3));
     let x = Rng(4).vec(3 * 16, 1.0);
-    let mut acts = DinoHeadActs::new();
-    let logits = head.forward(&params, &x, 3, &mut acts).to_vec();
+    let logits = dino_fwd(be, &head, &params, &x, 3, &mut None);
     // Unit-norm features against unit-norm prototypes: cosines.
     assert!(logits.iter().all(|v| v.abs() <= 1.0 + 1e-5));
     assert!(logits.iter().any(|v| v.abs() > 1e-3));
@@ -194,8 +319,7 @@ fn small_sere(c: usize) -> (ParamLayout, SereHead) {
     (layout, head)
 }
 
-#[test]
-fn sere_predictor_backward_matches_finite_differences() {
+fn sere_fd<B: Backend>(be: &B) {
     let (c, rows) = (5, 12);
     let (layout, head) = small_sere(c);
     let mut rng = Rng(7);
@@ -211,16 +335,23 @@ fn sere_predictor_backward_matches_finite_differences() {
     }
     let mut x = rng.vec(rows * c, 1.0);
     let r = rng.vec(rows * c, 1.0);
-    let mut state = head.new_state();
-    let mut acts = SereActs::new();
-    head.forward_predictor(&params, &mut state, BnMode::Train, &x, rows, &mut acts);
-    assert!(
-        acts.output().contains(&0.0),
-        "the test should cover the ReLU mask"
+    let mut state = host_state(&head);
+    let mut acts = None;
+    let out = sere_fwd(
+        be,
+        &head,
+        true,
+        &params,
+        &mut state,
+        BnMode::Train,
+        &x,
+        rows,
+        &mut acts,
     );
+    assert!(out.contains(&0.0), "the test should cover the ReLU mask");
     let mut grads = vec![0.0f32; layout.len()];
     let mut dx = vec![0.0f32; x.len()];
-    head.backward_predictor(&params, &x, &mut acts, &r, &mut grads, &mut dx);
+    sere_bwd(be, &head, &params, &x, &mut acts, &r, &mut grads, &mut dx);
     // The projection's parameters get no gradient from the predictor.
     let proj = layout
         .get("sere.spatial.global.projector.bn.weight")
@@ -230,29 +361,48 @@ fn sere_predictor_backward_matches_finite_differences() {
     assert!(grads[proj..proj + 2 * c].iter().all(|&g| g == 0.0));
 
     let h = 1e-3;
-    let mut ws = SereActs::new();
+    let mut ws = None;
     let xc = x.clone();
     let ng = numeric_grad(&mut params, h, |p| {
-        let mut st = head.new_state();
+        let mut st = host_state(&head);
         dot(
-            head.forward_predictor(p, &mut st, BnMode::Train, &xc, rows, &mut ws),
+            &sere_fwd(
+                be,
+                &head,
+                true,
+                p,
+                &mut st,
+                BnMode::Train,
+                &xc,
+                rows,
+                &mut ws,
+            ),
             &r,
         )
     });
     assert_grad_close("sere predictor params", &grads, &ng, 1e-2, 1e-3);
     let pc = params.clone();
     let nx = numeric_grad(&mut x, h, |xv| {
-        let mut st = head.new_state();
+        let mut st = host_state(&head);
         dot(
-            head.forward_predictor(&pc, &mut st, BnMode::Train, xv, rows, &mut ws),
+            &sere_fwd(
+                be,
+                &head,
+                true,
+                &pc,
+                &mut st,
+                BnMode::Train,
+                xv,
+                rows,
+                &mut ws,
+            ),
             &r,
         )
     });
     assert_grad_close("sere predictor dx", &dx, &nx, 1e-2, 1e-3);
 }
 
-#[test]
-fn sere_batch_norm_matches_core_and_running_stats() {
+fn sere_bn<B: Backend>(be: &B) {
     let (c, rows) = (7, 300); // several parallel tasks
     let (layout, head) = small_sere(c);
     let mut rng = Rng(11);
@@ -268,11 +418,19 @@ fn sere_batch_norm_matches_core_and_running_stats() {
         .unwrap()
         .range
         .clone();
-    let mut state = head.new_state();
-    let mut acts = SereActs::new();
-    let z = head
-        .forward_projection(&params, &mut state, BnMode::Train, &x, rows, &mut acts)
-        .to_vec();
+    let mut state = host_state(&head);
+    let mut acts = None;
+    let z = sere_fwd(
+        be,
+        &head,
+        false,
+        &params,
+        &mut state,
+        BnMode::Train,
+        &x,
+        rows,
+        &mut acts,
+    );
     let (mut y, mut m, mut v, mut rs) = (
         vec![0.0; rows * c],
         vec![0.0; c],
@@ -308,14 +466,22 @@ fn sere_batch_norm_matches_core_and_running_stats() {
     }
     assert_eq!(
         state.predictor,
-        head.new_state().predictor,
+        host_state(&head).predictor,
         "the predictor's statistics are untouched"
     );
     // Eval mode uses (and keeps) the running statistics.
     let before = state.clone();
-    let ze = head
-        .forward_projection(&params, &mut state, BnMode::Eval, &x, rows, &mut acts)
-        .to_vec();
+    let ze = sere_fwd(
+        be,
+        &head,
+        false,
+        &params,
+        &mut state,
+        BnMode::Eval,
+        &x,
+        rows,
+        &mut acts,
+    );
     assert_eq!(state, before);
     sere_core::norm::batch_norm_eval(
         &x, &params[g], &params[b], &rm, &rv, rows, c, BN_EPS, &mut y,
@@ -672,8 +838,7 @@ fn assert_ref(what: &str, a: &[f32], r: &[f64], rtol: f64) {
     assert!(rel <= rtol, "{what}: relative error {rel}");
 }
 
-#[test]
-fn dino_head_matches_pytorch_reference() {
+fn dino_reference<B: Backend>(be: &B) {
     let fx = fixture();
     let c: Vec<usize> = fx["dino.cfg"].iter().map(|&v| v as usize).collect();
     let cfg = DinoHeadConfig {
@@ -689,40 +854,50 @@ fn dino_head_matches_pytorch_reference() {
     let params = f32s(&fx["dino.params"]);
     assert_eq!(params.len(), layout.len());
     let x = f32s(&fx["dino.x"]);
-    let mut acts = DinoHeadActs::new();
-    let logits = head.forward(&params, &x, rows, &mut acts).to_vec();
+    let mut acts = None;
+    let logits = dino_fwd(be, &head, &params, &x, rows, &mut acts);
     assert_ref("dino logits", &logits, &fx["dino.logits"], 1e-4);
     let mut grads = vec![0.0; layout.len()];
     let mut dx = vec![0.0; x.len()];
-    head.backward(
-        &params,
-        &mut acts,
-        &f32s(&fx["dino.dlogits"]),
-        &mut grads,
-        &mut dx,
-    );
+    let dlogits = f32s(&fx["dino.dlogits"]);
+    dino_bwd(be, &head, &params, &mut acts, &dlogits, &mut grads, &mut dx);
     assert_ref("dino grads", &grads, &fx["dino.grads"], 1e-4);
     assert_ref("dino dx", &dx, &fx["dino.dx"], 1e-4);
 }
 
-#[test]
-fn sere_heads_match_pytorch_reference() {
+fn sere_reference<B: Backend>(be: &B) {
     let fx = fixture();
     let (c, rows) = (fx["sere.cfg"][0] as usize, fx["sere.cfg"][1] as usize);
     let (layout, head) = small_sere(c);
     let params = f32s(&fx["sere.params"]);
     assert_eq!(params.len(), layout.len());
     let x = f32s(&fx["sere.x"]);
-    let mut state = head.new_state();
-    let mut pacts = SereActs::new();
-    let z = head
-        .forward_projection(&params, &mut state, BnMode::Train, &x, rows, &mut pacts)
-        .to_vec();
+    let mut state = host_state(&head);
+    let mut pacts = None;
+    let z = sere_fwd(
+        be,
+        &head,
+        false,
+        &params,
+        &mut state,
+        BnMode::Train,
+        &x,
+        rows,
+        &mut pacts,
+    );
     assert_ref("projection", &z, &fx["sere.proj"], 1e-4);
-    let mut acts = SereActs::new();
-    let p = head
-        .forward_predictor(&params, &mut state, BnMode::Train, &x, rows, &mut acts)
-        .to_vec();
+    let mut acts = None;
+    let p = sere_fwd(
+        be,
+        &head,
+        true,
+        &params,
+        &mut state,
+        BnMode::Train,
+        &x,
+        rows,
+        &mut acts,
+    );
     assert_ref("predictor", &p, &fx["sere.pred"], 1e-4);
     let pr = [state.projection.mean.clone(), state.projection.var.clone()].concat();
     assert_ref(
@@ -740,24 +915,36 @@ fn sere_heads_match_pytorch_reference() {
     );
     let mut grads = vec![0.0; layout.len()];
     let mut dx = vec![0.0; x.len()];
-    head.backward_predictor(
-        &params,
-        &x,
-        &mut acts,
-        &f32s(&fx["sere.dout"]),
-        &mut grads,
-        &mut dx,
+    let dout = f32s(&fx["sere.dout"]);
+    sere_bwd(
+        be, &head, &params, &x, &mut acts, &dout, &mut grads, &mut dx,
     );
     assert_ref("predictor grads", &grads, &fx["sere.grads"], 1e-4);
     assert_ref("predictor dx", &dx, &fx["sere.dx"], 1e-4);
-    let mut ws = SereActs::new();
-    let ze = head
-        .forward_projection(&params, &mut state, BnMode::Eval, &x, rows, &mut ws)
-        .to_vec();
+    let mut ws = None;
+    let ze = sere_fwd(
+        be,
+        &head,
+        false,
+        &params,
+        &mut state,
+        BnMode::Eval,
+        &x,
+        rows,
+        &mut ws,
+    );
     assert_ref("projection eval", &ze, &fx["sere.proj_eval"], 1e-4);
-    let pe = head
-        .forward_predictor(&params, &mut state, BnMode::Eval, &x, rows, &mut ws)
-        .to_vec();
+    let pe = sere_fwd(
+        be,
+        &head,
+        true,
+        &params,
+        &mut state,
+        BnMode::Eval,
+        &x,
+        rows,
+        &mut ws,
+    );
     assert_ref("predictor eval", &pe, &fx["sere.pred_eval"], 1e-4);
 }
 

@@ -2,10 +2,19 @@
 //! parameter gradient, at the trained size and at an interpolated size) and
 //! against finite differences (drop-path on).
 
+mod common;
+
+use common::{down, up};
 use rand::SeedableRng;
 use serde_json::Value;
+use sere_host::backend::Backend;
 use sere_host::model::params::ParamLayout;
-use sere_host::model::vit::{Vit, VitActs, VitConfig};
+use sere_host::model::vit::{Vit, VitConfig};
+
+on_every_backend! {
+    matches_pytorch_float64_outputs_and_all_gradients => pytorch_reference;
+    gradients_match_finite_differences_with_drop_path => finite_differences;
+}
 
 fn floats(v: &Value) -> Vec<f32> {
     v.as_array()
@@ -44,8 +53,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol_frac: f32
     }
 }
 
-#[test]
-fn matches_pytorch_float64_outputs_and_all_gradients() {
+fn pytorch_reference<B: Backend>(be: &B) {
     let fx: Value =
         serde_json::from_str(include_str!("fixtures/vit_tiny.json")).expect("fixture parses");
     let (layout, vit) = tiny(0.0);
@@ -64,30 +72,30 @@ fn matches_pytorch_float64_outputs_and_all_gradients() {
     for case in fx["cases"].as_array().unwrap() {
         let batch = case["batch"].as_u64().unwrap() as usize;
         let img = case["img"].as_u64().unwrap() as usize;
-        let mut acts = VitActs::default();
+        let p = up(be, &params);
+        let mut acts = vit.workspace(be, batch, img).unwrap();
         vit.forward(
-            &params,
+            be,
+            &p,
             &floats(&case["images"]),
             batch,
             img,
             &mut acts,
             None,
-        );
+        )
+        .unwrap();
         // f32 through two blocks: errors of a few 1e-6 relative to the scale.
         assert_close(
             &format!("out@{img}"),
-            acts.out(),
+            &down(be, acts.out()),
             &floats(&case["out"]),
             1e-4,
             1e-5,
         );
         // DINO's evaluation features: every block's normed CLS, then the
         // mean normed patch token; the final CLS alone is the default.
-        let (mut all, mut last) = (Vec::new(), Vec::new());
-        for b in 0..batch {
-            vit.eval_features(&params, &acts, b, 2, true, &mut all);
-            vit.eval_features(&params, &acts, b, 1, false, &mut last);
-        }
+        let all = vit.eval_features(be, &p, &acts, 2, true).unwrap();
+        let last = vit.eval_features(be, &p, &acts, 1, false).unwrap();
         assert_close(
             &format!("features@{img}"),
             &all,
@@ -98,8 +106,10 @@ fn matches_pytorch_float64_outputs_and_all_gradients() {
         for b in 0..batch {
             assert_eq!(&last[b * 12..(b + 1) * 12], &all[b * 36 + 12..b * 36 + 24]);
         }
-        let mut grads = vec![0.0f32; layout.len()];
-        vit.backward(&params, &mut acts, &floats(&case["dout"]), &mut grads);
+        let mut g = be.zeros(layout.len()).unwrap();
+        let dout = up(be, &floats(&case["dout"]));
+        vit.backward(be, &p, &mut acts, &dout, &mut g).unwrap();
+        let grads = down(be, &g);
         for e in layout.entries() {
             let want = floats(&case["grads"][&e.name]);
             assert_close(
@@ -113,8 +123,7 @@ fn matches_pytorch_float64_outputs_and_all_gradients() {
     }
 }
 
-#[test]
-fn gradients_match_finite_differences_with_drop_path() {
+fn finite_differences<B: Backend>(be: &B) {
     let (layout, vit) = tiny(0.5);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let mut params = vec![0.0f32; layout.len()];
@@ -125,29 +134,31 @@ fn gradients_match_finite_differences_with_drop_path() {
     let images: Vec<f32> = (0..batch * 3 * img * img)
         .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
         .collect();
-    let n_out = {
-        let mut a = VitActs::default();
-        vit.prepare(&mut a, batch, img);
-        a.out().len()
-    };
+    let n_out = be.len(vit.workspace(be, batch, img).unwrap().out());
     let dout: Vec<f32> = (0..n_out)
         .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
         .collect();
-    let objective = |p: &[f32]| -> f64 {
-        let mut acts = VitActs::default();
+    let mut acts = vit.workspace(be, batch, img).unwrap();
+    let mut objective = |p: &[f32]| -> f64 {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7); // same masks every call
-        vit.forward(p, &images, batch, img, &mut acts, Some(&mut r));
-        acts.out()
+        let p = up(be, p);
+        vit.forward(be, &p, &images, batch, img, &mut acts, Some(&mut r))
+            .unwrap();
+        down(be, acts.out())
             .iter()
             .zip(&dout)
             .map(|(&a, &b)| a as f64 * b as f64)
             .sum()
     };
-    let mut acts = VitActs::default();
+    let mut acts = vit.workspace(be, batch, img).unwrap();
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    vit.forward(&params, &images, batch, img, &mut acts, Some(&mut r));
-    let mut grads = vec![0.0f32; layout.len()];
-    vit.backward(&params, &mut acts, &dout, &mut grads);
+    let pb = up(be, &params);
+    vit.forward(be, &pb, &images, batch, img, &mut acts, Some(&mut r))
+        .unwrap();
+    let mut g = be.zeros(layout.len()).unwrap();
+    vit.backward(be, &pb, &mut acts, &up(be, &dout), &mut g)
+        .unwrap();
+    let grads = down(be, &g);
 
     // A few coordinates of every parameter tensor.
     let mut worst = 0.0f64;

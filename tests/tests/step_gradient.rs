@@ -44,7 +44,7 @@ fn lcg(state: &mut u64) -> f32 {
 fn step_gradient_matches_finite_differences_of_the_total_loss() {
     let cfg = config();
     cfg.validate().unwrap();
-    let mut engine = CpuEngine::new(&cfg);
+    let mut engine = CpuEngine::cpu(&cfg);
     // Larger weights than the 0.02 init so every path carries signal.
     let mut s = 11u64;
     for p in engine.student.iter_mut() {

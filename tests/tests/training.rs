@@ -102,7 +102,7 @@ fn same_seed_same_result_and_resume_continues_exactly() {
     assert_eq!(lines.lines().count(), 7);
 
     // Training changed the student, and the teacher follows it (EMA).
-    let fresh = sere_host::train::engine::CpuEngine::new(&tiny(&a, 7));
+    let fresh = sere_host::train::engine::CpuEngine::cpu(&tiny(&a, 7));
     let (_, s) = ca
         .tensor("student.backbone.blocks.0.attn.qkv.weight")
         .unwrap();

@@ -3,6 +3,7 @@
 //! token by default, or DINO's linear-evaluation variants (CLS tokens of the
 //! last blocks, pooled patch tokens), chosen by [`FeatureSpec`].
 
+use crate::backend::{Backend, OpError};
 use crate::checkpoint::Checkpoint;
 use crate::config::TrainConfig;
 use crate::data::{EvalBatches, EvalTransform, Split};
@@ -74,21 +75,30 @@ impl FeatureSpec {
     }
 }
 
-/// A backbone restored from a checkpoint, ready to embed images.
-pub struct Embedder {
+/// A backbone restored from a checkpoint onto a backend, ready to embed
+/// images.
+pub struct Embedder<B: Backend> {
+    be: B,
     net: SereNet,
-    params: Vec<f32>,
+    params: B::Buf,
     cfg: TrainConfig,
 }
 
-impl Embedder {
-    /// Loads the teacher of `ck` (the network the run would be evaluated by).
-    pub fn from_checkpoint(ck: &Checkpoint) -> Result<Self, SereError> {
+impl<B: Backend> Embedder<B> {
+    /// Loads the teacher of `ck` (the network the run would be evaluated by)
+    /// onto `be`.
+    pub fn from_checkpoint(be: B, ck: &Checkpoint) -> Result<Self, SereError> {
         let cfg = ck.config()?;
         let net = SereNet::new(&cfg);
-        let mut params = vec![0.0; net.layout.len()];
-        ck.read_params("teacher.", &net.layout, &mut params)?;
-        Ok(Embedder { net, params, cfg })
+        let mut host = vec![0.0; net.layout.len()];
+        ck.read_params("teacher.", &net.layout, &mut host)?;
+        let params = be.upload(&host).map_err(device_error)?;
+        Ok(Embedder {
+            be,
+            net,
+            params,
+            cfg,
+        })
     }
 
     /// The run's configuration.
@@ -101,13 +111,26 @@ impl Embedder {
         self.cfg.dim
     }
 
+    /// The backend the backbone runs on.
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+
     /// Runs the teacher backbone (no drop-path) on `n` normalised images of
     /// the checkpoint's size (`n x 3 x img x img`, as [`EvalTransform`]
-    /// makes them); tokens and attention probabilities land in `acts`.
-    pub fn forward(&self, images: &[f32], n: usize, acts: &mut VitActs) {
-        self.net
-            .vit
-            .forward(&self.params, images, n, self.cfg.img, acts, None);
+    /// makes them); tokens and attention probabilities land in `acts`
+    /// (shaped for `n` images here when needed).
+    pub fn forward(
+        &self,
+        images: &[f32],
+        n: usize,
+        acts: &mut Option<VitActs<B>>,
+    ) -> Result<(), SereError> {
+        let (vit, img) = (&self.net.vit, self.cfg.img);
+        vit.prepare(&self.be, acts, n, img).map_err(device_error)?;
+        let acts = acts.as_mut().expect("prepared");
+        vit.forward(&self.be, &self.params, images, n, img, acts, None)
+            .map_err(device_error)
     }
 
     /// L2-normalised features (`len x spec.dim(dim)`) and labels of a split,
@@ -122,27 +145,29 @@ impl Embedder {
         let img = self.cfg.img;
         let mut feats = Vec::with_capacity(split.len() * spec.dim(self.cfg.dim));
         let mut labels = Vec::with_capacity(split.len());
-        let mut acts = VitActs::default();
+        let mut acts = None;
         for b in EvalBatches::new(split, EvalTransform::new(img), batch).map_err(SereError::data)? {
             let b = b.map_err(SereError::data)?;
-            let n = b.len();
-            self.net
+            self.forward(&b.images, b.len(), &mut acts)?;
+            let acts = acts.as_ref().expect("forward shaped it");
+            let f = self
+                .net
                 .vit
-                .forward(&self.params, &b.images, n, img, &mut acts, None);
-            for i in 0..n {
-                self.net.vit.eval_features(
-                    &self.params,
-                    &acts,
-                    i,
-                    spec.last_blocks,
-                    spec.avgpool,
-                    &mut feats,
-                );
-            }
+                .eval_features(&self.be, &self.params, acts, spec.last_blocks, spec.avgpool)
+                .map_err(device_error)?;
+            feats.extend_from_slice(&f);
             labels.extend_from_slice(&b.labels);
         }
         super::knn::l2_normalize_rows(&mut feats, spec.dim(self.cfg.dim));
         Ok((feats, labels))
+    }
+}
+
+/// A backend's error while embedding: a kernel's own error, or the device's.
+fn device_error(e: OpError) -> SereError {
+    match e {
+        OpError::Kernel(e) => SereError::Core(e),
+        OpError::Device(m) => SereError::Device(format!("CUDA: {m}")),
     }
 }
 

@@ -10,9 +10,9 @@ use sere_core::geometry::CropBox;
 use super::engine::StepInput;
 use super::{grid_sizes, set_threads, Schedules};
 use crate::augment::batch_pair_grids;
-use crate::backend::Backend;
 use crate::config::TrainConfig;
 use crate::error::SereError;
+use crate::train::engine::AnyEngine;
 
 /// Timing of a benchmark run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -198,7 +198,7 @@ pub fn bench_step(
 ) -> Result<BenchResult, SereError> {
     cfg.validate()?;
     set_threads(cfg.threads);
-    let mut engine = Backend::new(cfg)?;
+    let mut engine = AnyEngine::new(cfg)?;
     let (b, l) = (cfg.batch, cfg.locals);
     let inputs = BenchInputs::new(cfg);
     let input = inputs.input();

@@ -1,23 +1,32 @@
-//! The training step on the CPU: teacher forward on the global crops,
-//! student forward on all crops, DINO and SERE losses, backward,
-//! per-tensor gradient clipping, AdamW, teacher EMA and centre update.
+//! The training step, written once over a [`Backend`]: teacher forward on
+//! the global crops, student forward on all crops, DINO and SERE losses,
+//! backward, per-tensor gradient clipping, AdamW, teacher EMA and centre
+//! update. Each phase is a function of its own; [`Engine::step`] runs them
+//! in order.
 //!
-//! All buffers are owned here and shaped on the first step; later steps of
-//! the same shape allocate nothing but the small per-step bookkeeping of the
-//! loss assembly.
+//! All device buffers are owned here and shaped on the first step of a
+//! batch shape; later steps allocate nothing on the device. The step's
+//! scalars (losses, gradient norm) are read once, after the backward pass:
+//! a diverged step is caught before AdamW, so parameters and optimizer state
+//! stay untouched.
 
-use super::network::{SereNet, CHANNEL_GLOBAL, CHANNEL_LOCAL, SPATIAL_GLOBAL, SPATIAL_LOCAL};
+use std::ops::Range;
+
+use super::network::{SereHeads, SereNet};
+use super::state::{restore_state, snapshot_state, HostBnStates, RunState, RunView};
 use crate::augment::BatchPairGrids;
-use crate::config::TrainConfig;
-use crate::model::heads::{BnMode, DinoHeadActs, SereActs, SereHeadState};
-use crate::model::sere_loss::{
-    dino_loss_step, SereGrads, SereInputs, SereLoss, SereLossConfig, StudentGrads, StudentViews,
-    ViewShapes,
+use crate::backend::{
+    cuda_unavailable, Backend, Blocks, BnMode, Cpu, Cuda, DinoLossArgs, OpError, RelationArgs,
+    StudentFeatureGrads, StudentFeatures,
 };
+use crate::checkpoint::Checkpoint;
+use crate::config::TrainConfig;
+use crate::error::SereError;
+use crate::model::heads::{BnRunning, DinoHeadActs, SereActs, SereHeadState};
+use crate::model::sere_loss::{SereLossConfig, ViewShapes};
 use crate::model::vit::VitActs;
 use rand::SeedableRng;
-use rayon::prelude::*;
-use sere_core::optim::{adamw_step, clip_grad_norm, ema_update, AdamW};
+use sere_core::optim::AdamW;
 
 /// The crops of one step, already on the host in the loader's layout.
 #[derive(Debug, Clone, Copy)]
@@ -99,136 +108,295 @@ pub enum StepError {
 }
 
 impl StepError {
-    /// A kernel's error at `step`: non-finite values mean the run diverged.
-    fn from_core(step: u64, e: sere_core::Error) -> Self {
-        match e {
-            sere_core::Error::NonFinite { what } => StepError::NonFinite {
+    /// An operation's error at `step`: non-finite values mean the run
+    /// diverged.
+    fn at(step: u64) -> impl Fn(OpError) -> Self {
+        move |e| match e {
+            OpError::Kernel(sere_core::Error::NonFinite { what }) => StepError::NonFinite {
                 step,
                 what: what.to_string(),
             },
-            source => StepError::Kernel { step, source },
+            OpError::Kernel(source) => StepError::Kernel { step, source },
+            OpError::Device(message) => StepError::Device { step, message },
         }
     }
 }
 
+/// Slots of the step's scalars in [`Workspace::stats`].
+const SLOT_DINO: usize = 0;
+const SLOT_SPATIAL: usize = 1;
+const SLOT_CHANNEL: usize = 2;
+const SLOT_GRAD_NORM: usize = 3;
+const STATS_LEN: usize = 4;
+
 /// Activations of one network pass over one crop size.
-#[derive(Debug, Default)]
-struct PassBuffers {
-    vit: VitActs,
+struct Pass<B: Backend> {
+    /// Images in the pass (views x B).
+    images: usize,
+    vit: VitActs<B>,
     /// Patch tokens `[views][B][N][D]` gathered from the ViT output.
-    patches: Vec<f32>,
-    /// Gradient of the ViT output (`views*B*T x D`).
-    dout: Vec<f32>,
-    /// Gradient of the patch tokens from the two SERE heads.
-    dpatches: Vec<f32>,
-    spatial: SereActs,
-    channel: SereActs,
-    /// Gradients w.r.t. the spatial / channel head outputs.
-    dspatial: Vec<f32>,
-    dchannel: Vec<f32>,
+    patches: B::Buf,
+    spatial: SereActs<B>,
+    channel: SereActs<B>,
 }
 
-/// Everything a CPU training run holds: both networks' parameters, the
-/// optimizer state, the DINO centre, batch-norm statistics and workspaces.
-pub struct CpuEngine {
+impl<B: Backend> Pass<B> {
+    fn new(be: &B, net: &SereNet, images: usize, img: usize) -> Result<Self, OpError> {
+        let vit = net.vit.workspace(be, images, img)?;
+        let rows = images * vit.n;
+        let head = &net.sere.spatial_global;
+        Ok(Pass {
+            images,
+            patches: be.zeros(rows * net.vit.config().dim)?,
+            spatial: head.workspace(be, rows)?,
+            channel: head.workspace(be, rows)?,
+            vit,
+        })
+    }
+
+    /// Rows of the patch-token matrix.
+    fn rows(&self) -> usize {
+        self.images * self.vit.n
+    }
+
+    /// The patch rows (all but each image's CLS row) of the ViT output.
+    fn gather_patches(&mut self, be: &B, d: usize) -> Result<(), OpError> {
+        let (n, t) = (self.vit.n, self.vit.t);
+        let rows = Blocks {
+            count: self.images,
+            len: n * d,
+            src_start: d,
+            src_stride: t * d,
+            dst_start: 0,
+            dst_stride: n * d,
+        };
+        be.copy_blocks(self.vit.out(), &mut self.patches, rows, false)
+    }
+
+    /// Copies each image's CLS row of the ViT output into `cls` from row
+    /// `first` on.
+    fn gather_cls(&self, be: &B, d: usize, cls: &mut B::Buf, first: usize) -> Result<(), OpError> {
+        be.copy_blocks(
+            self.vit.out(),
+            cls,
+            cls_rows(self.images, self.vit.t, d, first, true),
+            false,
+        )
+    }
+}
+
+/// The CLS rows of a token buffer (`images x t x d`) and rows `first..` of a
+/// CLS matrix, as blocks from the tokens (`to_cls`) or back.
+fn cls_rows(images: usize, t: usize, d: usize, first: usize, to_cls: bool) -> Blocks {
+    let (tokens, cls) = ((0, t * d), (first * d, d));
+    let ((src_start, src_stride), (dst_start, dst_stride)) =
+        if to_cls { (tokens, cls) } else { (cls, tokens) };
+    Blocks {
+        count: images,
+        len: d,
+        src_start,
+        src_stride,
+        dst_start,
+        dst_stride,
+    }
+}
+
+/// Gradients of one student pass.
+struct PassGrads<B: Backend> {
+    /// Gradient of the ViT output (`images*T x D`).
+    dout: B::Buf,
+    /// Gradient of the patch tokens from the two SERE heads.
+    dpatches: B::Buf,
+    /// Gradients w.r.t. the spatial / channel head outputs.
+    dspatial: B::Buf,
+    dchannel: B::Buf,
+}
+
+impl<B: Backend> PassGrads<B> {
+    fn new(be: &B, pass: &Pass<B>, d: usize) -> Result<Self, OpError> {
+        let n = pass.rows() * d;
+        Ok(PassGrads {
+            dout: be.zeros(pass.images * pass.vit.t * d)?,
+            dpatches: be.zeros(n)?,
+            dspatial: be.zeros(n)?,
+            dchannel: be.zeros(n)?,
+        })
+    }
+}
+
+/// Every workspace of one batch shape `(batch, locals)`.
+struct Workspace<B: Backend> {
+    batch: usize,
+    locals: usize,
+    teacher: Pass<B>,
+    global: Pass<B>,
+    global_grads: PassGrads<B>,
+    /// The local crops' pass (None without local crops).
+    local: Option<(Pass<B>, PassGrads<B>)>,
+    dino_teacher: DinoHeadActs<B>,
+    dino_student: DinoHeadActs<B>,
+    /// CLS tokens of the teacher's views `[2][B][D]`, the student's
+    /// `[views][B][D]`, and the student's gradient.
+    cls_teacher: B::Buf,
+    cls_student: B::Buf,
+    dcls: B::Buf,
+    dlogits: B::Buf,
+    relation: B::RelationWorkspace,
+    /// The step's scalars, read once per step.
+    stats: B::Buf,
+}
+
+impl<B: Backend> Workspace<B> {
+    fn new(
+        be: &B,
+        net: &SereNet,
+        cfg: &TrainConfig,
+        batch: usize,
+        locals: usize,
+    ) -> Result<Self, OpError> {
+        let (d, views) = (cfg.dim, 2 + locals);
+        let teacher = Pass::new(be, net, 2 * batch, cfg.img)?;
+        let global = Pass::new(be, net, 2 * batch, cfg.img)?;
+        let global_grads = PassGrads::new(be, &global, d)?;
+        let local = if locals > 0 {
+            let pass = Pass::new(be, net, locals * batch, cfg.local_img)?;
+            let grads = PassGrads::new(be, &pass, d)?;
+            Some((pass, grads))
+        } else {
+            None
+        };
+        Ok(Workspace {
+            batch,
+            locals,
+            teacher,
+            global,
+            global_grads,
+            local,
+            dino_teacher: net.dino.workspace(be, 2 * batch)?,
+            dino_student: net.dino.workspace(be, views * batch)?,
+            cls_teacher: be.zeros(2 * batch * d)?,
+            cls_student: be.zeros(views * batch * d)?,
+            dcls: be.zeros(views * batch * d)?,
+            dlogits: be.zeros(views * batch * cfg.out_dim)?,
+            relation: B::RelationWorkspace::default(),
+            stats: be.zeros(STATS_LEN)?,
+        })
+    }
+}
+
+/// One AdamW launch: consecutive tensors with the same weight decay and
+/// step count (AdamW is element-wise, so one launch per run computes what a
+/// loop over the tensors does).
+#[derive(Debug, Clone, PartialEq)]
+struct AdamGroup {
+    range: Range<usize>,
+    decay: bool,
+    /// Part of the DINO head's last layer (frozen at first, own step count).
+    last_layer: bool,
+}
+
+/// Everything a training run holds on its device: both networks'
+/// parameters, the optimizer state, the DINO centre, batch-norm statistics
+/// and the workspaces.
+pub struct Engine<B: Backend> {
+    be: B,
     cfg: TrainConfig,
     /// Module layout.
     pub net: SereNet,
     /// Student parameters.
-    pub student: Vec<f32>,
+    pub student: B::Buf,
     /// Teacher parameters (EMA of the student).
-    pub teacher: Vec<f32>,
+    pub teacher: B::Buf,
     /// AdamW first moments.
-    pub adam_m: Vec<f32>,
+    pub adam_m: B::Buf,
     /// AdamW second moments.
-    pub adam_v: Vec<f32>,
+    pub adam_v: B::Buf,
     /// AdamW steps taken by every parameter but the DINO last layer.
     pub adam_steps: u32,
     /// AdamW steps taken by the DINO last layer (frozen at first).
     pub last_layer_steps: u32,
     /// DINO centre (K).
-    pub centre: Vec<f32>,
+    pub centre: B::Buf,
     /// Student SERE heads' batch-norm running statistics.
-    pub student_bn: [SereHeadState; 4],
+    pub student_bn: SereHeads<SereHeadState<B>>,
     /// Teacher SERE heads' batch-norm running statistics.
-    pub teacher_bn: [SereHeadState; 4],
-    grads: Vec<f32>,
-    teacher_pass: PassBuffers,
-    global_pass: PassBuffers,
-    local_pass: PassBuffers,
-    dino_student: DinoHeadActs,
-    dino_teacher: DinoHeadActs,
-    cls: Vec<f32>,
-    dlogits: Vec<f32>,
-    dcls: Vec<f32>,
-    sere_loss: SereLoss,
+    pub teacher_bn: SereHeads<SereHeadState<B>>,
+    grads: B::Buf,
+    adam_groups: Vec<AdamGroup>,
+    /// Every parameter tensor's range (per-tensor clipping).
+    tensors: Vec<Range<usize>>,
+    ws: Option<Workspace<B>>,
 }
 
-fn fit(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    if v.len() != n {
-        v.resize(n, 0.0);
+/// The CPU engine.
+pub type CpuEngine = Engine<Cpu>;
+
+impl Engine<Cpu> {
+    /// A fresh run on the CPU (see [`Engine::new`]).
+    pub fn cpu(cfg: &TrainConfig) -> Self {
+        Engine::new(Cpu, cfg).expect("CPU buffers are plain vectors")
     }
-    &mut v[..]
 }
 
-/// Copies the patch rows (all but each image's CLS row) of `out`
-/// (`images x T x D`) into `patches` (`images x (T-1) x D`).
-fn gather_patches(out: &[f32], images: usize, t: usize, d: usize, patches: &mut [f32]) {
-    patches
-        .par_chunks_mut((t - 1) * d)
-        .zip(out.par_chunks(t * d))
-        .take(images)
-        .for_each(|(p, o)| p.copy_from_slice(&o[d..]));
-}
-
-/// Adds `dpatches` (`images x (T-1) x D`) into the patch rows of `dout`.
-fn scatter_patches(dpatches: &[f32], images: usize, t: usize, d: usize, dout: &mut [f32]) {
-    dout.par_chunks_mut(t * d)
-        .zip(dpatches.par_chunks((t - 1) * d))
-        .take(images)
-        .for_each(|(o, p)| {
-            for (a, &b) in o[d..].iter_mut().zip(p) {
-                *a += b;
-            }
-        });
-}
-
-impl CpuEngine {
-    /// A fresh run: student initialised from `seed`, teacher a copy of it.
-    pub fn new(cfg: &TrainConfig) -> Self {
+impl<B: Backend> Engine<B> {
+    /// A fresh run on `be`: the student initialised from `cfg.seed` on the
+    /// host (the same values on every backend), the teacher a copy of it.
+    pub fn new(be: B, cfg: &TrainConfig) -> Result<Self, OpError> {
         let net = SereNet::new(cfg);
         let n = net.layout.len();
-        let mut student = vec![0.0f32; n];
+        let mut init = vec![0.0f32; n];
         net.layout.init(
-            &mut student,
+            &mut init,
             &mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed),
         );
-        let teacher = student.clone();
-        let student_bn = net.new_bn_states();
-        let teacher_bn = net.new_bn_states();
-        CpuEngine {
-            cfg: cfg.clone(),
-            student,
-            teacher,
-            adam_m: vec![0.0; n],
-            adam_v: vec![0.0; n],
+        let last = net.dino.last_layer_range();
+        let mut adam_groups: Vec<AdamGroup> = Vec::new();
+        for e in net.layout.entries() {
+            let last_layer = e.range.start >= last.start && e.range.end <= last.end;
+            match adam_groups.last_mut() {
+                Some(g)
+                    if g.decay == e.decay
+                        && g.last_layer == last_layer
+                        && g.range.end == e.range.start =>
+                {
+                    g.range.end = e.range.end;
+                }
+                _ => adam_groups.push(AdamGroup {
+                    range: e.range.clone(),
+                    decay: e.decay,
+                    last_layer,
+                }),
+            }
+        }
+        let tensors = net
+            .layout
+            .entries()
+            .iter()
+            .map(|e| e.range.clone())
+            .collect();
+        Ok(Engine {
+            student: be.upload(&init)?,
+            teacher: be.upload(&init)?,
+            adam_m: be.zeros(n)?,
+            adam_v: be.zeros(n)?,
             adam_steps: 0,
             last_layer_steps: 0,
-            centre: vec![0.0; cfg.out_dim],
-            student_bn,
-            teacher_bn,
-            grads: vec![0.0; n],
-            teacher_pass: PassBuffers::default(),
-            global_pass: PassBuffers::default(),
-            local_pass: PassBuffers::default(),
-            dino_student: DinoHeadActs::default(),
-            dino_teacher: DinoHeadActs::default(),
-            cls: Vec::new(),
-            dlogits: Vec::new(),
-            dcls: Vec::new(),
-            sere_loss: SereLoss::new(),
+            centre: be.zeros(cfg.out_dim)?,
+            student_bn: net.new_bn_states(&be)?,
+            teacher_bn: net.new_bn_states(&be)?,
+            grads: be.zeros(n)?,
+            adam_groups,
+            tensors,
+            ws: None,
+            cfg: cfg.clone(),
             net,
-        }
+            be,
+        })
+    }
+
+    /// The backend the run is on.
+    pub fn backend(&self) -> &B {
+        &self.be
     }
 
     /// The configuration the engine was built for.
@@ -237,7 +405,7 @@ impl CpuEngine {
     }
 
     /// The student gradient of the last step (after clipping).
-    pub fn grads(&self) -> &[f32] {
+    pub fn grads(&self) -> &B::Buf {
         &self.grads
     }
 
@@ -251,362 +419,365 @@ impl CpuEngine {
         sched: &StepSchedule,
     ) -> Result<StepStats, StepError> {
         let stats = self.forward_backward(input, sched)?;
-        self.update(sched)?;
+        self.update(sched).map_err(StepError::at(sched.step))?;
         Ok(stats)
     }
 
-    /// Forward and backward of one step: fills the student gradient and
-    /// updates the centre and batch-norm statistics; parameters unchanged.
+    /// Forward and backward of one step: fills the (clipped) student
+    /// gradient and updates the centre and batch-norm statistics; parameters
+    /// unchanged.
     pub fn forward_backward(
         &mut self,
         input: &StepInput,
         sched: &StepSchedule,
     ) -> Result<StepStats, StepError> {
-        let cfg = &self.cfg;
         let step = sched.step;
-        let kerr = |source| StepError::Kernel { step, source };
-        let (b, l) = (input.batch, input.locals);
-        let d = cfg.dim;
-        let k = cfg.out_dim;
-        let ng_img = 2 * b;
-        let nl_img = l * b;
-        let views = 2 + l;
-        let w_img = cfg.image_loss_weight() as f32;
-        let (alpha, beta) = (cfg.alpha as f32, cfg.beta as f32);
-        let net = &self.net;
+        let err = StepError::at(step);
+        self.shape_workspace(input.batch, input.locals)
+            .map_err(&err)?;
+        self.teacher_pass(input).map_err(&err)?;
+        self.student_pass(input, step).map_err(&err)?;
+        let spatial_terms = self.losses(input, sched).map_err(&err)?;
+        self.backward().map_err(&err)?;
+        let stats = self.read_stats(spatial_terms, step)?;
+        if self.cfg.clip_grad > 0.0 {
+            let max = self.cfg.clip_grad as f32;
+            self.be
+                .clip_per_tensor(&mut self.grads, &self.tensors, max)
+                .map_err(&err)?;
+        }
+        Ok(stats)
+    }
 
-        // ---- teacher: globals, no drop path, projections.
-        let tp = &mut self.teacher_pass;
+    fn shape_workspace(&mut self, batch: usize, locals: usize) -> Result<(), OpError> {
+        if !self
+            .ws
+            .as_ref()
+            .is_some_and(|w| w.batch == batch && w.locals == locals)
+        {
+            self.ws = None; // free the old shape's buffers first
+            self.ws = Some(Workspace::new(
+                &self.be, &self.net, &self.cfg, batch, locals,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Teacher on the global crops, no drop path: patch tokens through the
+    /// projections, CLS tokens through the DINO head.
+    fn teacher_pass(&mut self, input: &StepInput) -> Result<(), OpError> {
+        let (be, net, params) = (&self.be, &self.net, &self.teacher);
+        let ws = self.ws.as_mut().expect("shaped");
+        let (d, tp) = (self.cfg.dim, &mut ws.teacher);
         net.vit.forward(
-            &self.teacher,
+            be,
+            params,
             input.globals,
-            ng_img,
-            cfg.img,
+            tp.images,
+            self.cfg.img,
             &mut tp.vit,
             None,
-        );
-        let tg = tp.vit.t;
-        gather_patches(
-            tp.vit.out(),
-            ng_img,
-            tg,
-            d,
-            fit(&mut tp.patches, ng_img * (tg - 1) * d),
-        );
-        let rows_g = ng_img * (tg - 1);
-        net.sere[SPATIAL_GLOBAL].forward_projection(
-            &self.teacher,
-            &mut self.teacher_bn[SPATIAL_GLOBAL],
+        )?;
+        tp.gather_patches(be, d)?;
+        let bn = &mut self.teacher_bn;
+        let (sp, ch) = (&net.sere.spatial_global, &net.sere.channel_global);
+        sp.forward_projection(
+            be,
+            params,
+            &mut bn.spatial_global,
             BnMode::Train,
             &tp.patches,
-            rows_g,
             &mut tp.spatial,
-        );
-        net.sere[CHANNEL_GLOBAL].forward_projection(
-            &self.teacher,
-            &mut self.teacher_bn[CHANNEL_GLOBAL],
+        )?;
+        ch.forward_projection(
+            be,
+            params,
+            &mut bn.channel_global,
             BnMode::Train,
             &tp.patches,
-            rows_g,
             &mut tp.channel,
-        );
-        {
-            let cls = fit(&mut self.cls, ng_img * d);
-            for i in 0..ng_img {
-                cls[i * d..(i + 1) * d].copy_from_slice(&tp.vit.out()[i * tg * d..i * tg * d + d]);
-            }
-        }
+        )?;
+        tp.gather_cls(be, d, &mut ws.cls_teacher, 0)?;
         net.dino
-            .forward(&self.teacher, &self.cls, ng_img, &mut self.dino_teacher);
+            .forward(be, params, &ws.cls_teacher, &mut ws.dino_teacher)
+    }
 
-        // ---- student: globals and locals, drop path on.
+    /// Student on the global and the local crops, drop path on: patch
+    /// tokens through the predictors, every view's CLS token (view-major,
+    /// `[views][B][D]`) through the DINO head.
+    fn student_pass(&mut self, input: &StepInput, step: u64) -> Result<(), OpError> {
+        let (be, net, params, cfg) = (&self.be, &self.net, &self.student, &self.cfg);
+        let ws = self.ws.as_mut().expect("shaped");
+        let d = cfg.dim;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
             cfg.seed ^ 0x5eed_0000_0000 ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
-        let gp = &mut self.global_pass;
-        net.vit.forward(
-            &self.student,
+        let SereHeads {
+            spatial_global: bn_sg,
+            channel_global: bn_cg,
+            spatial_local: bn_sl,
+            channel_local: bn_cl,
+        } = &mut self.student_bn;
+        let (h, l) = (&net.sere, input.local_crops);
+        let global = (
             input.globals,
-            ng_img,
             cfg.img,
-            &mut gp.vit,
-            Some(&mut rng),
+            &mut ws.global,
+            (&h.spatial_global, bn_sg),
+            (&h.channel_global, bn_cg),
         );
-        gather_patches(
-            gp.vit.out(),
-            ng_img,
-            tg,
-            d,
-            fit(&mut gp.patches, rows_g * d),
-        );
-        let sbn = &mut self.student_bn;
-        net.sere[SPATIAL_GLOBAL].forward_predictor(
-            &self.student,
-            &mut sbn[SPATIAL_GLOBAL],
-            BnMode::Train,
-            &gp.patches,
-            rows_g,
-            &mut gp.spatial,
-        );
-        net.sere[CHANNEL_GLOBAL].forward_predictor(
-            &self.student,
-            &mut sbn[CHANNEL_GLOBAL],
-            BnMode::Train,
-            &gp.patches,
-            rows_g,
-            &mut gp.channel,
-        );
-        let lp = &mut self.local_pass;
-        let (mut tl, mut rows_l) = (1, 0);
-        if l > 0 {
-            net.vit.forward(
-                &self.student,
-                input.local_crops,
-                nl_img,
+        let local = ws.local.as_mut().map(|(p, _)| {
+            (
+                l,
                 cfg.local_img,
-                &mut lp.vit,
+                p,
+                (&h.spatial_local, bn_sl),
+                (&h.channel_local, bn_cl),
+            )
+        });
+        let mut first_cls = 0;
+        for (images, img, pass, (sp, bs), (ch, bc)) in [global].into_iter().chain(local) {
+            net.vit.forward(
+                be,
+                params,
+                images,
+                pass.images,
+                img,
+                &mut pass.vit,
                 Some(&mut rng),
-            );
-            tl = lp.vit.t;
-            rows_l = nl_img * (tl - 1);
-            gather_patches(
-                lp.vit.out(),
-                nl_img,
-                tl,
-                d,
-                fit(&mut lp.patches, rows_l * d),
-            );
-            net.sere[SPATIAL_LOCAL].forward_predictor(
-                &self.student,
-                &mut sbn[SPATIAL_LOCAL],
+            )?;
+            pass.gather_patches(be, d)?;
+            sp.forward_predictor(
+                be,
+                params,
+                bs,
                 BnMode::Train,
-                &lp.patches,
-                rows_l,
-                &mut lp.spatial,
-            );
-            net.sere[CHANNEL_LOCAL].forward_predictor(
-                &self.student,
-                &mut sbn[CHANNEL_LOCAL],
+                &pass.patches,
+                &mut pass.spatial,
+            )?;
+            ch.forward_predictor(
+                be,
+                params,
+                bc,
                 BnMode::Train,
-                &lp.patches,
-                rows_l,
-                &mut lp.channel,
-            );
-        }
-        // CLS tokens of every student view, view-major: [views][B][D].
-        {
-            let cls = fit(&mut self.cls, views * b * d);
-            for i in 0..ng_img {
-                cls[i * d..(i + 1) * d].copy_from_slice(&gp.vit.out()[i * tg * d..i * tg * d + d]);
-            }
-            for i in 0..nl_img {
-                let o = (ng_img + i) * d;
-                cls[o..o + d].copy_from_slice(&lp.vit.out()[i * tl * d..i * tl * d + d]);
-            }
+                &pass.patches,
+                &mut pass.channel,
+            )?;
+            pass.gather_cls(be, d, &mut ws.cls_student, first_cls)?;
+            first_cls += pass.images;
         }
         net.dino
-            .forward(&self.student, &self.cls, views * b, &mut self.dino_student);
+            .forward(be, params, &ws.cls_student, &mut ws.dino_student)
+    }
 
-        // ---- losses and their gradients w.r.t. the heads' outputs.
-        let dlogits = fit(&mut self.dlogits, views * b * k);
-        dlogits.fill(0.0);
-        let dino = dino_loss_step(
-            self.dino_student.logits(),
-            self.dino_teacher.logits(),
+    /// The DINO loss (and centre update) and both relation losses, with
+    /// their gradients w.r.t. the heads' outputs; returns the number of
+    /// spatial terms.
+    fn losses(&mut self, input: &StepInput, sched: &StepSchedule) -> Result<usize, OpError> {
+        let (be, cfg) = (&self.be, &self.cfg);
+        let ws = self.ws.as_mut().expect("shaped");
+        let (b, l) = (input.batch, input.locals);
+        be.zero(&mut ws.dlogits)?;
+        let dino = DinoLossArgs {
+            views: 2 + l,
+            batch: b,
+            dim: cfg.out_dim,
+            tau_student: cfg.student_temp as f32,
+            tau_teacher: sched.teacher_temp,
+            weight: cfg.image_loss_weight() as f32,
+            centre_momentum: cfg.center_momentum as f32,
+        };
+        let (st, te) = (ws.dino_student.logits(), ws.dino_teacher.logits());
+        be.dino_loss(
+            st,
+            te,
             &mut self.centre,
-            views,
-            b,
-            cfg.student_temp as f32,
-            sched.teacher_temp,
-            w_img,
-            cfg.center_momentum as f32,
-            dlogits,
-        )
-        .map_err(|e| StepError::from_core(step, e))?;
+            dino,
+            &mut ws.dlogits,
+            &mut ws.stats,
+            SLOT_DINO,
+        )?;
 
         let shapes = ViewShapes {
             batch: b,
-            channels: d,
+            channels: cfg.dim,
             global_hw: (cfg.grid(), cfg.grid()),
             local_hw: (cfg.local_grid(), cfg.local_grid()),
             locals: l,
         };
-        for (v, n) in [
-            (&mut gp.dspatial, rows_g * d),
-            (&mut gp.dchannel, rows_g * d),
-            (&mut lp.dspatial, rows_l * d),
-            (&mut lp.dchannel, rows_l * d),
-        ] {
-            fit(v, n).fill(0.0);
-        }
         let loss_cfg = SereLossConfig {
             heads: cfg.heads,
             tau_teacher_spatial: cfg.spatial_tau_t as f32,
             tau_teacher_channel: cfg.channel_tau_t as f32,
             tau_student: 1.0,
         };
-        let grids = input.grids;
-        let grid_of = |img: usize, t: usize, s: usize| -> Option<(&[f32], &[f32])> {
-            let g = grids.iter().find(|g| g.teacher == t && g.student == s)?;
-            if !g.valid[img] {
-                return None;
+        let (gp, gg) = (&ws.global, &mut ws.global_grads);
+        be.zero(&mut gg.dspatial)?;
+        be.zero(&mut gg.dchannel)?;
+        // Without local crops the global buffers stand in for the (empty)
+        // local ones: the losses read no local view then.
+        let (lp, lg) = match ws.local.as_mut() {
+            Some((lp, lg)) => {
+                be.zero(&mut lg.dspatial)?;
+                be.zero(&mut lg.dchannel)?;
+                (Some(&*lp), Some(lg))
             }
-            let p = g.hs * g.ws * 2;
-            Some((
-                &g.teacher_grid[img * p..(img + 1) * p],
-                &g.student_grid[img * p..(img + 1) * p],
-            ))
+            None => (None, None),
         };
-        let out = self
-            .sere_loss
-            .forward_backward(
-                &loss_cfg,
-                &shapes,
-                &SereInputs {
-                    teacher_spatial: tp.spatial.output(),
-                    teacher_channel: tp.channel.output(),
-                    student_spatial: StudentViews {
-                        globals: gp.spatial.output(),
-                        locals: if l > 0 { lp.spatial.output() } else { &[] },
-                    },
-                    student_channel: StudentViews {
-                        globals: gp.channel.output(),
-                        locals: if l > 0 { lp.channel.output() } else { &[] },
-                    },
-                },
-                grid_of,
-                (alpha, beta),
-                Some(SereGrads {
-                    spatial: StudentGrads {
-                        globals: &mut gp.dspatial,
-                        locals: &mut lp.dspatial,
-                    },
-                    channel: StudentGrads {
-                        globals: &mut gp.dchannel,
-                        locals: &mut lp.dchannel,
-                    },
-                }),
-            )
-            .map_err(|e| StepError::from_core(step, e))?;
-        let loss = w_img * dino + alpha * out.spatial + beta * out.channel;
-        if !loss.is_finite() {
-            return Err(StepError::NonFinite {
-                step,
-                what: "the loss".into(),
-            });
-        }
+        let tp = &ws.teacher;
+        let (mut spare_s, mut spare_c) = (be.zeros(0)?, be.zeros(0)?);
+        let (lsp, lch) = match &lp {
+            Some(lp) => (lp.spatial.output(), lp.channel.output()),
+            None => (gp.spatial.output(), gp.channel.output()),
+        };
+        let (ldsp, ldch) = match lg {
+            Some(lg) => (&mut lg.dspatial, &mut lg.dchannel),
+            None => (&mut spare_s, &mut spare_c),
+        };
+        let args = RelationArgs {
+            cfg: &loss_cfg,
+            shapes: &shapes,
+            grids: input.grids,
+            teacher_spatial: tp.spatial.output(),
+            teacher_channel: tp.channel.output(),
+            student_spatial: StudentFeatures {
+                globals: gp.spatial.output(),
+                locals: lsp,
+            },
+            student_channel: StudentFeatures {
+                globals: gp.channel.output(),
+                locals: lch,
+            },
+            weights: (cfg.alpha as f32, cfg.beta as f32),
+            dspatial: StudentFeatureGrads {
+                globals: &mut gg.dspatial,
+                locals: ldsp,
+            },
+            dchannel: StudentFeatureGrads {
+                globals: &mut gg.dchannel,
+                locals: ldch,
+            },
+        };
+        be.relation_losses(&mut ws.relation, args, &mut ws.stats, SLOT_SPATIAL)
+    }
 
-        // ---- backward: heads -> tokens -> backbone.
-        self.grads.fill(0.0);
+    /// Backward from the heads' output gradients: DINO head to the CLS
+    /// tokens, SERE predictors to the patch tokens, both through the
+    /// backbone; the gradient's norm into the step's scalars.
+    fn backward(&mut self) -> Result<(), OpError> {
+        let (be, net, params, d) = (&self.be, &self.net, &self.student, self.cfg.dim);
+        let ws = self.ws.as_mut().expect("shaped");
         let grads = &mut self.grads;
-        let dcls = fit(&mut self.dcls, views * b * d);
-        dcls.fill(0.0);
+        be.zero(grads)?;
+        be.zero(&mut ws.dcls)?;
         net.dino.backward(
-            &self.student,
-            &mut self.dino_student,
-            &self.dlogits,
+            be,
+            params,
+            &mut ws.dino_student,
+            &ws.dlogits,
             grads,
-            dcls,
+            &mut ws.dcls,
+        )?;
+        let global = (
+            &mut ws.global,
+            &mut ws.global_grads,
+            &net.sere.spatial_global,
+            &net.sere.channel_global,
         );
-        for (pass, imgs, t, rows, hs, hc, cls_off) in [
-            (
-                &mut *gp,
-                ng_img,
-                tg,
-                rows_g,
-                SPATIAL_GLOBAL,
-                CHANNEL_GLOBAL,
-                0,
-            ),
-            (
-                &mut *lp,
-                nl_img,
-                tl,
-                rows_l,
-                SPATIAL_LOCAL,
-                CHANNEL_LOCAL,
-                ng_img,
-            ),
-        ] {
-            if imgs == 0 {
-                continue;
-            }
-            let dp = fit(&mut pass.dpatches, rows * d);
-            dp.fill(0.0);
-            net.sere[hs].backward_predictor(
-                &self.student,
+        let local = ws
+            .local
+            .as_mut()
+            .map(|(p, g)| (p, g, &net.sere.spatial_local, &net.sere.channel_local));
+        let mut first_cls = 0;
+        for (pass, pg, sp, ch) in [global].into_iter().chain(local) {
+            be.zero(&mut pg.dpatches)?;
+            sp.backward_predictor(
+                be,
+                params,
                 &pass.patches,
                 &mut pass.spatial,
-                &pass.dspatial,
+                &pg.dspatial,
                 grads,
-                dp,
-            );
-            net.sere[hc].backward_predictor(
-                &self.student,
+                &mut pg.dpatches,
+            )?;
+            ch.backward_predictor(
+                be,
+                params,
                 &pass.patches,
                 &mut pass.channel,
-                &pass.dchannel,
+                &pg.dchannel,
                 grads,
-                dp,
-            );
-            let dout = fit(&mut pass.dout, imgs * t * d);
-            dout.fill(0.0);
-            for i in 0..imgs {
-                dout[i * t * d..i * t * d + d]
-                    .copy_from_slice(&dcls[(cls_off + i) * d..(cls_off + i + 1) * d]);
-            }
-            scatter_patches(&pass.dpatches, imgs, t, d, dout);
+                &mut pg.dpatches,
+            )?;
+            be.zero(&mut pg.dout)?;
+            let (n, t) = (pass.vit.n, pass.vit.t);
+            be.copy_blocks(
+                &ws.dcls,
+                &mut pg.dout,
+                cls_rows(pass.images, t, d, first_cls, false),
+                false,
+            )?;
+            let patches = Blocks {
+                count: pass.images,
+                len: n * d,
+                src_start: 0,
+                src_stride: n * d,
+                dst_start: d,
+                dst_stride: t * d,
+            };
+            be.copy_blocks(&pg.dpatches, &mut pg.dout, patches, true)?;
             net.vit
-                .backward(&self.student, &mut pass.vit, &pass.dout, grads);
+                .backward(be, params, &mut pass.vit, &pg.dout, grads)?;
+            first_cls += pass.images;
         }
+        be.l2_norm(grads, &mut ws.stats, SLOT_GRAD_NORM)
+    }
 
-        // ---- clip each parameter tensor, as DINO does.
-        let grad_norm = sere_core::optim::l2_norm(grads);
-        if !grad_norm.is_finite() {
-            return Err(StepError::NonFinite {
-                step,
-                what: "the gradient".into(),
-            });
+    /// Reads the step's scalars (the one synchronisation of a step) and
+    /// refuses a non-finite loss or gradient.
+    fn read_stats(&self, spatial_terms: usize, step: u64) -> Result<StepStats, StepError> {
+        let ws = self.ws.as_ref().expect("shaped");
+        let s = self.be.download(&ws.stats).map_err(StepError::at(step))?;
+        let cfg = &self.cfg;
+        let (w_img, alpha, beta) = (
+            cfg.image_loss_weight() as f32,
+            cfg.alpha as f32,
+            cfg.beta as f32,
+        );
+        let loss = w_img * s[SLOT_DINO] + alpha * s[SLOT_SPATIAL] + beta * s[SLOT_CHANNEL];
+        let non_finite = |what: &str| StepError::NonFinite {
+            step,
+            what: what.into(),
+        };
+        if !loss.is_finite() {
+            return Err(non_finite("the loss"));
         }
-        if cfg.clip_grad > 0.0 {
-            for e in net.layout.entries() {
-                clip_grad_norm(&mut grads[e.range.clone()], cfg.clip_grad as f32).map_err(kerr)?;
-            }
+        if !s[SLOT_GRAD_NORM].is_finite() {
+            return Err(non_finite("the gradient"));
         }
         Ok(StepStats {
             loss,
-            dino,
-            spatial: out.spatial,
-            channel: out.channel,
-            grad_norm,
-            spatial_terms: out.spatial_terms,
+            dino: s[SLOT_DINO],
+            spatial: s[SLOT_SPATIAL],
+            channel: s[SLOT_CHANNEL],
+            grad_norm: s[SLOT_GRAD_NORM],
+            spatial_terms,
         })
     }
 
     /// AdamW on the student (the DINO head's last layer skipped while
     /// frozen, like a parameter without gradient in PyTorch), then the
     /// teacher EMA.
-    fn update(&mut self, sched: &StepSchedule) -> Result<(), StepError> {
-        let step = sched.step;
-        let kerr = |source| StepError::Kernel { step, source };
-        let last = self.net.dino.last_layer_range();
+    fn update(&mut self, sched: &StepSchedule) -> Result<(), OpError> {
         self.adam_steps += 1;
         if !sched.freeze_last_layer {
             self.last_layer_steps += 1;
         }
-        let (student, grads, m, v) = (
-            &mut self.student,
-            &self.grads,
-            &mut self.adam_m,
-            &mut self.adam_v,
-        );
-        for e in self.net.layout.entries() {
-            let is_last = e.range.start >= last.start && e.range.end <= last.end;
-            if is_last && sched.freeze_last_layer {
+        for g in &self.adam_groups {
+            if g.last_layer && sched.freeze_last_layer {
                 continue;
             }
-            let (r, decay) = (e.range.clone(), e.decay);
-            let t = if is_last {
+            let t = if g.last_layer {
                 self.last_layer_steps
             } else {
                 self.adam_steps
@@ -614,47 +785,180 @@ impl CpuEngine {
             // PyTorch's AdamW defaults (betas 0.9/0.999, eps 1e-8), as DINO.
             let opt = AdamW {
                 lr: sched.lr,
-                weight_decay: if decay { sched.weight_decay } else { 0.0 },
+                weight_decay: if g.decay { sched.weight_decay } else { 0.0 },
                 ..AdamW::default()
             };
-            par_adamw(
-                &mut student[r.clone()],
-                &grads[r.clone()],
-                &mut m[r.clone()],
-                &mut v[r],
+            let moments = (&mut self.adam_m, &mut self.adam_v);
+            self.be.adamw(
+                &mut self.student,
+                &self.grads,
+                moments,
+                g.range.clone(),
                 &opt,
                 t,
-            )
-            .map_err(kerr)?;
+            )?;
         }
-        par_ema(&mut self.teacher, &self.student, sched.momentum).map_err(kerr)?;
+        self.be
+            .ema(&mut self.teacher, &self.student, sched.momentum)
+    }
+
+    /// The run's state after `step` steps, on the host, as a checkpoint
+    /// (the same format on every backend).
+    pub fn snapshot(&self, step: u64) -> Result<Checkpoint, OpError> {
+        let be = &self.be;
+        let host_bn = |s: &SereHeads<SereHeadState<B>>| -> Result<HostBnStates, OpError> {
+            s.try_map(|h| {
+                let bn = |r: &BnRunning<B>| -> Result<BnRunning<Cpu>, OpError> {
+                    Ok(BnRunning {
+                        mean: be.download(&r.mean)?,
+                        var: be.download(&r.var)?,
+                    })
+                };
+                Ok(SereHeadState {
+                    projection: bn(&h.projection)?,
+                    predictor: bn(&h.predictor)?,
+                })
+            })
+        };
+        let (student, teacher) = (be.download(&self.student)?, be.download(&self.teacher)?);
+        let (adam_m, adam_v) = (be.download(&self.adam_m)?, be.download(&self.adam_v)?);
+        let centre = be.download(&self.centre)?;
+        let (student_bn, teacher_bn) = (host_bn(&self.student_bn)?, host_bn(&self.teacher_bn)?);
+        let view = RunView {
+            layout: &self.net.layout,
+            student: &student,
+            teacher: &teacher,
+            adam_m: &adam_m,
+            adam_v: &adam_v,
+            centre: &centre,
+            student_bn: &student_bn,
+            teacher_bn: &teacher_bn,
+            adam_steps: self.adam_steps,
+            last_layer_steps: self.last_layer_steps,
+        };
+        Ok(snapshot_state(&view, &self.cfg, step))
+    }
+
+    /// Restores the run's state from a checkpoint (written by any backend);
+    /// returns the step to continue from. The model shape must match.
+    pub fn restore(&mut self, ck: &Checkpoint) -> Result<u64, SereError> {
+        let n = self.net.layout.len();
+        let mut host = [(); 4].map(|_| vec![0.0f32; n]);
+        let mut centre = vec![0.0f32; self.cfg.out_dim];
+        let fresh = || self.net.new_bn_states(&Cpu).expect("host buffers");
+        let (mut student_bn, mut teacher_bn) = (fresh(), fresh());
+        let [student, teacher, adam_m, adam_v] = &mut host;
+        let step = restore_state(
+            RunState {
+                layout: &self.net.layout,
+                student,
+                teacher,
+                adam_m,
+                adam_v,
+                centre: &mut centre,
+                student_bn: &mut student_bn,
+                teacher_bn: &mut teacher_bn,
+                adam_steps: &mut self.adam_steps,
+                last_layer_steps: &mut self.last_layer_steps,
+            },
+            ck,
+        )?;
+        self.upload_state(&host, &centre, (&student_bn, &teacher_bn))
+            .map_err(|e| SereError::Device(e.to_string()))?;
+        Ok(step)
+    }
+
+    fn upload_state(
+        &mut self,
+        [student, teacher, adam_m, adam_v]: &[Vec<f32>; 4],
+        centre: &[f32],
+        (student_bn, teacher_bn): (&HostBnStates, &HostBnStates),
+    ) -> Result<(), OpError> {
+        let be = &self.be;
+        be.upload_into(student, &mut self.student)?;
+        be.upload_into(teacher, &mut self.teacher)?;
+        be.upload_into(adam_m, &mut self.adam_m)?;
+        be.upload_into(adam_v, &mut self.adam_v)?;
+        be.upload_into(centre, &mut self.centre)?;
+        for (dev, host) in [
+            (&mut self.student_bn, student_bn),
+            (&mut self.teacher_bn, teacher_bn),
+        ] {
+            for ((_, d), (_, h)) in dev.iter_mut().zip(host.iter()) {
+                be.upload_into(&h.projection.mean, &mut d.projection.mean)?;
+                be.upload_into(&h.projection.var, &mut d.projection.var)?;
+                be.upload_into(&h.predictor.mean, &mut d.predictor.mean)?;
+                be.upload_into(&h.predictor.var, &mut d.predictor.var)?;
+            }
+        }
         Ok(())
     }
 }
 
-/// AdamW split over threads for large tensors.
-fn par_adamw(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    opt: &AdamW,
-    t: u32,
-) -> sere_core::Result<()> {
-    const CHUNK: usize = 1 << 15;
-    if p.len() <= CHUNK {
-        return adamw_step(p, g, m, v, opt, t);
-    }
-    p.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
-        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .try_for_each(|((pc, gc), (mc, vc))| adamw_step(pc, gc, mc, vc, opt, t))
+/// The one runtime dispatch point between the commands and a device: an
+/// [`Engine`] on the CPU or on a CUDA GPU, chosen by `cfg.device`.
+pub enum AnyEngine {
+    /// Host CPU: sere-core kernels, the blocked SGEMM, rayon threads.
+    Cpu(Box<Engine<Cpu>>),
+    /// CUDA device 0: sere-cuda kernels and cuBLAS; everything but the
+    /// crops, grids and drop-path factors stays on the device.
+    Cuda(Box<Engine<Cuda>>),
 }
 
-/// Teacher EMA split over threads.
-fn par_ema(teacher: &mut [f32], student: &[f32], momentum: f32) -> sere_core::Result<()> {
-    teacher
-        .par_chunks_mut(1 << 15)
-        .zip(student.par_chunks(1 << 15))
-        .try_for_each(|(t, s)| ema_update(t, s, momentum))
+/// Runs `$body` with `$e` bound to the engine inside `$any`, whatever its
+/// backend.
+macro_rules! on_engine {
+    ($any:expr, $e:ident => $body:expr) => {
+        match $any {
+            AnyEngine::Cpu($e) => $body,
+            AnyEngine::Cuda($e) => $body,
+        }
+    };
+}
+
+impl AnyEngine {
+    /// The engine for `cfg.device`, or a clear error when this machine
+    /// cannot provide it.
+    pub fn new(cfg: &TrainConfig) -> Result<Self, SereError> {
+        match cfg.device {
+            crate::config::Device::Cpu => Ok(AnyEngine::Cpu(Box::new(Engine::cpu(cfg)))),
+            crate::config::Device::Cuda => {
+                let cuda = open_cuda()?;
+                let e = Engine::new(cuda, cfg).map_err(|e| cuda_unavailable(&e))?;
+                Ok(AnyEngine::Cuda(Box::new(e)))
+            }
+        }
+    }
+
+    /// One training step: forward, losses, backward, clipping, AdamW, EMA.
+    pub fn step(
+        &mut self,
+        input: &StepInput,
+        sched: &StepSchedule,
+    ) -> Result<StepStats, StepError> {
+        on_engine!(self, e => e.step(input, sched))
+    }
+
+    /// Waits until the device has finished every enqueued operation (for
+    /// timings).
+    pub fn synchronize(&self) -> Result<(), SereError> {
+        on_engine!(self, e => e.backend().synchronize())
+            .map_err(|e| SereError::Device(e.to_string()))
+    }
+
+    /// The run's state after `step` steps, on the host, as a checkpoint.
+    pub fn snapshot(&self, step: u64) -> Result<Checkpoint, SereError> {
+        on_engine!(self, e => e.snapshot(step)).map_err(|e| SereError::Device(e.to_string()))
+    }
+
+    /// Restores the run's state; returns the step to continue from.
+    pub fn restore(&mut self, ck: &Checkpoint) -> Result<u64, SereError> {
+        on_engine!(self, e => e.restore(ck))
+    }
+}
+
+/// CUDA device 0, or the no-GPU error saying what is missing and what to do.
+pub fn open_cuda() -> Result<Cuda, SereError> {
+    sere_cuda::probe().map_err(|e| cuda_unavailable(&e))?;
+    Cuda::new(0).map_err(|e| cuda_unavailable(&e))
 }

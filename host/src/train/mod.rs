@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::augment::{GridSizes, MultiCrop};
-use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::TrainConfig;
 use crate::data::{DataSpec, Loader, LoaderConfig, Position};
 use crate::error::SereError;
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepMetrics, METRICS_FILE};
+use crate::train::engine::AnyEngine;
 use engine::{StepError, StepInput, StepSchedule};
 use sere_core::schedule::{cosine_schedule, linear_warmup};
 
@@ -206,7 +206,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
         refuse_existing_run(&out_dir)?;
     }
     set_threads(cfg.threads);
-    let mut engine = Backend::new(&cfg)?;
+    let mut engine = AnyEngine::new(&cfg)?;
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| SereError::io("cannot create output directory", &out_dir, e))?;
 
@@ -330,7 +330,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
 
 /// Writes `checkpoint-<step>.safetensors` atomically (`--resume DIR` takes
 /// the newest one).
-fn save(engine: &Backend, dir: &Path, step: u64) -> Result<PathBuf, SereError> {
+fn save(engine: &AnyEngine, dir: &Path, step: u64) -> Result<PathBuf, SereError> {
     let ck = engine.snapshot(step)?;
     let path = dir.join(checkpoint::file_name(step));
     ck.save_atomic(&path)?;

@@ -2,26 +2,77 @@
 //! the DINO head on the CLS token, and four SERE heads on the patch tokens
 //! (spatial and channel, for global and for local crops).
 
+use crate::backend::{Backend, OpResult};
 use crate::config::TrainConfig;
 use crate::model::heads::{DinoHead, DinoHeadConfig, SereHead, SereHeadState};
 use crate::model::params::ParamLayout;
 use crate::model::vit::{Vit, VitConfig};
 
-/// Index of each SERE head in [`SereNet::sere`].
-pub const SPATIAL_GLOBAL: usize = 0;
-/// Channel head for global crops.
-pub const CHANNEL_GLOBAL: usize = 1;
-/// Spatial head for local crops.
-pub const SPATIAL_LOCAL: usize = 2;
-/// Channel head for local crops.
-pub const CHANNEL_LOCAL: usize = 3;
-/// Checkpoint names of the SERE heads, in index order.
+/// One value per SERE head (the heads themselves, their batch-norm states,
+/// their workspaces): spatial and channel relation, for global and for local
+/// crops, named instead of indexed.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SereHeads<T> {
+    /// Spatial relation, global crops.
+    pub spatial_global: T,
+    /// Channel relation, global crops.
+    pub channel_global: T,
+    /// Spatial relation, local crops.
+    pub spatial_local: T,
+    /// Channel relation, local crops.
+    pub channel_local: T,
+}
+
+/// Checkpoint names of the SERE heads, in [`SereHeads::iter`] order.
 pub const SERE_HEAD_NAMES: [&str; 4] = [
     "spatial_global",
     "channel_global",
     "spatial_local",
     "channel_local",
 ];
+
+impl<T> SereHeads<T> {
+    /// Builds each head's value from its checkpoint name.
+    pub fn from_fn(mut f: impl FnMut(&'static str) -> T) -> Self {
+        let [sg, cg, sl, cl] = SERE_HEAD_NAMES;
+        SereHeads {
+            spatial_global: f(sg),
+            channel_global: f(cg),
+            spatial_local: f(sl),
+            channel_local: f(cl),
+        }
+    }
+
+    /// Each head's value mapped by a fallible `f`, in checkpoint order.
+    pub fn try_map<U, E>(&self, mut f: impl FnMut(&T) -> Result<U, E>) -> Result<SereHeads<U>, E> {
+        Ok(SereHeads {
+            spatial_global: f(&self.spatial_global)?,
+            channel_global: f(&self.channel_global)?,
+            spatial_local: f(&self.spatial_local)?,
+            channel_local: f(&self.channel_local)?,
+        })
+    }
+
+    /// `(name, value)` in checkpoint order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &T)> {
+        SERE_HEAD_NAMES.into_iter().zip([
+            &self.spatial_global,
+            &self.channel_global,
+            &self.spatial_local,
+            &self.channel_local,
+        ])
+    }
+
+    /// `(name, value)` in checkpoint order, mutably.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&'static str, &mut T)> {
+        SERE_HEAD_NAMES.into_iter().zip([
+            &mut self.spatial_global,
+            &mut self.channel_global,
+            &mut self.spatial_local,
+            &mut self.channel_local,
+        ])
+    }
+}
 
 /// The network's modules and their place in one flat parameter buffer.
 #[derive(Debug, Clone)]
@@ -32,8 +83,8 @@ pub struct SereNet {
     pub vit: Vit,
     /// Image-level head.
     pub dino: DinoHead,
-    /// Relation heads, indexed by [`SPATIAL_GLOBAL`] etc.
-    pub sere: [SereHead; 4],
+    /// Relation heads.
+    pub sere: SereHeads<SereHead>,
 }
 
 impl SereNet {
@@ -52,7 +103,7 @@ impl SereNet {
                 nlayers: 3,
             },
         );
-        let sere = SERE_HEAD_NAMES.map(|n| SereHead::new(&mut layout, n, cfg.dim));
+        let sere = SereHeads::from_fn(|n| SereHead::new(&mut layout, n, cfg.dim));
         SereNet {
             layout,
             vit,
@@ -62,8 +113,8 @@ impl SereNet {
     }
 
     /// Fresh batch-norm running statistics of the four SERE heads.
-    pub fn new_bn_states(&self) -> [SereHeadState; 4] {
-        [0, 1, 2, 3].map(|i| self.sere[i].new_state())
+    pub fn new_bn_states<B: Backend>(&self, be: &B) -> OpResult<SereHeads<SereHeadState<B>>> {
+        self.sere.try_map(|h| h.new_state(be))
     }
 }
 

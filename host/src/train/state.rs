@@ -8,12 +8,15 @@
 //! Every backend goes through [`RunState`] (the run's state on the host),
 //! so a checkpoint written by one backend resumes on another.
 
-use super::engine::CpuEngine;
-use super::network::SERE_HEAD_NAMES;
+use super::network::SereHeads;
+use crate::backend::Cpu;
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::TrainConfig;
 use crate::error::SereError;
 use crate::model::heads::SereHeadState;
+
+/// The SERE heads' batch-norm statistics of one network, on the host.
+pub type HostBnStates = SereHeads<SereHeadState<Cpu>>;
 use crate::model::params::ParamLayout;
 
 /// Format version written into every checkpoint.
@@ -34,9 +37,9 @@ pub struct RunState<'a> {
     /// DINO centre.
     pub centre: &'a mut [f32],
     /// Student SERE heads' batch-norm statistics.
-    pub student_bn: &'a mut [SereHeadState; 4],
+    pub student_bn: &'a mut HostBnStates,
     /// Teacher SERE heads' batch-norm statistics.
-    pub teacher_bn: &'a mut [SereHeadState; 4],
+    pub teacher_bn: &'a mut HostBnStates,
     /// AdamW steps of every parameter but the DINO last layer.
     pub adam_steps: &'a mut u32,
     /// AdamW steps of the DINO last layer.
@@ -58,9 +61,9 @@ pub struct RunView<'a> {
     /// DINO centre.
     pub centre: &'a [f32],
     /// Student SERE heads' batch-norm statistics.
-    pub student_bn: &'a [SereHeadState; 4],
+    pub student_bn: &'a HostBnStates,
     /// Teacher SERE heads' batch-norm statistics.
-    pub teacher_bn: &'a [SereHeadState; 4],
+    pub teacher_bn: &'a HostBnStates,
     /// AdamW steps of every parameter but the DINO last layer.
     pub adam_steps: u32,
     /// AdamW steps of the DINO last layer.
@@ -77,7 +80,7 @@ pub fn snapshot_state(s: &RunView, cfg: &TrainConfig, step: u64) -> Checkpoint {
     ck.insert_params("optim.v.", layout, s.adam_v);
     ck.insert("dino.centre", &[s.centre.len()], s.centre.to_vec());
     for (net, states) in [("student", s.student_bn), ("teacher", s.teacher_bn)] {
-        for (name, st) in SERE_HEAD_NAMES.iter().zip(states.iter()) {
+        for (name, st) in states.iter() {
             for (bn, r) in [("projection", &st.projection), ("predictor", &st.predictor)] {
                 let p = format!("bn.{net}.{name}.{bn}");
                 ck.insert(format!("{p}.running_mean"), &[r.mean.len()], r.mean.clone());
@@ -114,7 +117,7 @@ pub fn restore_state(s: RunState, ck: &Checkpoint) -> Result<u64, SereError> {
     let k = s.centre.len();
     ck.read_tensor("dino.centre", &[k], s.centre)?;
     for (net, states) in [("student", s.student_bn), ("teacher", s.teacher_bn)] {
-        for (name, st) in SERE_HEAD_NAMES.iter().zip(states.iter_mut()) {
+        for (name, st) in states.iter_mut() {
             for (bn, r) in [
                 ("projection", &mut st.projection),
                 ("predictor", &mut st.predictor),
@@ -129,42 +132,4 @@ pub fn restore_state(s: RunState, ck: &Checkpoint) -> Result<u64, SereError> {
     *s.adam_steps = ck.meta_parse("adam_steps")?;
     *s.last_layer_steps = ck.meta_parse("last_layer_steps")?;
     Ok(ck.meta_parse("step")?)
-}
-
-/// A checkpoint of the CPU engine after `step` steps.
-pub fn snapshot(e: &CpuEngine, step: u64) -> Checkpoint {
-    let s = RunView {
-        layout: &e.net.layout,
-        student: &e.student,
-        teacher: &e.teacher,
-        adam_m: &e.adam_m,
-        adam_v: &e.adam_v,
-        centre: &e.centre,
-        student_bn: &e.student_bn,
-        teacher_bn: &e.teacher_bn,
-        adam_steps: e.adam_steps,
-        last_layer_steps: e.last_layer_steps,
-    };
-    snapshot_state(&s, e.config(), step)
-}
-
-/// Restores the CPU engine from a checkpoint and returns the step to
-/// continue from. The checkpoint's model shape must match the engine's.
-pub fn restore(e: &mut CpuEngine, ck: &Checkpoint) -> Result<u64, SereError> {
-    let layout = e.net.layout.clone();
-    restore_state(
-        RunState {
-            layout: &layout,
-            student: &mut e.student,
-            teacher: &mut e.teacher,
-            adam_m: &mut e.adam_m,
-            adam_v: &mut e.adam_v,
-            centre: &mut e.centre,
-            student_bn: &mut e.student_bn,
-            teacher_bn: &mut e.teacher_bn,
-            adam_steps: &mut e.adam_steps,
-            last_layer_steps: &mut e.last_layer_steps,
-        },
-        ck,
-    )
 }

@@ -1,12 +1,18 @@
-//! CPU kernels of the host: `sere-core`'s row-level kernels split over
+//! The CPU backend ([`Cpu`]): `sere-core`'s row-level kernels split over
 //! rayon's threads. Matmuls go through [`gemm`] (a blocked AVX2 + FMA SGEMM,
 //! matrixmultiply elsewhere; single-threaded per call): splitting rows (or
 //! output features) across rayon's pool keeps one thread pool, instead of
 //! nesting a GEMM's own pool inside rayon's.
 
+mod attention;
+mod batch_norm;
 mod gemm;
+mod ops;
+mod rows;
 
+use crate::backend::LN_EPS;
 pub use gemm::{gemm, gemm_bias};
+pub use ops::{Cpu, CpuScratch};
 use rayon::prelude::*;
 use sere_core::linalg::MatRef;
 
@@ -152,9 +158,6 @@ pub fn layer_norm_fwd(
         });
 }
 
-/// PyTorch's / timm's ViT layer-norm epsilon.
-pub const LN_EPS: f32 = 1e-6;
-
 /// Backward of [`layer_norm_fwd`]: `dx += ...`, `dgamma += ...`, `dbeta += ...`.
 /// `scratch` holds per-thread partial sums of `dgamma`/`dbeta` (grown once).
 #[allow(clippy::too_many_arguments)]
@@ -218,16 +221,5 @@ pub fn gelu_bwd(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         .zip(x.par_chunks(4096).zip(dy.par_chunks(4096)))
         .for_each(|(dxc, (xc, dyc))| {
             sere_core::activation::gelu_backward(xc, dyc, dxc).expect("gelu_bwd shapes");
-        });
-}
-
-/// `a += b`, parallel.
-pub fn add_assign(a: &mut [f32], b: &[f32]) {
-    a.par_chunks_mut(8192)
-        .zip(b.par_chunks(8192))
-        .for_each(|(ac, bc)| {
-            for (x, &y) in ac.iter_mut().zip(bc) {
-                *x += y;
-            }
         });
 }

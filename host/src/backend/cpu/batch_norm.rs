@@ -1,0 +1,183 @@
+//! Batch norm + ReLU of the SERE heads on the CPU: column statistics with
+//! f64 partial sums per rayon task, running-statistics update, and the
+//! backward through ReLU and the batch statistics.
+
+use super::chunk_rows;
+use crate::backend::{BnMode, BN_EPS, BN_MOMENTUM};
+use rayon::prelude::*;
+
+/// Column statistics of `x` (`rows x c`) in parallel: `mean`, biased `var`,
+/// accumulated in f64 per task (two passes).
+fn column_stats(
+    x: &[f32],
+    rows: usize,
+    c: usize,
+    partial: &mut Vec<f64>,
+    mean: &mut [f32],
+    var: &mut [f32],
+) {
+    let rc = chunk_rows(rows, 64);
+    let tasks = rows.div_ceil(rc);
+    partial.clear();
+    partial.resize(tasks * c, 0.0);
+    partial
+        .par_chunks_mut(c)
+        .zip(x.par_chunks(rc * c))
+        .for_each(|(p, xc)| {
+            for row in xc.chunks_exact(c) {
+                for (s, &v) in p.iter_mut().zip(row) {
+                    *s += v as f64;
+                }
+            }
+        });
+    for j in 0..c {
+        let s: f64 = partial.chunks_exact(c).map(|p| p[j]).sum();
+        mean[j] = (s / rows as f64) as f32;
+    }
+    partial.fill(0.0);
+    partial
+        .par_chunks_mut(c)
+        .zip(x.par_chunks(rc * c))
+        .for_each(|(p, xc)| {
+            for row in xc.chunks_exact(c) {
+                for ((s, &v), &m) in p.iter_mut().zip(row).zip(mean.iter()) {
+                    let d = (v - m) as f64;
+                    *s += d * d;
+                }
+            }
+        });
+    for j in 0..c {
+        let s: f64 = partial.chunks_exact(c).map(|p| p[j]).sum();
+        var[j] = (s / rows as f64) as f32;
+    }
+}
+
+/// The statistics one forward normalises with and keeps for backward.
+pub(super) struct Stats<'a> {
+    pub mean: &'a mut [f32],
+    pub var: &'a mut [f32],
+    pub rstd: &'a mut [f32],
+}
+
+/// `out = ReLU(BN(y))` over `rows x c` with the statistics of `mode`; in
+/// train mode the batch statistics go to `stats` and are folded into the
+/// running ones.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn bn_relu(
+    y: &[f32],
+    (gamma, beta): (&[f32], &[f32]),
+    (running_mean, running_var): (&mut [f32], &mut [f32]),
+    mode: BnMode,
+    (rows, c): (usize, usize),
+    stats: Stats<'_>,
+    partial: &mut Vec<f64>,
+    out: &mut [f32],
+) -> sere_core::Result<()> {
+    let Stats { mean, var, rstd } = stats;
+    match mode {
+        BnMode::Train => {
+            column_stats(y, rows, c, partial, mean, var);
+            sere_core::norm::batch_norm_update_running(
+                mean,
+                var,
+                rows,
+                BN_MOMENTUM,
+                running_mean,
+                running_var,
+            )?;
+        }
+        BnMode::Eval => {
+            mean.copy_from_slice(running_mean);
+            var.copy_from_slice(running_var);
+        }
+    }
+    for (r, &v) in rstd.iter_mut().zip(var.iter()) {
+        *r = 1.0 / (v + BN_EPS).sqrt();
+    }
+    let (mean, rstd) = (&*mean, &*rstd);
+    let rc = chunk_rows(rows, 64);
+    out.par_chunks_mut(rc * c)
+        .zip(y.par_chunks(rc * c))
+        .for_each(|(oc, yc)| {
+            for (or, yr) in oc.chunks_exact_mut(c).zip(yc.chunks_exact(c)) {
+                for j in 0..c {
+                    let v = (yr[j] - mean[j]) * rstd[j] * gamma[j] + beta[j];
+                    or[j] = v.max(0.0);
+                }
+            }
+        });
+    Ok(())
+}
+
+/// Backward of a train-mode [`bn_relu`]: adds into `ggamma` and `gbeta`,
+/// overwrites `dy` (the gradient of the batch norm's input).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn bn_relu_backward(
+    y: &[f32],
+    out: &[f32],
+    dout: &[f32],
+    gamma: &[f32],
+    (mean, rstd): (&[f32], &[f32]),
+    (rows, c): (usize, usize),
+    (ggamma, gbeta): (&mut [f32], &mut [f32]),
+    partial: &mut Vec<f64>,
+    dy: &mut [f32],
+) {
+    // Column sums of g = dout * [out > 0] and of g * xhat, per task.
+    let rc = chunk_rows(rows, 64);
+    let tasks = rows.div_ceil(rc);
+    partial.clear();
+    partial.resize(tasks * 2 * c, 0.0);
+    partial
+        .par_chunks_mut(2 * c)
+        .zip(y.par_chunks(rc * c))
+        .zip(out.par_chunks(rc * c).zip(dout.par_chunks(rc * c)))
+        .for_each(|((p, yc), (oc, dc))| {
+            let (sg, sgx) = p.split_at_mut(c);
+            for ((yr, or), dr) in yc
+                .chunks_exact(c)
+                .zip(oc.chunks_exact(c))
+                .zip(dc.chunks_exact(c))
+            {
+                for j in 0..c {
+                    if or[j] > 0.0 {
+                        let xhat = (yr[j] - mean[j]) * rstd[j];
+                        sg[j] += dr[j] as f64;
+                        sgx[j] += (dr[j] * xhat) as f64;
+                    }
+                }
+            }
+        });
+    // Reduce into the first task's slot: [sum g | sum g xhat].
+    let (first, rest) = partial.split_at_mut(2 * c);
+    for p in rest.chunks_exact(2 * c) {
+        for (a, &b) in first.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    let sums: &[f64] = first;
+    for j in 0..c {
+        ggamma[j] += sums[c + j] as f32;
+        gbeta[j] += sums[j] as f32;
+    }
+    // dy = gamma rstd (g - (sum g + xhat sum g xhat) / M).
+    let inv_m = 1.0 / rows as f64;
+    dy.par_chunks_mut(rc * c)
+        .zip(y.par_chunks(rc * c))
+        .zip(out.par_chunks(rc * c).zip(dout.par_chunks(rc * c)))
+        .for_each(|((dyc, yc), (oc, dc))| {
+            for (((dyr, yr), or), dr) in dyc
+                .chunks_exact_mut(c)
+                .zip(yc.chunks_exact(c))
+                .zip(oc.chunks_exact(c))
+                .zip(dc.chunks_exact(c))
+            {
+                for j in 0..c {
+                    let xhat = (yr[j] - mean[j]) * rstd[j];
+                    let g = if or[j] > 0.0 { dr[j] } else { 0.0 };
+                    let corr = ((sums[j] + xhat as f64 * sums[c + j]) * inv_m) as f32;
+                    dyr[j] = gamma[j] * rstd[j] * (g - corr);
+                }
+            }
+        });
+}
