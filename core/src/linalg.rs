@@ -6,9 +6,11 @@
 //! packs its operands into buffers it allocates from the global allocator on
 //! every call; with `std`, matrixmultiply also picks AVX/AVX2/FMA/AVX-512
 //! kernels at run time. Both compute `C = alpha A B + beta C` to `f32`
-//! rounding; their summation orders differ. Matrices are described by [`MatRef`] views
-//! (offset, rows, cols, row stride, column stride) so that heads, transposes
-//! and sub-blocks are used in place, without copies.
+//! rounding; their summation orders differ.
+//!
+//! Matrices are described by [`MatRef`] views (offset, rows, cols, row
+//! stride, column stride) so that heads, transposes and sub-blocks are used
+//! in place, without copies.
 
 use crate::error::{check_len, Error, Result};
 
@@ -160,7 +162,8 @@ pub fn check_gemm_views(
 /// `C = alpha * A B + beta * C` on strided views (SGEMM). With `beta == 0`
 /// the previous contents of `C` are ignored (NaN included). `C` must not
 /// overlap itself (row and column strides such that elements are distinct),
-/// which holds for any row-major or column-major view.
+/// which holds for any row-major or column-major view. Allocates nothing
+/// unless the `alloc` feature is on (see the module docs).
 ///
 /// ```
 /// use sere_core::linalg::{gemm, MatRef};
