@@ -14,9 +14,17 @@ cargo fmt --all --check
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The workspace build enables sere-core's `std` (the host asks for it); lint
+# the default, allocation-free configuration on its own too.
+cargo clippy -p sere-core -p sere-core-embedded-example --all-targets --locked -- -D warnings
 
 echo "== sere-core for thumbv7em-none-eabihf (no_std, no allocator)"
 cargo build -p sere-core --target thumbv7em-none-eabihf --locked
+
+echo "== a no_std, no-alloc consumer of sere-core (core/examples/embedded) as a thumbv7em-none-eabihf staticlib"
+# A staticlib only compiles with its panic handler and without a global
+# allocator if nothing in it or in sere-core allocates.
+cargo rustc -p sere-core-embedded-example --lib --target thumbv7em-none-eabihf --locked --crate-type staticlib
 
 echo "== NVRTC 13.0 and ptxas from PyPI (sere-cuda compiles and assembles its kernels; no GPU needed)"
 # Exact versions: a newer NVRTC emits PTX the 580 driver rejects. pip skips
@@ -34,3 +42,9 @@ echo "NVRTC: $cu13/lib/libnvrtc.so.13, ptxas: $SERE_PTXAS"
 
 echo "== cargo test"
 cargo test --workspace --locked
+
+echo "== sere-core and its no_std consumer without the std feature (allocation-free GEMM)"
+cargo test -p sere-core -p sere-core-embedded-example --locked
+
+echo "== sere-core's host example (core/examples/two_views.rs)"
+cargo run -p sere-core --example two_views --locked

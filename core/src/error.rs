@@ -5,6 +5,9 @@ use core::fmt;
 
 /// What a core kernel refused, and why.
 ///
+/// `#[non_exhaustive]`: a later release may add a kind of error, so a
+/// `match` outside this crate needs a wildcard arm.
+///
 /// ```
 /// use sere_core::{softmax::softmax_rows, Error};
 /// let mut out = [0.0f32; 3];
@@ -13,6 +16,7 @@ use core::fmt;
 /// assert!(err.to_string().contains("input"));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Error {
     /// A slice does not have the length its shape arguments imply.
     ShapeMismatch {

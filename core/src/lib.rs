@@ -1,9 +1,10 @@
 //! # sere-core
 //!
 //! The numerical core of SERE (self-supervised ViT training with feature
-//! self-relations): pure maths on caller-provided `f32` slices, `no_std`, no
-//! heap allocation. Every operation comes as a forward function and its
-//! analytic backward; both CPU and CUDA backends are tested against it.
+//! self-relations): pure maths on caller-provided `f32` slices, `no_std`,
+//! and by default no heap allocation (see [Features](#features)). Every
+//! operation comes as a forward function and its analytic backward; both CPU
+//! and CUDA backends are tested against it.
 //!
 //! Conventions:
 //! - Matrices are row-major; shapes are passed explicitly and every slice
@@ -39,11 +40,49 @@
 //! assert!(l > 0.0 && gx.iter().all(|v| v.is_finite()));
 //! # let _ = softmax::softmax_rows;
 //! ```
+//!
+//! The README (`README.md` in the package) has a complete example from crop
+//! boxes to the gradient w.r.t. a feature map, the list of operations with
+//! what each was checked against, and `examples/` has two complete
+//! programs: a host one (`cargo run -p sere-core --example two_views`) and,
+//! in the repository, a `no_std`, no-alloc one for `thumbv7em-none-eabihf`
+//! (`examples/embedded/`).
+//!
+//! # Features
+//!
+//! - none (the default): `no_std`, and nothing allocates: builds and links
+//!   for bare-metal targets without an allocator, such as
+//!   `thumbv7em-none-eabihf`. [`linalg::gemm`], which the relation and
+//!   linear kernels use, is then a plain loop.
+//! - `alloc`: [`linalg::gemm`] calls matrixmultiply's tuned SGEMM instead,
+//!   which allocates its packing buffers from the global allocator on every
+//!   call (still `no_std`; every other kernel still allocates nothing).
+//! - `std`: `alloc`, plus run-time CPU feature detection: matrixmultiply's
+//!   AVX/AVX2/FMA/AVX-512 kernels (about 3x faster SGEMM on x86-64) and the
+//!   AVX2 + FMA copies of the row kernels.
+//!
+//! The features change speed and the SGEMM's summation order, not the
+//! results beyond `f32` rounding.
+//!
+//! # Stability
+//!
+//! Everything this documentation shows is the public API, and follows
+//! semantic versioning (a `0.x` release bumps the minor version for a
+//! breaking change, which `CHANGELOG.md` lists): the modules in the table
+//! above, the functions, types, fields and variants in them, and the
+//! contracts stated here and on each item (shapes, layouts, overwrite versus
+//! accumulate, which errors are returned). The numbers themselves are
+//! specified to the tolerances of the tests (PyTorch float64 references), not
+//! bit for bit: a faster summation order may change the last bits.
+//! [`Error`] is `#[non_exhaustive]`: a new kind of error is not a breaking
+//! change, so match it with a wildcard arm. Items hidden from this
+//! documentation (`#[doc(hidden)]`) are plumbing for the other crates of
+//! the sere-rs workspace and may change in any release.
 #![no_std]
 #![forbid(unsafe_op_in_unsafe_fn)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
-// Only for run-time CPU feature detection (`simd::wide`); no allocation.
+// Only for run-time CPU feature detection (`simd`); no allocation.
 #[cfg(feature = "std")]
 extern crate std;
 
@@ -62,3 +101,8 @@ mod simd;
 pub mod softmax;
 
 pub use error::{Error, Result};
+
+// The README's code blocks are doc tests too, so its examples cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,7 +1,16 @@
-//! Safe, validated wrappers over `matrixmultiply`'s tuned SGEMM, and the
-//! linear layer built on it. Matrices are described by [`MatRef`] views
-//! (offset, rows, cols, row stride, column stride) so that heads, transposes
-//! and sub-blocks are used in place, without copies.
+//! A validated SGEMM on strided views, and the linear layer built on it.
+//!
+//! Without the `alloc` feature, [`gemm`] is a plain loop that allocates
+//! nothing (one `f32` dot product per element of `C`, summed in order). With
+//! `alloc` (implied by `std`) it calls `matrixmultiply`'s tuned SGEMM, which
+//! packs its operands into buffers it allocates from the global allocator on
+//! every call; with `std`, matrixmultiply also picks AVX/AVX2/FMA/AVX-512
+//! kernels at run time. Both compute `C = alpha A B + beta C` to `f32`
+//! rounding; their summation orders differ.
+//!
+//! Matrices are described by [`MatRef`] views (offset, rows, cols, row
+//! stride, column stride) so that heads, transposes and sub-blocks are used
+//! in place, without copies.
 
 use crate::error::{check_len, Error, Result};
 
@@ -117,12 +126,16 @@ impl MatRef {
 /// `m x n`; each view (with its slice length) lies inside its slice with
 /// strides that fit `isize`; `C`'s strides address distinct elements.
 ///
+/// Not part of the stable API (hidden from the docs): it serves the blocked
+/// SGEMM of `sere-host`, and its argument shape follows [`MatRef`]'s.
+///
 /// ```
 /// use sere_core::linalg::{check_gemm_views, MatRef};
 /// let m = MatRef::row_major(2, 3);
 /// assert!(check_gemm_views((m, 6), (m.transposed(), 6), (MatRef::row_major(2, 2), 4)).is_ok());
 /// assert!(check_gemm_views((m, 5), (m.transposed(), 6), (MatRef::row_major(2, 2), 4)).is_err());
 /// ```
+#[doc(hidden)]
 pub fn check_gemm_views(
     (am, a_len): (MatRef, usize),
     (bm, b_len): (MatRef, usize),
@@ -149,7 +162,8 @@ pub fn check_gemm_views(
 /// `C = alpha * A B + beta * C` on strided views (SGEMM). With `beta == 0`
 /// the previous contents of `C` are ignored (NaN included). `C` must not
 /// overlap itself (row and column strides such that elements are distinct),
-/// which holds for any row-major or column-major view.
+/// which holds for any row-major or column-major view. Allocates nothing
+/// unless the `alloc` feature is on (see the module docs).
 ///
 /// ```
 /// use sere_core::linalg::{gemm, MatRef};
@@ -175,6 +189,23 @@ pub fn gemm(
     if cm.rows == 0 || cm.cols == 0 {
         return Ok(());
     }
+    sgemm(alpha, a, am, b, bm, beta, c, cm);
+    Ok(())
+}
+
+/// The tuned SGEMM (packing buffers from the global allocator).
+#[cfg(feature = "alloc")]
+#[allow(clippy::too_many_arguments)]
+fn sgemm(
+    alpha: f32,
+    a: &[f32],
+    am: MatRef,
+    b: &[f32],
+    bm: MatRef,
+    beta: f32,
+    c: &mut [f32],
+    cm: MatRef,
+) {
     // SAFETY: every view was checked to lie inside its slice (`fits`), the
     // strides fit in isize, and `c` is uniquely borrowed, so matrixmultiply
     // reads and writes only in-bounds elements of the three slices.
@@ -196,7 +227,39 @@ pub fn gemm(
             cm.col_stride as isize,
         );
     }
-    Ok(())
+}
+
+/// The allocation-free SGEMM: one dot product per element of `C`. The views
+/// were checked to lie inside their slices, so no index is out of bounds.
+#[cfg(not(feature = "alloc"))]
+#[allow(clippy::too_many_arguments)]
+fn sgemm(
+    alpha: f32,
+    a: &[f32],
+    am: MatRef,
+    b: &[f32],
+    bm: MatRef,
+    beta: f32,
+    c: &mut [f32],
+    cm: MatRef,
+) {
+    for i in 0..cm.rows {
+        let a_row = am.offset + i * am.row_stride;
+        for j in 0..cm.cols {
+            let b_col = bm.offset + j * bm.col_stride;
+            let mut acc = 0.0f32;
+            for p in 0..am.cols {
+                acc += a[a_row + p * am.col_stride] * b[b_col + p * bm.row_stride];
+            }
+            let k = cm.offset + i * cm.row_stride + j * cm.col_stride;
+            // beta == 0 ignores C's previous contents (NaN included).
+            c[k] = if beta == 0.0 {
+                alpha * acc
+            } else {
+                alpha * acc + beta * c[k]
+            };
+        }
+    }
 }
 
 /// Linear layer forward, PyTorch layout: `y = x W^T + b` with `x` as

@@ -1,6 +1,6 @@
 //! Cross-entropy between a sharpened teacher distribution and a student
 //! distribution, row by row: the relation loss of SERE and the image-level
-//! DINO loss are both built on [`ce_row`].
+//! DINO loss are both built on one row kernel.
 //!
 //! For one row with teacher logits `t`, student logits `s`, an optional
 //! teacher centre `c` and temperatures `tau_t`, `tau_s`:
