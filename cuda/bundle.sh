@@ -11,8 +11,9 @@
 # --message-format=json` lists (one per tests/*.rs plus the library's unit
 # tests), and NVRTC 13.0 (xz). Debug info is stripped to keep the bundle
 # small (the device tool carries at most 64 MiB; the bundle is about 37 MB).
-# Also builds and bundles sere-host's tests/gpu_step.rs executable (as
-# tests/host_gpu_step) and target/release/sere, plus bench/ (torch_step.py).
+# Also builds and bundles sere-host's backend tests (tests/host_unit,
+# host_vit, host_heads, host_gpu_step) and target/release/sere, plus bench/
+# (torch_step.py).
 # Options:
 #   --with-sere   accepted for compatibility (sere is always built now)
 set -euo pipefail
@@ -57,29 +58,36 @@ if n == 0:
 PY
 rm -f "$out/build.json"
 
-# The host's CPU-vs-GPU step test (gpu-check.sh HOOK 1) and the `sere`
-# binary (HOOK 2: bench-step --device cuda), both release, debug info off.
-# Same profile settings as above (the dependencies are built once); the
-# copies are then stripped of all symbols where `strip` exists, so the
-# bundle stays under the device tool's 64 MiB.
-echo "== building sere-host's gpu_step test and sere (release)"
+# The host's tests that run on every backend (gpu-check.sh HOOK 1): the CUDA
+# backend's per-op parity tests (the library's unit tests), the ViT and heads
+# PyTorch float64 / finite-difference tests (one body per backend) and the
+# CPU-vs-GPU step test; then the `sere` binary (HOOK 2: bench-step --device
+# cuda), all release, debug info off. Same profile settings as above (the
+# dependencies are built once); the copies are then stripped of all symbols
+# where `strip` exists, so the bundle stays under the device tool's 64 MiB.
+echo "== building sere-host's backend tests and sere (release)"
 CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=debuginfo \
-  cargo test --release --no-run -p sere-host --test gpu_step --locked --message-format=json >"$out/build.json"
+  cargo test --release --no-run -p sere-host --lib --test gpu_step --test vit --test heads \
+  --locked --message-format=json >"$out/build.json"
 python3 - "$out" <<'PY'
 import json, shutil, sys, os
 out = sys.argv[1]
+want = {"sere_host": "host_unit", "gpu_step": "host_gpu_step", "vit": "host_vit", "heads": "host_heads"}
+found = set()
 for line in open(os.path.join(out, "build.json")):
     try:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu_step":
-        dst = os.path.join(out, "tests", "host_gpu_step")
+    name = m.get("target", {}).get("name")
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and name in want:
+        dst = os.path.join(out, "tests", want[name])
         shutil.copy2(m["executable"], dst)
-        print(f"  host_gpu_step <- {m['executable']}")
-        break
-else:
-    sys.exit("no gpu_step test executable in cargo's output")
+        print(f"  {want[name]} <- {m['executable']}")
+        found.add(name)
+missing = set(want) - found
+if missing:
+    sys.exit(f"no test executable for {sorted(missing)} in cargo's output")
 PY
 rm -f "$out/build.json"
 CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=debuginfo \
@@ -88,7 +96,7 @@ if [ -x "$target/release/sere" ]; then
   cp "$target/release/sere" "$out/sere"
   echo "  sere <- $target/release/sere"
   if command -v strip >/dev/null 2>&1; then
-    strip -s "$out/sere" "$out/tests/host_gpu_step"
+    strip -s "$out/sere" "$out"/tests/host_*
   fi
 else
   echo "  (no $target/release/sere: the bench hooks of gpu-check.sh will say so)"

@@ -160,19 +160,28 @@ for p in parity parity_cubin; do
 done
 [ -x "$t/ptx" ] && run_step ptx 0 60 "$t/ptx" --nocapture
 
-# ---- HOOK 1: the host's CPU-vs-GPU training-step test -------------------------
-# BUNDLE/tests/host_gpu_step is sere-host's tests/gpu_step.rs (cuda/bundle.sh
-# builds and copies it): a tiny model, three steps on the CPU and the CUDA
-# backend from the same seed and batch, losses within 1e-4 relative and
-# parameters within 1e-4, then a checkpoint round trip between backends.
-hook_host_step() {
-  if [ -x "$t/host_gpu_step" ]; then
-    SERE_REQUIRE_GPU=1 run_step host_gpu_step 1 150 "$t/host_gpu_step" --nocapture --test-threads=1
-  else
-    rows+=("| host_gpu_step (hook) | not provided (no tests/host_gpu_step in the bundle) | | | | |")
-  fi
+# ---- HOOK 1: the host's backend tests -----------------------------------------
+# cuda/bundle.sh builds and copies them:
+# - host_unit: sere-host's library tests, among them the CUDA backend's
+#   per-op parity tests against the CPU (backend::cuda::device::tests);
+# - host_vit, host_heads: the ViT and heads PyTorch float64 and
+#   finite-difference tests, one body per backend (their `::cuda` tests);
+# - host_gpu_step: tests/gpu_step.rs, a tiny model, three steps on the CPU
+#   and the CUDA engine from the same seed and batch, losses within 1e-4
+#   relative and parameters within 1e-4, then a checkpoint round trip.
+hook_host_tests() {
+  local name filter
+  for name in host_unit host_vit host_heads host_gpu_step; do
+    filter=""
+    [ "$name" = host_unit ] && filter="backend::cuda"
+    if [ -x "$t/$name" ]; then
+      SERE_REQUIRE_GPU=1 run_step "$name" 1 150 "$t/$name" $filter --nocapture --test-threads=1
+    else
+      rows+=("| $name (hook) | not provided (no tests/$name in the bundle) | | | | |")
+    fi
+  done
 }
-hook_host_step
+hook_host_tests
 
 # ---- HOOK 2: `sere bench-step --device cuda` vs PyTorch at ViT-S/16 ------------
 # The configuration: 224/96 px crops, patch 16, dim 384, depth 12,

@@ -47,12 +47,3 @@ pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrM
 pub use error::{CudaError, Result};
 pub use gpu::{probe, probe_device, row_launch_config, DeviceInfo, Gpu};
 pub use ops::linalg::MatView;
-
-/// Whether this build carries CUDA kernels: always `true` now. Whether they
-/// can *run* is a run-time question: ask [`probe`] (no context, no
-/// compilation) or [`Gpu::new`].
-///
-/// ```
-/// assert!(sere_cuda::KERNELS_AVAILABLE);
-/// ```
-pub const KERNELS_AVAILABLE: bool = true;

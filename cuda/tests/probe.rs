@@ -26,6 +26,5 @@ fn probe_and_gpu_new_explain_what_is_missing() {
 
 #[test]
 fn kernels_are_built_in() {
-    const { assert!(sere_cuda::KERNELS_AVAILABLE) };
     assert!(!sere_cuda::compile::KERNEL_FILES.is_empty());
 }

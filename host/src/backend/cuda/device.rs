@@ -1361,6 +1361,9 @@ mod tests {
     fn device() -> Option<Cuda> {
         match sere_cuda::probe() {
             Err(e) => {
+                if std::env::var("SERE_REQUIRE_GPU").is_ok_and(|v| !v.is_empty() && v != "0") {
+                    panic!("SERE_REQUIRE_GPU is set, but {e}");
+                }
                 println!("skipped: {e}");
                 None
             }
