@@ -182,6 +182,22 @@ pub enum CheckpointError {
          state); pass the training checkpoint (checkpoint-*.safetensors) it was exported from"
     )]
     ExportedBackbone,
+    /// A tensor holds a value no training run writes (NaN, an infinity, a
+    /// negative variance): the file was damaged or edited.
+    #[error(
+        "tensor `{name}` holds {value} at index {index} ({why}); the checkpoint is damaged \
+         or was edited: use an earlier checkpoint"
+    )]
+    BadValue {
+        /// The tensor.
+        name: String,
+        /// The flat index of the first bad value.
+        index: usize,
+        /// The value.
+        value: f32,
+        /// Why it cannot be, e.g. "not finite".
+        why: &'static str,
+    },
     /// A required metadata entry is absent.
     #[error("checkpoint metadata `{key}` is missing; the file was not written by `sere train`")]
     MissingMeta {
@@ -360,10 +376,53 @@ impl Checkpoint {
             .ok_or_else(|| CheckpointError::MissingMeta {
                 key: meta::CONFIG.to_string(),
             })?;
-        TrainConfig::from_toml(text).map_err(|e| CheckpointError::BadMeta {
+        let bad = |e: crate::config::ConfigError| CheckpointError::BadMeta {
             key: meta::CONFIG.to_string(),
             detail: e.to_string(),
-        })
+        };
+        // Validated on every load, not only on resume: a hand-edited config
+        // (heads not dividing dim, patch 0) would otherwise build a model
+        // that panics.
+        let cfg = TrainConfig::from_toml(text).map_err(bad)?;
+        cfg.validate().map_err(bad)?;
+        Ok(cfg)
+    }
+
+    /// Checks every tensor for values no training run writes: NaN or an
+    /// infinity anywhere, a negative AdamW second moment (`optim.v.*`) or
+    /// batch-norm running variance (`*.running_var`). Call it on a training
+    /// checkpoint before using it ([`Checkpoint::training_config`] does).
+    pub fn check_values(&self) -> Result<(), CheckpointError> {
+        for (name, (_, data)) in &self.tensors {
+            let variance = name.starts_with(keys::OPTIM_V) || name.ends_with(".running_var");
+            let bad = data.iter().enumerate().find_map(|(i, &v)| {
+                if !v.is_finite() {
+                    Some((i, v, "not finite"))
+                } else if variance && v < 0.0 {
+                    Some((i, v, "a variance cannot be negative"))
+                } else {
+                    None
+                }
+            });
+            if let Some((index, value, why)) = bad {
+                return Err(CheckpointError::BadValue {
+                    name: name.clone(),
+                    index,
+                    value,
+                    why,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The validated config of a training checkpoint whose values passed
+    /// [`Checkpoint::check_values`]: what every command that uses a
+    /// training checkpoint (train --resume, eval, visualize, export) reads.
+    pub fn training_config(&self) -> Result<TrainConfig, CheckpointError> {
+        let cfg = self.config()?;
+        self.check_values()?;
+        Ok(cfg)
     }
 
     /// Writes the checkpoint to `path` atomically (temporary file in the
@@ -521,7 +580,8 @@ impl Checkpoint {
             ));
         }
         let header_end = 8 + n;
-        let opens_json = bytes[8] == b'{';
+        // A file of the length field alone is cut short, not garbage.
+        let opens_json = bytes.get(8).is_none_or(|&b| b == b'{');
         if !opens_json {
             return Err(not_st("it has no JSON header after the length field"));
         }
@@ -781,8 +841,9 @@ mod tests {
         let bytes = fs::read(&path).unwrap();
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
 
-        // Cut in the data section, in the header, and in the length field.
-        for cut in [bytes.len() - 1, 8 + n + 4, 8 + n / 2, 5, 0] {
+        // Cut in the data section, in the header, right after the length
+        // field (it used to index past the end), and in the length field.
+        for cut in [bytes.len() - 1, 8 + n + 4, 8 + n / 2, 9, 8, 5, 0] {
             let bad = dir.path().join("cut.safetensors");
             fs::write(&bad, &bytes[..cut]).unwrap();
             match Checkpoint::load(&bad) {
@@ -953,5 +1014,57 @@ mod tests {
             latest_in(dir.path()).unwrap(),
             Some(dir.path().join(file_name(120)))
         );
+    }
+
+    #[test]
+    fn non_finite_values_and_negative_variances_are_refused() {
+        let (mut c, _, _) = sample();
+        c.tensors.get_mut(keys::CENTER).unwrap().1[2] = 1.0;
+        assert_eq!(c.training_config().unwrap(), TrainConfig::default());
+        for (name, i, v, why) in [
+            ("teacher.norm.weight", 1, f32::NAN, "not finite"),
+            (
+                "student.blocks.0.attn.qkv.bias",
+                0,
+                f32::INFINITY,
+                "not finite",
+            ),
+            ("optim.v.norm.weight", 0, -1.0, "negative"),
+            (
+                "dino.head.bn.running_mean",
+                2,
+                f32::NEG_INFINITY,
+                "not finite",
+            ),
+        ] {
+            let mut bad = c.clone();
+            bad.tensors.get_mut(name).unwrap().1[i] = v;
+            let e = bad.training_config().unwrap_err().to_string();
+            assert!(e.contains(&format!("`{name}`")) && e.contains(why), "{e}");
+        }
+        let mut bad = c.clone();
+        bad.insert("bn.teacher.x.projection.running_var", &[2], vec![1.0, -0.5]);
+        let e = bad.check_values().unwrap_err().to_string();
+        assert!(e.contains("running_var") && e.contains("negative"), "{e}");
+        // A negative mean or weight is fine.
+        bad.insert("bn.teacher.x.projection.running_var", &[2], vec![1.0, 0.0]);
+        bad.insert("bn.teacher.x.projection.running_mean", &[1], vec![-3.0]);
+        assert!(bad.check_values().is_ok());
+    }
+
+    #[test]
+    fn a_stored_config_that_cannot_work_is_refused_on_load() {
+        let (mut c, _, _) = sample();
+        for edit in [("heads = 4", "heads = 3"), ("patch = 4", "patch = 0")] {
+            let toml = TrainConfig::default().to_toml();
+            assert!(toml.contains(edit.0), "{toml}");
+            c.set_meta(meta::CONFIG, toml.replace(edit.0, edit.1));
+            let e = c.config().unwrap_err().to_string();
+            let key = edit.1.split(' ').next().unwrap();
+            assert!(
+                e.contains("metadata `config` is invalid") && e.contains(&format!("{key}:")),
+                "{e}"
+            );
+        }
     }
 }

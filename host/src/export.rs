@@ -72,7 +72,8 @@ impl Network {
 /// Every backbone tensor is read with its shape checked against the config,
 /// so a checkpoint of another model is refused rather than half exported.
 pub fn backbone(ck: &Checkpoint, network: Network) -> Result<Checkpoint, CheckpointError> {
-    let cfg = ck.config()?;
+    // A NaN in the checkpoint would otherwise be exported as if trained.
+    let cfg = ck.training_config()?;
     let net = SereNet::new(&cfg);
     let prefix = match network {
         Network::Teacher => checkpoint::keys::TEACHER,

@@ -84,7 +84,7 @@ pub struct Embedder {
 impl Embedder {
     /// Loads the teacher of `ck` (the network the run would be evaluated by).
     pub fn from_checkpoint(ck: &Checkpoint) -> Result<Self, SereError> {
-        let cfg = ck.config()?;
+        let cfg = ck.training_config()?;
         let net = SereNet::new(&cfg);
         let mut params = vec![0.0; net.layout.len()];
         ck.read_params("teacher.", &net.layout, &mut params)?;

@@ -231,6 +231,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
     let mut done = 0u64;
     if let Some(path) = resume {
         let ck = Checkpoint::load(&path)?;
+        ck.check_values()?;
         done = engine.restore(&ck)?;
         eprintln!("resumed from {} at step {done}", path.display());
     }
