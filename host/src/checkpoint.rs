@@ -652,6 +652,27 @@ impl Checkpoint {
     }
 }
 
+/// The `format` metadata of the safetensors file at `path`, read from its
+/// header alone (not the tensors); `None` when the file is unreadable, not
+/// safetensors or has no such entry.
+pub fn format_of(path: impl AsRef<Path>) -> Option<String> {
+    use std::io::Read;
+    let mut f = File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let n = u64::from_le_bytes(len);
+    if !(2..=100_000_000).contains(&n) {
+        return None;
+    }
+    let mut header = Vec::new();
+    f.take(n).read_to_end(&mut header).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    v.get("__metadata__")?
+        .get(meta::FORMAT)?
+        .as_str()
+        .map(String::from)
+}
+
 /// The conventional file name of the checkpoint after `step` steps:
 /// `checkpoint-00001234.safetensors`.
 pub fn file_name(step: u64) -> String {

@@ -412,6 +412,10 @@ pub struct ExportArgs {
     /// evaluate and release) or the student.
     #[arg(long, value_enum, default_value_t = Network::Teacher)]
     pub network: Network,
+    /// Replace an existing --out file even if it is not a backbone written
+    /// by `sere export` (a previous export is always replaced).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[cfg(test)]

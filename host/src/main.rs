@@ -289,6 +289,7 @@ fn run_export(args: &ExportArgs) -> Result<(), SereError> {
             )));
         }
     }
+    export::check_target(&args.out, args.force)?;
     let ck = Checkpoint::load(&path)?;
     let out = export::backbone(&ck, args.network)?;
     out.save_atomic(&args.out)?;
