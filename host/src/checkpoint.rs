@@ -463,16 +463,9 @@ impl Checkpoint {
                 "path has no file name",
             ))
         })?;
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}-{}",
-            file_name.to_string_lossy(),
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
+        let (tmp, file) = create_temp(&dir, &file_name.to_string_lossy()).map_err(write_err)?;
 
         let result = (|| -> io::Result<()> {
-            let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             let mut w = BufWriter::with_capacity(1 << 20, file);
             w.write_all(&(header.len() as u64).to_le_bytes())?;
             w.write_all(&header)?;
@@ -671,6 +664,62 @@ pub fn format_of(path: impl AsRef<Path>) -> Option<String> {
         .get(meta::FORMAT)?
         .as_str()
         .map(String::from)
+}
+
+/// What the temporary files of [`Checkpoint::save_atomic`] are named:
+/// `.<target name>` followed by this and a unique suffix.
+const TEMP_MARK: &str = ".tmp-";
+
+/// Creates a new temporary file for `name` in `dir`:
+/// `.<name>.tmp-<pid>-<counter>-<nanoseconds>`. The name is unique even when
+/// the PID repeats (PID 1 in every container) and a killed run left its
+/// temporary file behind: the file is created with `create_new` and another
+/// name is tried while one exists.
+fn create_temp(dir: &Path, name: &str) -> io::Result<(PathBuf, File)> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut last = None;
+    for _ in 0..64 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let tmp = dir.join(format!(
+            ".{name}{TEMP_MARK}{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free temporary file name")))
+}
+
+/// Whether `name` is a temporary checkpoint file of
+/// [`Checkpoint::save_atomic`] (`.checkpoint-<step>.safetensors.tmp-...`).
+pub fn is_temp_name(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.split_once(TEMP_MARK))
+        .is_some_and(|(target, _)| step_in_name(target).is_some())
+}
+
+/// Removes the temporary checkpoint files a killed run left in `dir` (see
+/// [`is_temp_name`]) and returns them. Only call it while holding the run
+/// folder's lock: another run's file being written would go too.
+pub fn remove_stale_temps(dir: impl AsRef<Path>) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_str().is_some_and(is_temp_name) && entry.file_type()?.is_file() {
+            fs::remove_file(entry.path())?;
+            removed.push(entry.path());
+        }
+    }
+    removed.sort();
+    Ok(removed)
 }
 
 /// The conventional file name of the checkpoint after `step` steps:
@@ -1035,6 +1084,39 @@ mod tests {
             latest_in(dir.path()).unwrap(),
             Some(dir.path().join(file_name(120)))
         );
+    }
+
+    #[test]
+    fn a_temporary_name_left_by_a_killed_run_does_not_block_the_next_save() {
+        // A run killed with `kill -9` under the same PID (PID 1 in a
+        // container) left temporary files: saving must still work.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(file_name(3));
+        let pid = std::process::id();
+        for i in 0..2000 {
+            let name = format!(".{}.tmp-{pid}-{i}", file_name(3));
+            fs::write(dir.path().join(name), b"stale").unwrap();
+        }
+        let (c, _, _) = sample();
+        c.save_atomic(&path).unwrap();
+        assert_eq!(Checkpoint::load(&path).unwrap(), c);
+
+        // The stale ones are recognised and removed; nothing else is.
+        fs::write(dir.path().join("notes.tmp-1"), b"").unwrap();
+        fs::write(dir.path().join(".other.tmp-1-2"), b"").unwrap();
+        let removed = remove_stale_temps(dir.path()).unwrap();
+        assert_eq!(removed.len(), 2000);
+        let mut left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [".other.tmp-1-2", file_name(3).as_str(), "notes.tmp-1"]
+        );
+        assert!(is_temp_name(".checkpoint-00000003.safetensors.tmp-1-0-5"));
+        assert!(!is_temp_name("checkpoint-00000003.safetensors"));
     }
 
     #[test]

@@ -482,6 +482,33 @@ impl TrainConfig {
         }
     }
 
+    /// The settings that fix the model's parameter shapes (a resumed run
+    /// cannot change them), as `(key, value)`.
+    fn architecture(&self) -> [(&'static str, String); 9] {
+        [
+            ("img", self.img.to_string()),
+            ("patch", self.patch.to_string()),
+            ("dim", self.dim.to_string()),
+            ("depth", self.depth.to_string()),
+            ("heads", self.heads.to_string()),
+            ("mlp_ratio", self.mlp_ratio.to_string()),
+            ("out_dim", self.out_dim.to_string()),
+            ("head_hidden", self.head_hidden.to_string()),
+            ("bottleneck", self.bottleneck.to_string()),
+        ]
+    }
+
+    /// The architecture settings in which `requested` differs from `self`
+    /// (a checkpoint's config), as `key: checkpoint -> requested`.
+    pub fn architecture_changes(&self, requested: &TrainConfig) -> Vec<String> {
+        self.architecture()
+            .into_iter()
+            .zip(requested.architecture())
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|((key, a), (_, b))| format!("{key}: {a} -> {b}"))
+            .collect()
+    }
+
     /// Checks that the values can work together; lists every problem found.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
@@ -945,5 +972,21 @@ mod tests {
         assert_eq!(utc_stamp(1_709_251_199), "20240229-235959");
         let cfg = TrainConfig::default();
         assert!(cfg.out_dir().starts_with("runs"));
+    }
+
+    #[test]
+    fn architecture_changes() {
+        let a = TrainConfig::default();
+        assert!(a.architecture_changes(&a.clone()).is_empty());
+        let b = TrainConfig {
+            heads: 8,
+            out_dim: 100,
+            lr: 0.1,
+            ..a.clone()
+        };
+        assert_eq!(
+            a.architecture_changes(&b),
+            ["heads: 4 -> 8", "out_dim: 4096 -> 100"]
+        );
     }
 }

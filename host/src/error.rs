@@ -66,6 +66,17 @@ pub enum SereError {
         /// What was found there, e.g. "metrics.jsonl, 2 checkpoints".
         found: String,
     },
+    /// Another `sere train` holds the run folder's lock.
+    #[error(
+        "{} is in use by another `sere train` (it holds {}); wait for that run to finish, or \
+         train into another --out",
+        dir.display(),
+        dir.join(crate::train::LOCK_FILE).display()
+    )]
+    RunLocked {
+        /// The run folder.
+        dir: PathBuf,
+    },
     /// Anything else, already phrased for the user.
     #[error("{0}")]
     Other(String),
