@@ -719,6 +719,12 @@ impl TrainConfig {
         if self.log_every == 0 {
             bad("log_every", "must be at least 1 step".into());
         }
+        if self.out.as_ref().is_some_and(|o| o.as_os_str().is_empty()) {
+            bad(
+                "out",
+                "is empty; name an output folder (or leave it unset for runs/<date-time>)".into(),
+            );
+        }
 
         if p.is_empty() {
             Ok(())
@@ -975,7 +981,7 @@ mod tests {
     }
 
     #[test]
-    fn architecture_changes() {
+    fn architecture_changes_and_empty_out() {
         let a = TrainConfig::default();
         assert!(a.architecture_changes(&a.clone()).is_empty());
         let b = TrainConfig {
@@ -988,5 +994,8 @@ mod tests {
             a.architecture_changes(&b),
             ["heads: 4 -> 8", "out_dim: 4096 -> 100"]
         );
+        let mut c = a.clone();
+        c.set("out=").unwrap();
+        assert_eq!(problems(&c), ["out"]);
     }
 }

@@ -143,6 +143,11 @@ fn run_train(args: &TrainArgs) -> Result<(), SereError> {
 }
 
 fn run_bench(args: &BenchStepArgs) -> Result<(), SereError> {
+    if args.steps == 0 {
+        return Err(SereError::Other(
+            "--steps 0 times nothing; give at least 1 timed step (default 10)".into(),
+        ));
+    }
     let cfg = args.to_config()?;
     let r = train::bench::bench_step(&cfg, args.steps, args.warmup)?;
     println!(
@@ -153,6 +158,7 @@ fn run_bench(args: &BenchStepArgs) -> Result<(), SereError> {
 }
 
 fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
+    knn::check_params(args.k, args.temperature)?;
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
     let emb = Embedder::from_checkpoint(&ck)?;

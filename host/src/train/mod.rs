@@ -136,9 +136,25 @@ pub fn grid_sizes(cfg: &TrainConfig) -> GridSizes {
 /// call in a process takes effect, which is what a command wants.
 pub fn set_threads(threads: Option<usize>) {
     if let Some(n) = threads {
+        let n = cap_threads(n);
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
             .build_global();
+    }
+}
+
+/// `threads` capped at the machine's available parallelism, with a warning
+/// when that lowers it: more workers than cores only slow every step down.
+fn cap_threads(threads: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(threads, |n| n.get());
+    if threads > cores {
+        eprintln!(
+            "warning: --threads {threads} is more than the {cores} core(s) available; \
+             using {cores} (more workers than cores only slow each step down)"
+        );
+        cores
+    } else {
+        threads
     }
 }
 
