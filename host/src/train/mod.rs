@@ -143,6 +143,58 @@ pub fn set_threads(threads: Option<usize>) {
     }
 }
 
+/// The memory the kernel says can still be given to a process
+/// (`MemAvailable` of /proc/meminfo), in bytes; `None` where unknown.
+pub fn available_memory() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0)
+}
+
+/// Bytes the data source holds in memory, where that is known before it is
+/// opened (the synthetic set is generated in memory).
+fn data_bytes(spec: &str) -> f64 {
+    match DataSpec::parse(spec) {
+        Ok(DataSpec::Synthetic(c)) => (c.size * c.size * 3) as f64 * (c.train + c.test) as f64,
+        _ => 0.0,
+    }
+}
+
+/// Estimates the run's peak memory before anything is allocated, prints it
+/// and refuses a run that cannot fit in the memory available (it would end
+/// in an allocation abort or the OOM killer, not an error).
+pub fn check_memory(cfg: &TrainConfig) -> Result<(), SereError> {
+    use crate::config::format_bytes;
+    let est = cfg.memory_estimate();
+    let data = data_bytes(&cfg.data);
+    let total = est.total() + data;
+    let parts = format!(
+        "parameters and optimizer state {}, activations {}, data {}",
+        format_bytes(est.weights),
+        format_bytes(est.activations),
+        format_bytes(data)
+    );
+    let available = available_memory();
+    match available {
+        Some(avail) if total > avail => Err(SereError::OutOfMemory {
+            needed: format_bytes(total),
+            available: format_bytes(avail),
+            parts,
+        }),
+        _ => {
+            let of = available.map_or(String::new(), |a| {
+                format!(" of {} available", format_bytes(a))
+            });
+            eprintln!(
+                "memory: about {} estimated{of} ({parts})",
+                format_bytes(total)
+            );
+            Ok(())
+        }
+    }
+}
+
 /// `threads` capped at the machine's available parallelism, with a warning
 /// when that lowers it: more workers than cores only slow every step down.
 fn cap_threads(threads: usize) -> usize {
@@ -377,6 +429,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
     if !in_own_dir {
         refuse_existing_run(&out_dir, true)?;
     }
+    check_memory(&cfg)?;
     set_threads(cfg.threads);
     let mut engine = Backend::new(&cfg)?;
     std::fs::create_dir_all(&out_dir)
@@ -579,5 +632,40 @@ mod tests {
             lock_run_dir(dir.path()).is_ok(),
             "free again once the run ends"
         );
+    }
+
+    #[test]
+    fn the_memory_check_refuses_what_cannot_fit() {
+        if available_memory().is_none() {
+            return; // no /proc/meminfo here
+        }
+        assert!(check_memory(&TrainConfig::default()).is_ok());
+        for cfg in [
+            TrainConfig {
+                out_dim: 2_000_000_000,
+                ..Default::default()
+            },
+            TrainConfig {
+                overlap: 1000,
+                ..Default::default()
+            },
+            TrainConfig {
+                depth: 100_000,
+                ..Default::default()
+            },
+            TrainConfig {
+                img: 256,
+                patch: 1,
+                ..Default::default()
+            },
+            TrainConfig {
+                data: "synthetic:size=4096".into(),
+                ..Default::default()
+            },
+        ] {
+            let e = check_memory(&cfg).unwrap_err().to_string();
+            assert!(e.contains("the run needs about"), "{e}");
+            assert!(e.contains(" is available"), "{e}");
+        }
     }
 }
