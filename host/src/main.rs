@@ -159,6 +159,7 @@ fn run_bench(args: &BenchStepArgs) -> Result<(), SereError> {
 
 fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
     knn::check_params(args.k, args.temperature)?;
+    train::check_data_memory(&args.data)?;
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
     let emb = Embedder::from_checkpoint(&ck)?;
@@ -231,6 +232,7 @@ fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
         ));
     }
     let cfg = args.probe_config();
+    train::check_data_memory(&args.data)?;
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
     let emb = Embedder::from_checkpoint(&ck)?;
@@ -321,6 +323,9 @@ fn print_linear(
 }
 
 fn run_visualize(args: &VisualizeArgs) -> Result<(), SereError> {
+    if args.image.is_empty() {
+        train::check_data_memory(&args.data)?;
+    }
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
     let emb = Embedder::from_checkpoint(&ck)?;

@@ -561,4 +561,30 @@ fn runs_too_large_for_memory_are_refused_before_allocating() {
         }
     }
     assert!(!d.exists() || std::fs::read_dir(&d).unwrap().next().is_none());
+    // Evaluating on a data set that cannot fit.
+    let huge = "synthetic:size=4096";
+    assert_refused(&knn_on(huge), "the run needs about");
+    let run = s(tiny_run());
+    for cmd in [
+        &["eval", "linear", "--checkpoint", run, "--data", huge][..],
+        &[
+            "visualize",
+            "--checkpoint",
+            run,
+            "--data",
+            huge,
+            "--out",
+            s(&d),
+        ],
+    ] {
+        assert_refused(&sere_within(cmd, Duration::from_secs(60)), "is available");
+    }
+}
+
+fn knn_on(data: &str) -> Output {
+    let run = s(tiny_run());
+    sere_within(
+        &["eval", "knn", "--checkpoint", run, "--data", data],
+        Duration::from_secs(60),
+    )
 }

@@ -195,6 +195,21 @@ pub fn check_memory(cfg: &TrainConfig) -> Result<(), SereError> {
     }
 }
 
+/// For commands that load a data source without training on it (`eval`,
+/// `visualize`): refuses one that cannot fit in the memory available.
+pub fn check_data_memory(spec: &str) -> Result<(), SereError> {
+    use crate::config::format_bytes;
+    let data = data_bytes(spec);
+    match available_memory() {
+        Some(avail) if data > avail => Err(SereError::OutOfMemory {
+            needed: format_bytes(data),
+            available: format_bytes(avail),
+            parts: format!("the data {spec}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// `threads` capped at the machine's available parallelism, with a warning
 /// when that lowers it: more workers than cores only slow every step down.
 fn cap_threads(threads: usize) -> usize {
