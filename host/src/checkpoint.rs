@@ -182,6 +182,22 @@ pub enum CheckpointError {
          state); pass the training checkpoint (checkpoint-*.safetensors) it was exported from"
     )]
     ExportedBackbone,
+    /// A tensor holds a value no training run writes (NaN, an infinity, a
+    /// negative variance): the file was damaged or edited.
+    #[error(
+        "tensor `{name}` holds {value} at index {index} ({why}); the checkpoint is damaged \
+         or was edited: use an earlier checkpoint"
+    )]
+    BadValue {
+        /// The tensor.
+        name: String,
+        /// The flat index of the first bad value.
+        index: usize,
+        /// The value.
+        value: f32,
+        /// Why it cannot be, e.g. "not finite".
+        why: &'static str,
+    },
     /// A required metadata entry is absent.
     #[error("checkpoint metadata `{key}` is missing; the file was not written by `sere train`")]
     MissingMeta {
@@ -360,10 +376,53 @@ impl Checkpoint {
             .ok_or_else(|| CheckpointError::MissingMeta {
                 key: meta::CONFIG.to_string(),
             })?;
-        TrainConfig::from_toml(text).map_err(|e| CheckpointError::BadMeta {
+        let bad = |e: crate::config::ConfigError| CheckpointError::BadMeta {
             key: meta::CONFIG.to_string(),
             detail: e.to_string(),
-        })
+        };
+        // Validated on every load, not only on resume: a hand-edited config
+        // (heads not dividing dim, patch 0) would otherwise build a model
+        // that panics.
+        let cfg = TrainConfig::from_toml(text).map_err(bad)?;
+        cfg.validate().map_err(bad)?;
+        Ok(cfg)
+    }
+
+    /// Checks every tensor for values no training run writes: NaN or an
+    /// infinity anywhere, a negative AdamW second moment (`optim.v.*`) or
+    /// batch-norm running variance (`*.running_var`). Call it on a training
+    /// checkpoint before using it ([`Checkpoint::training_config`] does).
+    pub fn check_values(&self) -> Result<(), CheckpointError> {
+        for (name, (_, data)) in &self.tensors {
+            let variance = name.starts_with(keys::OPTIM_V) || name.ends_with(".running_var");
+            let bad = data.iter().enumerate().find_map(|(i, &v)| {
+                if !v.is_finite() {
+                    Some((i, v, "not finite"))
+                } else if variance && v < 0.0 {
+                    Some((i, v, "a variance cannot be negative"))
+                } else {
+                    None
+                }
+            });
+            if let Some((index, value, why)) = bad {
+                return Err(CheckpointError::BadValue {
+                    name: name.clone(),
+                    index,
+                    value,
+                    why,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The validated config of a training checkpoint whose values passed
+    /// [`Checkpoint::check_values`]: what every command that uses a
+    /// training checkpoint (train --resume, eval, visualize, export) reads.
+    pub fn training_config(&self) -> Result<TrainConfig, CheckpointError> {
+        let cfg = self.config()?;
+        self.check_values()?;
+        Ok(cfg)
     }
 
     /// Writes the checkpoint to `path` atomically (temporary file in the
@@ -404,16 +463,9 @@ impl Checkpoint {
                 "path has no file name",
             ))
         })?;
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}-{}",
-            file_name.to_string_lossy(),
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
+        let (tmp, file) = create_temp(&dir, &file_name.to_string_lossy()).map_err(write_err)?;
 
         let result = (|| -> io::Result<()> {
-            let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             let mut w = BufWriter::with_capacity(1 << 20, file);
             w.write_all(&(header.len() as u64).to_le_bytes())?;
             w.write_all(&header)?;
@@ -521,7 +573,8 @@ impl Checkpoint {
             ));
         }
         let header_end = 8 + n;
-        let opens_json = bytes[8] == b'{';
+        // A file of the length field alone is cut short, not garbage.
+        let opens_json = bytes.get(8).is_none_or(|&b| b == b'{');
         if !opens_json {
             return Err(not_st("it has no JSON header after the length field"));
         }
@@ -590,6 +643,83 @@ impl Checkpoint {
             meta: file_meta,
         })
     }
+}
+
+/// The `format` metadata of the safetensors file at `path`, read from its
+/// header alone (not the tensors); `None` when the file is unreadable, not
+/// safetensors or has no such entry.
+pub fn format_of(path: impl AsRef<Path>) -> Option<String> {
+    use std::io::Read;
+    let mut f = File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let n = u64::from_le_bytes(len);
+    if !(2..=100_000_000).contains(&n) {
+        return None;
+    }
+    let mut header = Vec::new();
+    f.take(n).read_to_end(&mut header).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    v.get("__metadata__")?
+        .get(meta::FORMAT)?
+        .as_str()
+        .map(String::from)
+}
+
+/// What the temporary files of [`Checkpoint::save_atomic`] are named:
+/// `.<target name>` followed by this and a unique suffix.
+const TEMP_MARK: &str = ".tmp-";
+
+/// Creates a new temporary file for `name` in `dir`:
+/// `.<name>.tmp-<pid>-<counter>-<nanoseconds>`. The name is unique even when
+/// the PID repeats (PID 1 in every container) and a killed run left its
+/// temporary file behind: the file is created with `create_new` and another
+/// name is tried while one exists.
+fn create_temp(dir: &Path, name: &str) -> io::Result<(PathBuf, File)> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut last = None;
+    for _ in 0..64 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let tmp = dir.join(format!(
+            ".{name}{TEMP_MARK}{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free temporary file name")))
+}
+
+/// Whether `name` is a temporary checkpoint file of
+/// [`Checkpoint::save_atomic`] (`.checkpoint-<step>.safetensors.tmp-...`).
+pub fn is_temp_name(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.split_once(TEMP_MARK))
+        .is_some_and(|(target, _)| step_in_name(target).is_some())
+}
+
+/// Removes the temporary checkpoint files a killed run left in `dir` (see
+/// [`is_temp_name`]) and returns them. Only call it while holding the run
+/// folder's lock: another run's file being written would go too.
+pub fn remove_stale_temps(dir: impl AsRef<Path>) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_str().is_some_and(is_temp_name) && entry.file_type()?.is_file() {
+            fs::remove_file(entry.path())?;
+            removed.push(entry.path());
+        }
+    }
+    removed.sort();
+    Ok(removed)
 }
 
 /// The conventional file name of the checkpoint after `step` steps:
@@ -781,8 +911,9 @@ mod tests {
         let bytes = fs::read(&path).unwrap();
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
 
-        // Cut in the data section, in the header, and in the length field.
-        for cut in [bytes.len() - 1, 8 + n + 4, 8 + n / 2, 5, 0] {
+        // Cut in the data section, in the header, right after the length
+        // field (it used to index past the end), and in the length field.
+        for cut in [bytes.len() - 1, 8 + n + 4, 8 + n / 2, 9, 8, 5, 0] {
             let bad = dir.path().join("cut.safetensors");
             fs::write(&bad, &bytes[..cut]).unwrap();
             match Checkpoint::load(&bad) {
@@ -953,5 +1084,90 @@ mod tests {
             latest_in(dir.path()).unwrap(),
             Some(dir.path().join(file_name(120)))
         );
+    }
+
+    #[test]
+    fn a_temporary_name_left_by_a_killed_run_does_not_block_the_next_save() {
+        // A run killed with `kill -9` under the same PID (PID 1 in a
+        // container) left temporary files: saving must still work.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(file_name(3));
+        let pid = std::process::id();
+        for i in 0..2000 {
+            let name = format!(".{}.tmp-{pid}-{i}", file_name(3));
+            fs::write(dir.path().join(name), b"stale").unwrap();
+        }
+        let (c, _, _) = sample();
+        c.save_atomic(&path).unwrap();
+        assert_eq!(Checkpoint::load(&path).unwrap(), c);
+
+        // The stale ones are recognised and removed; nothing else is.
+        fs::write(dir.path().join("notes.tmp-1"), b"").unwrap();
+        fs::write(dir.path().join(".other.tmp-1-2"), b"").unwrap();
+        let removed = remove_stale_temps(dir.path()).unwrap();
+        assert_eq!(removed.len(), 2000);
+        let mut left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [".other.tmp-1-2", file_name(3).as_str(), "notes.tmp-1"]
+        );
+        assert!(is_temp_name(".checkpoint-00000003.safetensors.tmp-1-0-5"));
+        assert!(!is_temp_name("checkpoint-00000003.safetensors"));
+    }
+
+    #[test]
+    fn non_finite_values_and_negative_variances_are_refused() {
+        let (mut c, _, _) = sample();
+        c.tensors.get_mut(keys::CENTER).unwrap().1[2] = 1.0;
+        assert_eq!(c.training_config().unwrap(), TrainConfig::default());
+        for (name, i, v, why) in [
+            ("teacher.norm.weight", 1, f32::NAN, "not finite"),
+            (
+                "student.blocks.0.attn.qkv.bias",
+                0,
+                f32::INFINITY,
+                "not finite",
+            ),
+            ("optim.v.norm.weight", 0, -1.0, "negative"),
+            (
+                "dino.head.bn.running_mean",
+                2,
+                f32::NEG_INFINITY,
+                "not finite",
+            ),
+        ] {
+            let mut bad = c.clone();
+            bad.tensors.get_mut(name).unwrap().1[i] = v;
+            let e = bad.training_config().unwrap_err().to_string();
+            assert!(e.contains(&format!("`{name}`")) && e.contains(why), "{e}");
+        }
+        let mut bad = c.clone();
+        bad.insert("bn.teacher.x.projection.running_var", &[2], vec![1.0, -0.5]);
+        let e = bad.check_values().unwrap_err().to_string();
+        assert!(e.contains("running_var") && e.contains("negative"), "{e}");
+        // A negative mean or weight is fine.
+        bad.insert("bn.teacher.x.projection.running_var", &[2], vec![1.0, 0.0]);
+        bad.insert("bn.teacher.x.projection.running_mean", &[1], vec![-3.0]);
+        assert!(bad.check_values().is_ok());
+    }
+
+    #[test]
+    fn a_stored_config_that_cannot_work_is_refused_on_load() {
+        let (mut c, _, _) = sample();
+        for edit in [("heads = 4", "heads = 3"), ("patch = 4", "patch = 0")] {
+            let toml = TrainConfig::default().to_toml();
+            assert!(toml.contains(edit.0), "{toml}");
+            c.set_meta(meta::CONFIG, toml.replace(edit.0, edit.1));
+            let e = c.config().unwrap_err().to_string();
+            let key = edit.1.split(' ').next().unwrap();
+            assert!(
+                e.contains("metadata `config` is invalid") && e.contains(&format!("{key}:")),
+                "{e}"
+            );
+        }
     }
 }

@@ -208,12 +208,19 @@ impl TrainArgs {
     /// The full merge: defaults < `--preset` < `--config` < `--set` < flags,
     /// then [`TrainConfig::validate`].
     pub fn to_config(&self) -> Result<TrainConfig, ConfigError> {
+        let cfg = self.merged()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// [`TrainArgs::to_config`] without the validation (a resumed run
+    /// validates its checkpoint's config with these flags over it instead).
+    pub fn merged(&self) -> Result<TrainConfig, ConfigError> {
         let mut cfg = TrainConfig::load(self.config.as_deref(), self.model.preset)?;
         for s in &self.set {
             cfg.set(s)?;
         }
         self.apply(&mut cfg);
-        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -415,6 +422,10 @@ pub struct ExportArgs {
     /// evaluate and release) or the student.
     #[arg(long, value_enum, default_value_t = Network::Teacher)]
     pub network: Network,
+    /// Replace an existing --out file even if it is not a backbone written
+    /// by `sere export` (a previous export is always replaced).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[cfg(test)]

@@ -270,6 +270,41 @@ impl Default for TrainConfig {
     }
 }
 
+/// A rough estimate of a training run's peak memory, in bytes (as `f64`,
+/// so absurd sizes do not overflow), from [`TrainConfig::memory_estimate`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryEstimate {
+    /// Parameters: student, teacher, gradients and the two AdamW moments.
+    pub weights: f64,
+    /// What one step keeps for its backward pass: the ViT's activations
+    /// and attention maps of every crop, the heads' outputs and the spatial
+    /// and channel relation matrices.
+    pub activations: f64,
+}
+
+impl MemoryEstimate {
+    /// The whole estimate.
+    pub fn total(&self) -> f64 {
+        self.weights + self.activations
+    }
+}
+
+/// `bytes` in words: `1.5 GiB`, `12.0 MiB`.
+pub fn format_bytes(bytes: f64) -> String {
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{v:.0} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 /// One thing wrong with a configuration: the key at fault and what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigProblem {
@@ -482,6 +517,84 @@ impl TrainConfig {
         }
     }
 
+    /// The run's peak memory, estimated from the configuration alone
+    /// (nothing is allocated): parameters x 5 (student, teacher, gradients,
+    /// AdamW m and v) plus the activations of one step.
+    pub fn memory_estimate(&self) -> MemoryEstimate {
+        let f = |v: usize| v as f64;
+        let (d, l, h, heads) = (
+            f(self.dim),
+            f(self.depth),
+            f(self.mlp_hidden()),
+            f(self.heads),
+        );
+        let (hidden, bottleneck, k) = (f(self.head_hidden), f(self.bottleneck), f(self.out_dim));
+        let p = f(self.patch);
+        let tokens = |side: usize| f(side) * f(side) + 1.0;
+        let (t, tl) = (tokens(self.grid()), tokens(self.local_grid()));
+        let block = 4.0 * d + 4.0 * d * d + 4.0 * d + 2.0 * h * d + h + d;
+        let vit = d * 3.0 * p * p + 2.0 * d + t * d + l * block + 2.0 * d;
+        let dino = d * hidden
+            + hidden * hidden
+            + hidden * bottleneck
+            + bottleneck * k
+            + 2.0 * hidden
+            + bottleneck
+            + k;
+        let sere = 4.0 * (d * d + 4.0 * d);
+        let params = vit + dino + sere;
+
+        // Per crop of `t` tokens: each block keeps about 10 token-wide and 2
+        // hidden-wide vectors per token and the attention maps.
+        let crop = |t: f64| {
+            l * (t * (10.0 * d + 2.0 * h) + heads * t * t)
+                + 3.0 * (4.0 * hidden + bottleneck + 3.0 * k)
+        };
+        let (b, locals) = (f(self.batch), f(self.locals));
+        // Student on every crop, teacher on the two global ones.
+        let vit_acts = b * (4.0 * crop(t) + locals * crop(tl));
+        // Relations of each global/global and global/local pair of views,
+        // spatial (heads x N x N on the overlap grid) and channel (C x C),
+        // teacher and student and the gradient.
+        let (n, nl) = (
+            f(self.overlap) * f(self.overlap),
+            f(self.local_overlap) * f(self.local_overlap),
+        );
+        let relations =
+            3.0 * b * (2.0 * (heads * n * n + d * d) + 2.0 * locals * (heads * nl * nl + d * d));
+        MemoryEstimate {
+            weights: 4.0 * 5.0 * params,
+            activations: 4.0 * (vit_acts + relations),
+        }
+    }
+
+    /// The settings that fix the model's parameter shapes (a resumed run
+    /// cannot change them), as `(key, value)`.
+    fn architecture(&self) -> [(&'static str, String); 9] {
+        [
+            ("img", self.img.to_string()),
+            ("patch", self.patch.to_string()),
+            ("dim", self.dim.to_string()),
+            ("depth", self.depth.to_string()),
+            ("heads", self.heads.to_string()),
+            ("mlp_ratio", self.mlp_ratio.to_string()),
+            ("out_dim", self.out_dim.to_string()),
+            ("head_hidden", self.head_hidden.to_string()),
+            ("bottleneck", self.bottleneck.to_string()),
+        ]
+    }
+
+    /// The architecture settings in which `requested` differs from `self`
+    /// (a checkpoint's config), as `key: checkpoint -> requested`.
+    pub fn architecture_changes(&self, requested: &TrainConfig) -> Vec<String> {
+        self.architecture()
+            .into_iter()
+            .zip(requested.architecture())
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|((key, a), (_, b))| format!("{key}: {a} -> {b}"))
+            .collect()
+    }
+
     /// Checks that the values can work together; lists every problem found.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
@@ -691,6 +804,12 @@ impl TrainConfig {
         }
         if self.log_every == 0 {
             bad("log_every", "must be at least 1 step".into());
+        }
+        if self.out.as_ref().is_some_and(|o| o.as_os_str().is_empty()) {
+            bad(
+                "out",
+                "is empty; name an output folder (or leave it unset for runs/<date-time>)".into(),
+            );
         }
 
         if p.is_empty() {
@@ -945,5 +1064,39 @@ mod tests {
         assert_eq!(utc_stamp(1_709_251_199), "20240229-235959");
         let cfg = TrainConfig::default();
         assert!(cfg.out_dir().starts_with("runs"));
+    }
+
+    #[test]
+    fn architecture_changes_and_empty_out() {
+        let a = TrainConfig::default();
+        assert!(a.architecture_changes(&a.clone()).is_empty());
+        let b = TrainConfig {
+            heads: 8,
+            out_dim: 100,
+            lr: 0.1,
+            ..a.clone()
+        };
+        assert_eq!(
+            a.architecture_changes(&b),
+            ["heads: 4 -> 8", "out_dim: 4096 -> 100"]
+        );
+        let mut c = a.clone();
+        c.set("out=").unwrap();
+        assert_eq!(problems(&c), ["out"]);
+    }
+
+    #[test]
+    fn memory_estimate_grows_with_the_model() {
+        let small = TrainConfig::default().memory_estimate();
+        assert!(small.total() > 1e6 && small.total() < 8e9, "{small:?}");
+        let wide = TrainConfig {
+            dim: 100_000,
+            heads: 4,
+            ..Default::default()
+        }
+        .memory_estimate();
+        assert!(wide.weights > 1e12, "{wide:?}");
+        assert_eq!(format_bytes(1536.0), "1.5 KiB");
+        assert_eq!(format_bytes(3.0 * (1u64 << 30) as f64), "3.0 GiB");
     }
 }

@@ -66,6 +66,31 @@ pub enum SereError {
         /// What was found there, e.g. "metrics.jsonl, 2 checkpoints".
         found: String,
     },
+    /// The run's estimated memory exceeds what the machine has available.
+    #[error(
+        "the run needs about {needed} of memory ({parts}) but only {available} is available; \
+         make it smaller (--batch, --dim, --depth, --heads, --out-dim, --overlap, a larger \
+         --patch or smaller --img, smaller data) or use a machine with more memory"
+    )]
+    OutOfMemory {
+        /// The estimate.
+        needed: String,
+        /// `MemAvailable`.
+        available: String,
+        /// The estimate's parts.
+        parts: String,
+    },
+    /// Another `sere train` holds the run folder's lock.
+    #[error(
+        "{} is in use by another `sere train` (it holds {}); wait for that run to finish, or \
+         train into another --out",
+        dir.display(),
+        dir.join(crate::train::LOCK_FILE).display()
+    )]
+    RunLocked {
+        /// The run folder.
+        dir: PathBuf,
+    },
     /// Anything else, already phrased for the user.
     #[error("{0}")]
     Other(String),

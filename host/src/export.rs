@@ -17,7 +17,10 @@
 //! The model's sizes travel in the file's metadata ([`meta`]); the heads,
 //! optimizer state and the other network are left out.
 
+use std::path::Path;
+
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
+use crate::error::SereError;
 use crate::train::network::{SereNet, BACKBONE_PREFIX};
 
 /// Value of the `format` metadata key of an exported backbone.
@@ -48,6 +51,41 @@ pub mod meta {
     pub const TRAIN_CONFIG: &str = "train_config";
 }
 
+/// Checks that `sere export` may write `out`: a new file, or a backbone an
+/// earlier export wrote; any other file (a training checkpoint, data) only
+/// with `force`; never anything but a regular file, whatever `force` says
+/// (the atomic rename would replace `/dev/null`, a FIFO or a symbolic link
+/// itself).
+pub fn check_target(out: &Path, force: bool) -> Result<(), SereError> {
+    let meta = match out.symlink_metadata() {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(SereError::io("cannot inspect the --out file", out, e)),
+    };
+    if !meta.file_type().is_file() {
+        let what = if meta.file_type().is_symlink() {
+            "a symbolic link"
+        } else if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a device, FIFO or socket)"
+        };
+        return Err(SereError::Other(format!(
+            "--out {} is {what}; export writes a new regular file: name a file path \
+             (e.g. backbone.safetensors)",
+            out.display()
+        )));
+    }
+    if force || checkpoint::format_of(out).as_deref() == Some(FORMAT) {
+        return Ok(());
+    }
+    Err(SereError::Other(format!(
+        "--out {} already exists and is not a backbone written by `sere export` (it may be \
+         a training checkpoint); choose another file name, or pass --force to replace it",
+        out.display()
+    )))
+}
+
 /// Which of the two networks of a SERE checkpoint to export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Network {
@@ -72,7 +110,8 @@ impl Network {
 /// Every backbone tensor is read with its shape checked against the config,
 /// so a checkpoint of another model is refused rather than half exported.
 pub fn backbone(ck: &Checkpoint, network: Network) -> Result<Checkpoint, CheckpointError> {
-    let cfg = ck.config()?;
+    // A NaN in the checkpoint would otherwise be exported as if trained.
+    let cfg = ck.training_config()?;
     let net = SereNet::new(&cfg);
     let prefix = match network {
         Network::Teacher => checkpoint::keys::TEACHER,

@@ -66,7 +66,10 @@ fn checkpoint_in(path: &Path) -> Result<PathBuf, SereError> {
             .map_err(|e| SereError::io("cannot list checkpoints in", path, e))?
             .ok_or_else(|| {
                 SereError::Other(format!(
-                    "no checkpoint-*.safetensors in {}; train first or pass a checkpoint file",
+                    "no checkpoint-*.safetensors in {}; train first (a run that stopped before \
+                     its first checkpoint is started again with `sere train --out {}`) or pass a \
+                     checkpoint file",
+                    path.display(),
                     path.display()
                 ))
             })
@@ -76,23 +79,68 @@ fn checkpoint_in(path: &Path) -> Result<PathBuf, SereError> {
 }
 
 fn run_train(args: &TrainArgs) -> Result<(), SereError> {
-    let mut cfg = args.to_config()?;
+    // A resumed run's flags apply over its checkpoint's config, which is
+    // validated with them (in `train`), not over the defaults.
+    let mut cfg = match args.resume {
+        Some(_) => args.merged()?,
+        None => args.to_config()?,
+    };
     let resume = match args.resume() {
         None => None,
-        Some(Resume::LatestInOut) => Some(checkpoint_in(&cfg.out_dir())?),
+        Some(Resume::LatestInOut) => {
+            // Without --out the default folder is a new runs/<date-time>,
+            // which holds no run to resume.
+            let out = cfg.out.clone().ok_or_else(|| {
+                SereError::Other(
+                    "`--resume` without a value resumes the run in --out, but no --out was given; \
+                     pass the run folder (`--resume DIR`) or a checkpoint file, or add --out DIR"
+                        .into(),
+                )
+            })?;
+            Some(checkpoint_in(&out)?)
+        }
         Some(Resume::Path(p)) => Some(checkpoint_in(&p)?),
     };
     if let Some(path) = &resume {
         // The run continues with its own settings; only the flags given now
         // (e.g. a longer --steps, another --out) change them.
+        for (given, flag) in [
+            (args.config.is_some(), "--config"),
+            (args.model.preset.is_some(), "--preset"),
+        ] {
+            if given {
+                return Err(SereError::Other(format!(
+                    "{flag} cannot be combined with --resume: a resumed run keeps the settings \
+                     stored in its checkpoint; change single settings with --set KEY=VALUE or \
+                     their flags (--steps, --lr, ...)"
+                )));
+            }
+        }
         let ck = Checkpoint::load(path)?;
-        cfg = ck.config()?;
+        let stored = ck.training_config()?;
+        cfg = stored.clone();
+        // The folder resumed is the run, wherever it was first written: the
+        // `out` stored in the checkpoint may be a folder moved or copied
+        // away since.
+        cfg.out = None;
         for s in &args.set {
             cfg.set(s)?;
         }
         args.apply(&mut cfg);
+        let changed = stored.architecture_changes(&cfg);
+        if !changed.is_empty() {
+            return Err(SereError::Other(format!(
+                "cannot change the model of a resumed run ({}, checkpoint -> requested); drop \
+                 these flags to continue the run, or start a new run with another --out",
+                changed.join(", ")
+            )));
+        }
         if cfg.out.is_none() {
-            cfg.out = path.parent().map(Path::to_path_buf);
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            cfg.out = Some(dir.to_path_buf());
         }
     } else if cfg.out.is_none() {
         cfg.out = Some(cfg.out_dir());
@@ -116,6 +164,11 @@ fn run_train(args: &TrainArgs) -> Result<(), SereError> {
 }
 
 fn run_bench(args: &BenchStepArgs) -> Result<(), SereError> {
+    if args.steps == 0 {
+        return Err(SereError::Other(
+            "--steps 0 times nothing; give at least 1 timed step (default 10)".into(),
+        ));
+    }
     let cfg = args.to_config()?;
     let r = train::bench::bench_step(&cfg, args.steps, args.warmup)?;
     println!(
@@ -126,6 +179,8 @@ fn run_bench(args: &BenchStepArgs) -> Result<(), SereError> {
 }
 
 fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
+    knn::check_params(args.k, args.temperature)?;
+    train::check_data_memory(&args.data)?;
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
     on_device!(args.device, &ck, emb => knn_on(&emb, args))
@@ -195,6 +250,7 @@ fn print_knn(features: &str, k: usize, temperature: f64, (train, test): (usize, 
 }
 
 fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
+    train::check_data_memory(&args.data)?;
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
     on_device!(args.device, &ck, emb => linear_on(&emb, args))
@@ -291,6 +347,9 @@ fn print_linear(
 }
 
 fn run_visualize(args: &VisualizeArgs) -> Result<(), SereError> {
+    if args.image.is_empty() {
+        train::check_data_memory(&args.data)?;
+    }
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
     on_device!(args.device, &ck, emb => visualize_on(&emb, args))
@@ -316,6 +375,7 @@ fn run_export(args: &ExportArgs) -> Result<(), SereError> {
             )));
         }
     }
+    export::check_target(&args.out, args.force)?;
     let ck = Checkpoint::load(&path)?;
     let out = export::backbone(&ck, args.network)?;
     out.save_atomic(&args.out)?;

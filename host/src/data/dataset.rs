@@ -209,6 +209,7 @@ impl Split {
 /// Decodes one JPEG or PNG file to an RGB raster; the error names the file.
 pub fn decode_file(path: &Path) -> Result<Raster> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let complete = !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) || jpeg_is_complete(&bytes);
     let img = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| DataError::io(path, e))?
@@ -217,6 +218,16 @@ pub fn decode_file(path: &Path) -> Result<Raster> {
             path: path.to_path_buf(),
             source,
         })?;
+    if !complete {
+        // The JPEG decoder fills a cut-off image in without a word.
+        return Err(DataError::Format {
+            path: path.to_path_buf(),
+            format: "JPEG",
+            detail: "it ends before its end-of-image marker: the file is truncated (an \
+                     interrupted download or copy); replace or remove it"
+                .into(),
+        });
+    }
     let rgb = img.into_rgb8();
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     if w == 0 || h == 0 {
@@ -232,6 +243,17 @@ pub fn decode_file(path: &Path) -> Result<Raster> {
         channels: 3,
         data: rgb.into_raw(),
     })
+}
+
+/// Whether a JPEG file has an end-of-image marker (`FF D9`) after the start
+/// of its last scan (`FF DA`). Neither can occur inside entropy-coded data
+/// (a data `FF` is always followed by `00`), so a file cut short lacks it;
+/// bytes after the marker (padding) are allowed.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let Some(sos) = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]) else {
+        return false;
+    };
+    bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// A dataset: its class names, a training split and an optional test split.

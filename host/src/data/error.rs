@@ -38,6 +38,15 @@ pub enum DataError {
         /// What is wrong.
         detail: String,
     },
+    /// An entry of an image folder that cannot be read as a file or a
+    /// class name.
+    #[error("{path} {detail}")]
+    BadEntry {
+        /// The entry.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        detail: &'static str,
+    },
     /// A required file or directory is missing.
     #[error("{what} not found at {path}; {hint}")]
     Missing {

@@ -12,6 +12,8 @@
 //! sample indices, and hence every random stream, are stable. Only paths are
 //! listed here: decoding happens per sample in the loader.
 
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::dataset::{Dataset, Split};
@@ -48,32 +50,69 @@ fn entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// All image files under `dir`, recursively, in sorted order.
-fn images_under(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Directories already listed, by (device, inode): a symbolic link back up
+/// the tree (`train/a/up -> ..`) or to another class is not followed again.
+type Visited = HashSet<(u64, u64)>;
+
+/// The (device, inode) of a directory.
+fn dir_key(m: &std::fs::Metadata) -> (u64, u64) {
+    (m.dev(), m.ino())
+}
+
+/// Metadata of `p`, following symbolic links.
+fn metadata(p: &Path) -> Result<std::fs::Metadata> {
+    std::fs::metadata(p).map_err(|e| DataError::io(p, e))
+}
+
+/// All image files under `dir`, recursively, in sorted order; each
+/// directory is visited once, and an image name that is not a regular file
+/// (a FIFO would block the loader forever) is an error.
+fn images_under(dir: &Path, out: &mut Vec<PathBuf>, visited: &mut Visited) -> Result<()> {
     for p in entries(dir)? {
-        if p.is_dir() {
-            images_under(&p, out)?;
+        let m = metadata(&p)?;
+        if m.is_dir() {
+            if visited.insert(dir_key(&m)) {
+                images_under(&p, out, visited)?;
+            }
         } else if is_image(&p) {
+            if !m.is_file() {
+                return Err(DataError::BadEntry {
+                    path: p,
+                    detail: "is not a regular file (a FIFO, socket or device); remove it from \
+                             the image folder",
+                });
+            }
             out.push(p);
         }
     }
     Ok(())
 }
 
-/// Class directories of `dir` (sorted) with their images.
+/// Class directories of `dir` (sorted) with their images. Every class
+/// directory (and `dir`) counts as visited before any is walked, so a link
+/// from one class into another does not relabel the other's images.
 fn class_dirs(dir: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
-    let mut classes = Vec::new();
+    let mut visited = Visited::new();
+    visited.insert(dir_key(&metadata(dir)?));
+    let mut dirs = Vec::new();
     for p in entries(dir)? {
-        if p.is_dir() {
-            let mut files = Vec::new();
-            images_under(&p, &mut files)?;
-            let name = p
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            classes.push((name, files));
+        let m = metadata(&p)?;
+        if m.is_dir() && visited.insert(dir_key(&m)) {
+            dirs.push(p);
         }
+    }
+    let mut classes = Vec::new();
+    for p in dirs {
+        let mut files = Vec::new();
+        images_under(&p, &mut files, &mut visited)?;
+        let Some(name) = p.file_name().unwrap_or_default().to_str() else {
+            return Err(DataError::BadEntry {
+                path: p,
+                detail: "is a class folder whose name is not valid UTF-8 (two such names could \
+                         merge into one class); rename it",
+            });
+        };
+        classes.push((name.to_string(), files));
     }
     Ok(classes)
 }
@@ -244,6 +283,65 @@ mod tests {
         assert!(matches!(e, DataError::Decode { .. }), "{e:?}");
         let msg = e.to_string();
         assert!(msg.contains("bad.jpg") && msg.contains("corrupt"), "{msg}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn links_and_special_files_are_not_followed_into_wrong_labels() {
+        let d = tmpdir("links");
+        for i in 0..3 {
+            write_png(&d.join(format!("train/a/{i}.png")), 2, 2, 0);
+            write_png(&d.join(format!("train/b/{i}.png")), 2, 2, 1);
+        }
+        // A loop back up the tree, and a link into another class.
+        std::os::unix::fs::symlink("..", d.join("train/a/up")).unwrap();
+        std::os::unix::fs::symlink("../b", d.join("train/a/to_b")).unwrap();
+        std::os::unix::fs::symlink(".", d.join("train/b/self")).unwrap();
+        let ds = load(&d).unwrap();
+        assert_eq!(ds.classes, vec!["a", "b"]);
+        assert_eq!(ds.train.labels(), &[0, 0, 0, 1, 1, 1]);
+
+        // A FIFO named like an image is an error naming it (reading it
+        // would block forever).
+        let fifo = d.join("train/b/x.png");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let e = load(&d).unwrap_err().to_string();
+        assert!(e.contains("x.png is not a regular file"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn non_utf8_class_names_are_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tmpdir("utf8");
+        for name in [&b"c\xff"[..], b"c\xfe"] {
+            let dir = d.join(std::ffi::OsStr::from_bytes(name));
+            write_png(&dir.join("1.png"), 2, 2, 0);
+        }
+        let e = load(&d).unwrap_err().to_string();
+        assert!(e.contains("not valid UTF-8"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_truncated_jpeg_is_an_error_naming_it() {
+        let d = tmpdir("cut-jpeg");
+        let p = d.join("c/cut.jpg");
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let img = image::RgbImage::from_fn(48, 48, |x, y| {
+            image::Rgb([((x * 7) ^ (y * 13)) as u8, (x * y) as u8, 9])
+        });
+        img.save(&p).unwrap();
+        let ds = load(&d).unwrap();
+        assert!(ds.train.image(0).is_ok(), "the whole file decodes");
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() * 9 / 10]).unwrap();
+        let e = ds.train.image(0).unwrap_err().to_string();
+        assert!(e.contains("cut.jpg") && e.contains("truncated"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

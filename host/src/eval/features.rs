@@ -88,7 +88,7 @@ impl<B: Backend> Embedder<B> {
     /// Loads the teacher of `ck` (the network the run would be evaluated by)
     /// onto `be`.
     pub fn from_checkpoint(be: B, ck: &Checkpoint) -> Result<Self, SereError> {
-        let cfg = ck.config()?;
+        let cfg = ck.training_config()?;
         let net = SereNet::new(&cfg);
         let mut host = vec![0.0; net.layout.len()];
         ck.read_params("teacher.", &net.layout, &mut host)?;

@@ -14,6 +14,24 @@ pub fn l2_normalize_rows(feats: &mut [f32], dim: usize) {
     });
 }
 
+/// Checks the k-NN settings: `k >= 1` neighbours, a positive finite
+/// temperature (0, a negative or a NaN one would make every vote weight
+/// infinite, inverted or NaN).
+pub fn check_params(k: usize, temperature: f64) -> Result<(), crate::error::SereError> {
+    if k == 0 {
+        return Err(crate::error::SereError::Other(
+            "--k 0: at least 1 neighbour must vote (20 is DINO's choice)".into(),
+        ));
+    }
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(crate::error::SereError::Other(format!(
+            "--temperature {temperature}: the vote temperature must be a positive number \
+             (0.07 is DINO's choice)"
+        )));
+    }
+    Ok(())
+}
+
 /// Top-1 accuracy of weighted k-NN: every test feature (rows of `test`,
 /// L2-normalised) is classified by the `k` nearest (cosine) rows of `train`.
 /// Test rows are processed in chunks so memory stays `chunk x n_train`.
@@ -34,7 +52,7 @@ pub fn weighted_knn_accuracy(
     if n_test == 0 || n_train == 0 {
         return 0.0;
     }
-    let k = k.min(n_train);
+    let k = k.clamp(1, n_train);
     const CHUNK: usize = 256;
     let correct: usize = test
         .par_chunks(CHUNK * dim)
@@ -104,5 +122,23 @@ mod tests {
             weighted_knn_accuracy(&tr, &labels, &test, &[1, 0], 2, 2, 0.07, 2),
             0.0
         );
+        // k = 0 votes with one neighbour instead of panicking.
+        assert_eq!(
+            weighted_knn_accuracy(&tr, &labels, &test, &[0, 1], 2, 0, 0.07, 2),
+            1.0
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        assert!(check_params(20, 0.07).is_ok());
+        assert!(check_params(0, 0.07)
+            .unwrap_err()
+            .to_string()
+            .contains("--k 0"));
+        for t in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = check_params(20, t).unwrap_err().to_string();
+            assert!(e.contains("--temperature") && e.contains("positive"), "{e}");
+        }
     }
 }

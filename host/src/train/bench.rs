@@ -197,6 +197,7 @@ pub fn bench_step(
     warmup: usize,
 ) -> Result<BenchResult, SereError> {
     cfg.validate()?;
+    super::check_memory(cfg)?;
     set_threads(cfg.threads);
     let mut engine = AnyEngine::new(cfg)?;
     let (b, l) = (cfg.batch, cfg.locals);

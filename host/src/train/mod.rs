@@ -136,16 +136,252 @@ pub fn grid_sizes(cfg: &TrainConfig) -> GridSizes {
 /// call in a process takes effect, which is what a command wants.
 pub fn set_threads(threads: Option<usize>) {
     if let Some(n) = threads {
+        let n = cap_threads(n);
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
             .build_global();
     }
 }
 
+/// The memory the kernel says can still be given to a process
+/// (`MemAvailable` of /proc/meminfo), in bytes; `None` where unknown.
+pub fn available_memory() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0)
+}
+
+/// Bytes the data source holds in memory, where that is known before it is
+/// opened (the synthetic set is generated in memory).
+fn data_bytes(spec: &str) -> f64 {
+    match DataSpec::parse(spec) {
+        Ok(DataSpec::Synthetic(c)) => (c.size * c.size * 3) as f64 * (c.train + c.test) as f64,
+        _ => 0.0,
+    }
+}
+
+/// Estimates the run's peak memory before anything is allocated, prints it
+/// and refuses a run that cannot fit in the memory available (it would end
+/// in an allocation abort or the OOM killer, not an error).
+pub fn check_memory(cfg: &TrainConfig) -> Result<(), SereError> {
+    use crate::config::format_bytes;
+    let est = cfg.memory_estimate();
+    let data = data_bytes(&cfg.data);
+    let total = est.total() + data;
+    let parts = format!(
+        "parameters and optimizer state {}, activations {}, data {}",
+        format_bytes(est.weights),
+        format_bytes(est.activations),
+        format_bytes(data)
+    );
+    let available = available_memory();
+    match available {
+        Some(avail) if total > avail => Err(SereError::OutOfMemory {
+            needed: format_bytes(total),
+            available: format_bytes(avail),
+            parts,
+        }),
+        _ => {
+            let of = available.map_or(String::new(), |a| {
+                format!(" of {} available", format_bytes(a))
+            });
+            eprintln!(
+                "memory: about {} estimated{of} ({parts})",
+                format_bytes(total)
+            );
+            Ok(())
+        }
+    }
+}
+
+/// For commands that load a data source without training on it (`eval`,
+/// `visualize`): refuses one that cannot fit in the memory available.
+pub fn check_data_memory(spec: &str) -> Result<(), SereError> {
+    use crate::config::format_bytes;
+    let data = data_bytes(spec);
+    match available_memory() {
+        Some(avail) if data > avail => Err(SereError::OutOfMemory {
+            needed: format_bytes(data),
+            available: format_bytes(avail),
+            parts: format!("the data {spec}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// `threads` capped at the machine's available parallelism, with a warning
+/// when that lowers it: more workers than cores only slow every step down.
+fn cap_threads(threads: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(threads, |n| n.get());
+    if threads > cores {
+        eprintln!(
+            "warning: --threads {threads} is more than the {cores} core(s) available; \
+             using {cores} (more workers than cores only slow each step down)"
+        );
+        cores
+    } else {
+        threads
+    }
+}
+
+/// The lock file inside a run folder (kept, never removed: removing it
+/// would let two runs lock two different files).
+pub const LOCK_FILE: &str = ".sere.lock";
+
+/// Takes the exclusive lock on run folder `dir` for as long as the returned
+/// file is open, so two `sere train` never write into one folder.
+pub fn lock_run_dir(dir: &Path) -> Result<std::fs::File, SereError> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| SereError::io("cannot create the lock file", &path, e))?;
+    match try_lock_exclusive(&file) {
+        Ok(true) => Ok(file),
+        Ok(false) => Err(SereError::RunLocked {
+            dir: dir.to_path_buf(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+            eprintln!(
+                "warning: cannot lock {} on this file system; make sure no other run writes there",
+                dir.display()
+            );
+            Ok(file)
+        }
+        Err(e) => Err(SereError::io("cannot lock the run folder", dir, e)),
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: `Ok(false)` when another open file holds
+/// the lock. (std's `File::try_lock` needs a newer rustc than ours.)
+#[cfg(unix)]
+fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock only reads the descriptor, which `file` keeps open.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP) => {
+            Err(std::io::Error::new(std::io::ErrorKind::Unsupported, e))
+        }
+        _ => Err(e),
+    }
+}
+
+/// No advisory locks here: every run proceeds.
+#[cfg(not(unix))]
+fn try_lock_exclusive(_file: &std::fs::File) -> std::io::Result<bool> {
+    Ok(true)
+}
+
+/// A fresh name for a folder inside `dir` starting with `prefix`
+/// (`prefix`, then `prefix-2`, ...).
+fn aside_dir(dir: &Path, prefix: &str) -> PathBuf {
+    let mut path = dir.join(prefix);
+    let mut i = 2;
+    while path.symlink_metadata().is_ok() {
+        path = dir.join(format!("{prefix}-{i}"));
+        i += 1;
+    }
+    path
+}
+
+/// Moves `files` (names in `dir`) into a new subfolder `prefix` of `dir`
+/// and returns it.
+fn move_aside(dir: &Path, prefix: &str, files: &[String]) -> Result<PathBuf, SereError> {
+    let aside = aside_dir(dir, prefix);
+    std::fs::create_dir(&aside).map_err(|e| SereError::io("cannot create", &aside, e))?;
+    for f in files {
+        std::fs::rename(dir.join(f), aside.join(f))
+            .map_err(|e| SereError::io("cannot move aside", dir.join(f), e))?;
+    }
+    Ok(aside)
+}
+
+/// A folder left by a run that stopped before its first checkpoint
+/// (`metrics.jsonl`, `config.toml`, no checkpoint) is no dead end: there is
+/// no checkpoint to lose, so a fresh run moves the leftovers into
+/// `DIR/incomplete/` (saying so) and starts there.
+fn clear_incomplete_run(dir: &Path) -> Result<(), SereError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let mut names = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if checkpoint::step_in_name(&name).is_some() {
+            return Ok(()); // a real run: refuse_existing_run says so
+        }
+        if name == METRICS_FILE || name == CONFIG_FILE {
+            names.push(name);
+        }
+    }
+    if !names.iter().any(|n| n == METRICS_FILE) {
+        return Ok(());
+    }
+    names.sort();
+    let aside = move_aside(dir, "incomplete", &names)?;
+    eprintln!(
+        "note: {} held a run that stopped before its first checkpoint; moved its {} to {}",
+        dir.display(),
+        names.join(" and "),
+        aside.display()
+    );
+    Ok(())
+}
+
+/// When a run resumes in its own folder from an older checkpoint than the
+/// newest, the newer checkpoints belong to an abandoned branch: they are
+/// moved (with a copy of the metrics) into `DIR/abandoned-after-<step>/`,
+/// so a later `--resume DIR` or `eval` does not take them for the latest.
+fn set_aside_newer_branch(dir: &Path, step: u64) -> Result<(), SereError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| SereError::io("cannot read output directory", dir, e))?;
+    let mut newer: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            checkpoint::step_in_name(n)
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|s| s > step)
+        })
+        .collect();
+    if newer.is_empty() {
+        return Ok(());
+    }
+    newer.sort();
+    let aside = move_aside(dir, &format!("abandoned-after-{step}"), &newer)?;
+    let metrics = dir.join(METRICS_FILE);
+    if metrics.is_file() {
+        std::fs::copy(&metrics, aside.join(METRICS_FILE))
+            .map_err(|e| SereError::io("cannot copy", &metrics, e))?;
+    }
+    eprintln!(
+        "note: resuming from step {step}: moved the {} newer checkpoint(s) of the abandoned branch ({}) \
+         and a copy of its metrics to {}",
+        newer.len(),
+        newer.join(", "),
+        aside.display()
+    );
+    Ok(())
+}
+
+/// The file name of the run's config in its folder.
+pub const CONFIG_FILE: &str = "config.toml";
+
 /// Refuses to start a fresh run in `dir` when it already holds one (a
 /// `metrics.jsonl` or `checkpoint-*.safetensors`): nothing already written
-/// is lost. A missing or unrelated directory is fine.
-fn refuse_existing_run(dir: &Path) -> Result<(), SereError> {
+/// is lost. A missing or unrelated directory is fine, and so, with
+/// `leftovers_ok`, is one whose run stopped before its first checkpoint
+/// ([`clear_incomplete_run`] moves its leftovers aside).
+fn refuse_existing_run(dir: &Path, leftovers_ok: bool) -> Result<(), SereError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -161,6 +397,9 @@ fn refuse_existing_run(dir: &Path) -> Result<(), SereError> {
         } else if checkpoint::step_in_name(&name).is_some() {
             checkpoints += 1;
         }
+    }
+    if checkpoints == 0 && leftovers_ok {
+        return Ok(());
     }
     let mut found = Vec::new();
     if metrics {
@@ -199,16 +438,33 @@ fn is_parent_of(dir: &Path, file: &Path) -> bool {
 pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, SereError> {
     cfg.validate()?;
     let out_dir = cfg.out_dir();
-    if !resume
+    let in_own_dir = resume
         .as_deref()
-        .is_some_and(|ck| is_parent_of(&out_dir, ck))
-    {
-        refuse_existing_run(&out_dir)?;
+        .is_some_and(|ck| is_parent_of(&out_dir, ck));
+    if !in_own_dir {
+        refuse_existing_run(&out_dir, true)?;
     }
+    check_memory(&cfg)?;
     set_threads(cfg.threads);
     let mut engine = AnyEngine::new(&cfg)?;
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| SereError::io("cannot create output directory", &out_dir, e))?;
+    // Held until the run ends: a second run into this folder is refused.
+    let _lock = lock_run_dir(&out_dir)?;
+    if !in_own_dir {
+        // Again under the lock: another run may have started meanwhile.
+        refuse_existing_run(&out_dir, true)?;
+        clear_incomplete_run(&out_dir)?;
+    }
+    let stale = checkpoint::remove_stale_temps(&out_dir)
+        .map_err(|e| SereError::io("cannot clean temporary files in", &out_dir, e))?;
+    if !stale.is_empty() {
+        eprintln!(
+            "note: removed {} temporary checkpoint file(s) an interrupted run left in {}",
+            stale.len(),
+            out_dir.display()
+        );
+    }
 
     let dataset = DataSpec::parse(&cfg.data)
         .and_then(|s| s.open())
@@ -231,6 +487,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
     let mut done = 0u64;
     if let Some(path) = resume {
         let ck = Checkpoint::load(&path)?;
+        ck.check_values()?;
         done = engine.restore(&ck)?;
         eprintln!("resumed from {} at step {done}", path.display());
     }
@@ -239,6 +496,9 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
             "the checkpoint is already at step {done} of {total}; raise --epochs or --steps to train further"
         )));
     }
+    if in_own_dir {
+        set_aside_newer_branch(&out_dir, done)?;
+    }
     let metrics_path = out_dir.join(METRICS_FILE);
     let mut metrics = if done > 0 {
         MetricsWriter::resume(&metrics_path, done)
@@ -246,8 +506,8 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
         MetricsWriter::create(&metrics_path)
     }
     .map_err(|e| SereError::io("cannot write metrics to", &metrics_path, e))?;
-    std::fs::write(out_dir.join("config.toml"), cfg.to_toml())
-        .map_err(|e| SereError::io("cannot write config to", out_dir.join("config.toml"), e))?;
+    std::fs::write(out_dir.join(CONFIG_FILE), cfg.to_toml())
+        .map_err(|e| SereError::io("cannot write config to", out_dir.join(CONFIG_FILE), e))?;
 
     let start = Position {
         epoch: (done / spe) as usize,
@@ -345,21 +605,82 @@ mod tests {
     fn a_fresh_run_refuses_a_directory_holding_a_run_only() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        assert!(refuse_existing_run(&d.join("missing")).is_ok());
+        assert!(refuse_existing_run(&d.join("missing"), false).is_ok());
         std::fs::write(d.join("notes.txt"), "unrelated").unwrap();
         std::fs::write(d.join("checkpoint-old.bin"), "unrelated").unwrap();
-        assert!(refuse_existing_run(d).is_ok(), "unrelated files are fine");
+        assert!(
+            refuse_existing_run(d, false).is_ok(),
+            "unrelated files are fine"
+        );
 
         std::fs::write(d.join("metrics.jsonl"), "").unwrap();
-        let e = refuse_existing_run(d).unwrap_err().to_string();
+        assert!(
+            refuse_existing_run(d, true).is_ok(),
+            "no checkpoint to lose"
+        );
+        let e = refuse_existing_run(d, false).unwrap_err().to_string();
         assert!(
             e.contains("already holds a training run (metrics.jsonl)"),
             "{e}"
         );
         std::fs::write(d.join("checkpoint-00000002.safetensors"), "").unwrap();
         std::fs::write(d.join("checkpoint-00000004.safetensors"), "").unwrap();
-        let e = refuse_existing_run(d).unwrap_err().to_string();
+        let e = refuse_existing_run(d, true).unwrap_err().to_string();
         assert!(e.contains("(metrics.jsonl, 2 checkpoints)"), "{e}");
         assert!(e.contains(&format!("--resume {}", d.display())), "{e}");
+    }
+
+    #[test]
+    fn a_run_folder_is_locked_while_a_run_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_run_dir(dir.path()).unwrap();
+        match lock_run_dir(dir.path()) {
+            Err(e @ SereError::RunLocked { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+                assert!(msg.contains("in use by another `sere train`"), "{msg}");
+            }
+            r => panic!("{r:?}"),
+        }
+        drop(held);
+        assert!(
+            lock_run_dir(dir.path()).is_ok(),
+            "free again once the run ends"
+        );
+    }
+
+    #[test]
+    fn the_memory_check_refuses_what_cannot_fit() {
+        if available_memory().is_none() {
+            return; // no /proc/meminfo here
+        }
+        assert!(check_memory(&TrainConfig::default()).is_ok());
+        for cfg in [
+            TrainConfig {
+                out_dim: 2_000_000_000,
+                ..Default::default()
+            },
+            TrainConfig {
+                overlap: 1000,
+                ..Default::default()
+            },
+            TrainConfig {
+                depth: 100_000,
+                ..Default::default()
+            },
+            TrainConfig {
+                img: 256,
+                patch: 1,
+                ..Default::default()
+            },
+            TrainConfig {
+                data: "synthetic:size=4096".into(),
+                ..Default::default()
+            },
+        ] {
+            let e = check_memory(&cfg).unwrap_err().to_string();
+            assert!(e.contains("the run needs about"), "{e}");
+            assert!(e.contains(" is available"), "{e}");
+        }
     }
 }
