@@ -27,8 +27,20 @@ use safetensors::{Dtype, SafeTensors};
 use crate::config::TrainConfig;
 use crate::model::params::ParamLayout;
 
-/// Value of the `format` metadata key.
-pub const FORMAT: &str = "sere-checkpoint";
+/// The `format` metadata of each kind of file: the one authority for them.
+pub mod formats {
+    /// A training run's state, as `sere train` writes it
+    /// (`train::state::snapshot_state`).
+    pub const TRAINING: &str = "sere-train-1";
+    /// A backbone alone under timm's names, as `sere export` writes it.
+    pub const BACKBONE: &str = "sere-backbone";
+    /// A bare container ([`super::Checkpoint::new`]) until its writer names
+    /// what it holds.
+    pub const CONTAINER: &str = "sere-checkpoint";
+}
+
+/// Value of the `format` metadata key of a new, bare [`Checkpoint`].
+pub const FORMAT: &str = formats::CONTAINER;
 /// The checkpoint layout version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -43,7 +55,14 @@ pub mod keys {
     /// AdamW second moments: `optim.v.<param name>`.
     pub const OPTIM_V: &str = "optim.v.";
     /// The DINO centre, shape `[out_dim]`.
-    pub const CENTER: &str = "dino.center";
+    pub const CENTRE: &str = "dino.centre";
+
+    /// Running statistic `stat` (`running_mean` or `running_var`) of the
+    /// batch norm `bn` (`projection` or `predictor`) of SERE head `head` in
+    /// network `net` (`student` or `teacher`).
+    pub fn batch_norm(net: &str, head: &str, bn: &str, stat: &str) -> String {
+        format!("bn.{net}.{head}.{bn}.{stat}")
+    }
 }
 
 /// Metadata keys.
@@ -368,7 +387,7 @@ impl Checkpoint {
 
     /// The run's config stored by [`Checkpoint::set_config`].
     pub fn config(&self) -> Result<TrainConfig, CheckpointError> {
-        if self.meta(meta::FORMAT) == Some(crate::export::FORMAT) {
+        if self.meta(meta::FORMAT) == Some(formats::BACKBONE) {
             return Err(CheckpointError::ExportedBackbone);
         }
         let text = self
@@ -786,7 +805,7 @@ mod tests {
         c.insert_params(keys::TEACHER, &l, &teacher);
         c.insert_params(keys::OPTIM_M, &l, &vec![1e-3; l.len()]);
         c.insert_params(keys::OPTIM_V, &l, &vec![f32::MIN_POSITIVE; l.len()]);
-        c.insert(keys::CENTER, &[4], vec![0.25, -1.0, f32::INFINITY, 7.0]);
+        c.insert(keys::CENTRE, &[4], vec![0.25, -1.0, f32::INFINITY, 7.0]);
         c.insert("dino.head.bn.running_mean", &[3], vec![1.0, 2.0, 3.0]);
         c.set_meta(meta::STEP, 1234u64);
         c.set_meta(meta::EPOCH, 3);
@@ -816,7 +835,7 @@ mod tests {
         // Readable by the reference reader too.
         let bytes = fs::read(&path).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
-        assert_eq!(st.tensor(keys::CENTER).unwrap().shape(), &[4]);
+        assert_eq!(st.tensor(keys::CENTRE).unwrap().shape(), &[4]);
         // No temporary files are left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
         // Overwriting works.
@@ -1122,7 +1141,7 @@ mod tests {
     #[test]
     fn non_finite_values_and_negative_variances_are_refused() {
         let (mut c, _, _) = sample();
-        c.tensors.get_mut(keys::CENTER).unwrap().1[2] = 1.0;
+        c.tensors.get_mut(keys::CENTRE).unwrap().1[2] = 1.0;
         assert_eq!(c.training_config().unwrap(), TrainConfig::default());
         for (name, i, v, why) in [
             ("teacher.norm.weight", 1, f32::NAN, "not finite"),

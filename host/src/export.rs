@@ -24,7 +24,7 @@ use crate::error::SereError;
 use crate::train::network::{SereNet, BACKBONE_PREFIX};
 
 /// Value of the `format` metadata key of an exported backbone.
-pub const FORMAT: &str = "sere-backbone";
+pub const FORMAT: &str = checkpoint::formats::BACKBONE;
 
 /// Metadata keys of an exported backbone besides `format`, `format_version`
 /// and `step` (those of [`checkpoint::meta`]).

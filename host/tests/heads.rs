@@ -8,16 +8,16 @@ mod common;
 use std::collections::HashMap;
 
 use common::{down, up};
+use sere_host::backend::cpu::relation_loss::{
+    dino_loss_step, SereGrads, SereInputs, SereLoss, SereLossConfig, StudentGrads, StudentViews,
+    ViewShapes,
+};
 use sere_host::backend::{Backend, Cpu};
 use sere_host::model::heads::{
     BnMode, BnRunning, DinoHead, DinoHeadActs, DinoHeadConfig, SereActs, SereHead, SereHeadState,
     BN_EPS,
 };
 use sere_host::model::params::ParamLayout;
-use sere_host::model::sere_loss::{
-    dino_loss_step, SereGrads, SereInputs, SereLoss, SereLossConfig, StudentGrads, StudentViews,
-    ViewShapes,
-};
 
 // ------------------------------------------------------------------ helpers
 

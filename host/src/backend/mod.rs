@@ -29,12 +29,13 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod relation;
 
 use std::ops::Range;
 
 use crate::augment::BatchPairGrids;
+use crate::backend::relation::{SereLossConfig, ViewShapes};
 use crate::error::SereError;
-use crate::model::sere_loss::{SereLossConfig, ViewShapes};
 use sere_core::linalg::MatRef;
 use sere_core::optim::AdamW;
 
@@ -509,7 +510,7 @@ pub trait Backend: Sized + Send + Sync {
     ) -> OpResult;
 
     /// SERE's spatial and channel relation losses over a batch (see
-    /// [`crate::model::sere_loss`]): `L_spatial` into `stats[slot]`,
+    /// [`cpu::relation_loss`]): `L_spatial` into `stats[slot]`,
     /// `L_channel` into `stats[slot + 1]`, weighted gradients added into the
     /// student feature gradients. Returns the number of spatial terms
     /// (overlapping image pairs, known on the host from the grids).

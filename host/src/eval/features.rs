@@ -91,7 +91,7 @@ impl<B: Backend> Embedder<B> {
         let cfg = ck.training_config()?;
         let net = SereNet::new(&cfg);
         let mut host = vec![0.0; net.layout.len()];
-        ck.read_params("teacher.", &net.layout, &mut host)?;
+        ck.read_params(crate::checkpoint::keys::TEACHER, &net.layout, &mut host)?;
         let params = be.upload(&host).map_err(device_error)?;
         Ok(Embedder {
             be,

@@ -1,7 +1,6 @@
-//! The networks: flat parameters, the ViT backbone, the DINO and SERE heads
-//! and the loss assembly.
+//! The networks, written once over a [`crate::backend::Backend`]: flat
+//! parameters, the ViT backbone, the DINO and SERE heads.
 
 pub mod heads;
 pub mod params;
-pub mod sere_loss;
 pub mod vit;

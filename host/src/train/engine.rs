@@ -15,6 +15,7 @@ use std::ops::Range;
 use super::network::{SereHeads, SereNet};
 use super::state::{restore_state, snapshot_state, HostBnStates, RunState, RunView};
 use crate::augment::BatchPairGrids;
+use crate::backend::relation::{SereLossConfig, ViewShapes};
 use crate::backend::{
     cuda_unavailable, Backend, Blocks, BnMode, Cpu, Cuda, DinoLossArgs, OpError, RelationArgs,
     StudentFeatureGrads, StudentFeatures,
@@ -23,7 +24,6 @@ use crate::checkpoint::Checkpoint;
 use crate::config::TrainConfig;
 use crate::error::SereError;
 use crate::model::heads::{BnRunning, DinoHeadActs, SereActs, SereHeadState};
-use crate::model::sere_loss::{SereLossConfig, ViewShapes};
 use crate::model::vit::VitActs;
 use rand::SeedableRng;
 use sere_core::optim::AdamW;

@@ -10,7 +10,7 @@
 
 use super::network::SereHeads;
 use crate::backend::Cpu;
-use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::checkpoint::{formats, keys, meta, Checkpoint, CheckpointError};
 use crate::config::TrainConfig;
 use crate::error::SereError;
 use crate::model::heads::SereHeadState;
@@ -20,7 +20,7 @@ pub type HostBnStates = SereHeads<SereHeadState<Cpu>>;
 use crate::model::params::ParamLayout;
 
 /// Format version written into every checkpoint.
-pub const FORMAT: &str = "sere-train-1";
+pub const FORMAT: &str = formats::TRAINING;
 
 /// A run's state on the host, borrowed from (or written into) a backend.
 pub struct RunState<'a> {
@@ -74,21 +74,21 @@ pub struct RunView<'a> {
 pub fn snapshot_state(s: &RunView, cfg: &TrainConfig, step: u64) -> Checkpoint {
     let mut ck = Checkpoint::new();
     let layout = s.layout;
-    ck.insert_params("student.", layout, s.student);
-    ck.insert_params("teacher.", layout, s.teacher);
-    ck.insert_params("optim.m.", layout, s.adam_m);
-    ck.insert_params("optim.v.", layout, s.adam_v);
-    ck.insert("dino.centre", &[s.centre.len()], s.centre.to_vec());
+    ck.insert_params(keys::STUDENT, layout, s.student);
+    ck.insert_params(keys::TEACHER, layout, s.teacher);
+    ck.insert_params(keys::OPTIM_M, layout, s.adam_m);
+    ck.insert_params(keys::OPTIM_V, layout, s.adam_v);
+    ck.insert(keys::CENTRE, &[s.centre.len()], s.centre.to_vec());
     for (net, states) in [("student", s.student_bn), ("teacher", s.teacher_bn)] {
         for (name, st) in states.iter() {
             for (bn, r) in [("projection", &st.projection), ("predictor", &st.predictor)] {
-                let p = format!("bn.{net}.{name}.{bn}");
-                ck.insert(format!("{p}.running_mean"), &[r.mean.len()], r.mean.clone());
-                ck.insert(format!("{p}.running_var"), &[r.var.len()], r.var.clone());
+                let key = |stat| keys::batch_norm(net, name, bn, stat);
+                ck.insert(key("running_mean"), &[r.mean.len()], r.mean.clone());
+                ck.insert(key("running_var"), &[r.var.len()], r.var.clone());
             }
         }
     }
-    ck.set_meta("format", FORMAT);
+    ck.set_meta(meta::FORMAT, FORMAT);
     ck.set_meta("step", step);
     ck.set_meta("adam_steps", s.adam_steps);
     ck.set_meta("last_layer_steps", s.last_layer_steps);
@@ -99,33 +99,33 @@ pub fn snapshot_state(s: &RunView, cfg: &TrainConfig, step: u64) -> Checkpoint {
 /// Restores a run's state from a checkpoint and returns the step to
 /// continue from. The checkpoint's model shape must match.
 pub fn restore_state(s: RunState, ck: &Checkpoint) -> Result<u64, SereError> {
-    match ck.meta("format") {
+    match ck.meta(meta::FORMAT) {
         Some(FORMAT) => {}
         other => {
             return Err(CheckpointError::BadMeta {
-                key: "format".into(),
+                key: meta::FORMAT.into(),
                 detail: format!("{other:?}; this build reads {FORMAT}"),
             }
             .into())
         }
     }
     let layout = s.layout;
-    ck.read_params("student.", layout, s.student)?;
-    ck.read_params("teacher.", layout, s.teacher)?;
-    ck.read_params("optim.m.", layout, s.adam_m)?;
-    ck.read_params("optim.v.", layout, s.adam_v)?;
+    ck.read_params(keys::STUDENT, layout, s.student)?;
+    ck.read_params(keys::TEACHER, layout, s.teacher)?;
+    ck.read_params(keys::OPTIM_M, layout, s.adam_m)?;
+    ck.read_params(keys::OPTIM_V, layout, s.adam_v)?;
     let k = s.centre.len();
-    ck.read_tensor("dino.centre", &[k], s.centre)?;
+    ck.read_tensor(keys::CENTRE, &[k], s.centre)?;
     for (net, states) in [("student", s.student_bn), ("teacher", s.teacher_bn)] {
         for (name, st) in states.iter_mut() {
             for (bn, r) in [
                 ("projection", &mut st.projection),
                 ("predictor", &mut st.predictor),
             ] {
-                let p = format!("bn.{net}.{name}.{bn}");
+                let key = |stat| keys::batch_norm(net, name, bn, stat);
                 let c = r.mean.len();
-                ck.read_tensor(&format!("{p}.running_mean"), &[c], &mut r.mean)?;
-                ck.read_tensor(&format!("{p}.running_var"), &[c], &mut r.var)?;
+                ck.read_tensor(&key("running_mean"), &[c], &mut r.mean)?;
+                ck.read_tensor(&key("running_var"), &[c], &mut r.var)?;
             }
         }
     }

@@ -8,6 +8,7 @@ mod attention;
 mod batch_norm;
 mod gemm;
 mod ops;
+pub mod relation_loss;
 mod rows;
 
 use crate::backend::LN_EPS;

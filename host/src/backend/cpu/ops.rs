@@ -5,12 +5,12 @@
 use std::ops::Range;
 
 use super::{attention, batch_norm, gemm, rows};
+use crate::backend::cpu::relation_loss::{
+    dino_loss_step, SereGrads, SereInputs, SereLoss, StudentGrads, StudentViews,
+};
 use crate::backend::{
     AttentionShape, Backend, Blocks, BnMode, BnStats, DinoLossArgs, LinearShape, OpResult,
     RelationArgs, StudentFeatureGrads, StudentFeatures,
-};
-use crate::model::sere_loss::{
-    dino_loss_step, SereGrads, SereInputs, SereLoss, StudentGrads, StudentViews,
 };
 use rayon::prelude::*;
 use sere_core::linalg::MatRef;

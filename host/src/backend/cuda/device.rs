@@ -23,12 +23,12 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use crate::augment::BatchPairGrids;
+use crate::backend::relation::{ViewShapes, GLOBAL_VIEWS};
 use crate::backend::{
     AttentionShape, Backend, Blocks, BnMode, BnStats, DinoLossArgs, LinearShape, OpError, OpResult,
     RelationArgs, StudentFeatureGrads, StudentFeatures,
 };
 use crate::backend::{BN_EPS, BN_MOMENTUM, LN_EPS};
-use crate::model::sere_loss::{ViewShapes, GLOBAL_VIEWS};
 use sere_core::bilinear::SampleShape;
 use sere_core::linalg::MatRef;
 use sere_core::loss::DinoShape;
@@ -1348,12 +1348,12 @@ impl Backend for Cuda {
 #[cfg(test)]
 mod tests {
     //! Each operation against the CPU reference (`backend::cpu`,
-    //! `model::sere_loss`, or a direct loop where the CPU's is private).
+    //! `backend::cpu::relation_loss`, or a direct loop where the CPU's is private).
     //! They need a GPU: without one each prints `skipped: <reason>`.
 
     use super::*;
     use crate::backend::cpu;
-    use crate::model::sere_loss::{
+    use crate::backend::cpu::relation_loss::{
         dino_loss_step, SereGrads, SereInputs, SereLoss, SereLossConfig, StudentGrads, StudentViews,
     };
 
