@@ -162,7 +162,7 @@ pub struct TrainArgs {
     /// Base learning rate for batch 256; the peak rate is lr * batch / 256.
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Output directory for checkpoints and metrics (default runs/<date-time>).
+    /// Output directory for checkpoints and metrics (default `runs/<date-time>`).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Resume from a checkpoint FILE, or the latest checkpoint in DIR; with

@@ -4,7 +4,7 @@
 //!
 //! - Buffers are [`CudaSlice<f32>`]; an operation reads and writes the
 //!   leading elements its shape names through exactly-sized views
-//!   ([`lead`], [`part`]), since `sere-cuda` takes lengths from its views.
+//!   (`lead`, `part`), since `sere-cuda` takes lengths from its views.
 //!   A range outside its buffer is an [`OpError::Kernel`] shape error, not
 //!   a panic.
 //! - Nothing waits for the device except [`Backend::download`] and
