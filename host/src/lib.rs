@@ -1,5 +1,7 @@
-//! Host side of SERE: the trainer and the `sere` command (work in progress;
-//! see the project's issues).
+//! Host side of SERE: data and multi-crop augmentation, the ViT and its
+//! heads written once over a [`backend::Backend`] (CPU or CUDA), the
+//! trainer, evaluation, maps, export and the `sere` command. See the
+//! project's ARCHITECTURE.md for how the pieces fit.
 
 pub mod backend;
 pub mod model;

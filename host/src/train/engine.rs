@@ -958,7 +958,14 @@ impl AnyEngine {
 }
 
 /// CUDA device 0, or the no-GPU error saying what is missing and what to do.
+/// GEMMs stay full FP32 unless `SERE_CUDA_TF32=1` (TF32 tensor cores).
 pub fn open_cuda() -> Result<Cuda, SereError> {
     sere_cuda::probe().map_err(|e| cuda_unavailable(&e))?;
-    Cuda::new(0).map_err(|e| cuda_unavailable(&e))
+    let cuda = Cuda::new(0).map_err(|e| cuda_unavailable(&e))?;
+    if std::env::var("SERE_CUDA_TF32").is_ok_and(|v| v == "1") {
+        cuda.gpu()
+            .set_tf32(true)
+            .map_err(|e| SereError::Device(format!("CUDA: {e}")))?;
+    }
+    Ok(cuda)
 }
