@@ -233,6 +233,9 @@ struct Workspace<B: Backend> {
     global_grads: PassGrads<B>,
     /// The local crops' pass (None without local crops).
     local: Option<(Pass<B>, PassGrads<B>)>,
+    /// Empty stand-ins for the local gradients when there are no local
+    /// crops (allocated once, not per step).
+    no_local_grads: (B::Buf, B::Buf),
     dino_teacher: DinoHeadActs<B>,
     dino_student: DinoHeadActs<B>,
     /// CLS tokens of the teacher's views `[2][B][D]`, the student's
@@ -272,6 +275,7 @@ impl<B: Backend> Workspace<B> {
             global,
             global_grads,
             local,
+            no_local_grads: (be.zeros(0)?, be.zeros(0)?),
             dino_teacher: net.dino.workspace(be, 2 * batch)?,
             dino_student: net.dino.workspace(be, views * batch)?,
             cls_teacher: be.zeros(2 * batch * d)?,
@@ -614,26 +618,22 @@ impl<B: Backend> Engine<B> {
         let (gp, gg) = (&ws.global, &mut ws.global_grads);
         be.zero(&mut gg.dspatial)?;
         be.zero(&mut gg.dchannel)?;
-        // Without local crops the global buffers stand in for the (empty)
-        // local ones: the losses read no local view then.
-        let (lp, lg) = match ws.local.as_mut() {
+        // Without local crops the losses read no local view: the global
+        // outputs stand in for the features, the empty buffers for the
+        // gradients.
+        let (lsp, lch, ldsp, ldch) = match ws.local.as_mut() {
             Some((lp, lg)) => {
                 be.zero(&mut lg.dspatial)?;
                 be.zero(&mut lg.dchannel)?;
-                (Some(&*lp), Some(lg))
+                let outputs = (lp.spatial.output(), lp.channel.output());
+                (outputs.0, outputs.1, &mut lg.dspatial, &mut lg.dchannel)
             }
-            None => (None, None),
+            None => {
+                let (s, c) = &mut ws.no_local_grads;
+                (gp.spatial.output(), gp.channel.output(), s, c)
+            }
         };
         let tp = &ws.teacher;
-        let (mut spare_s, mut spare_c) = (be.zeros(0)?, be.zeros(0)?);
-        let (lsp, lch) = match &lp {
-            Some(lp) => (lp.spatial.output(), lp.channel.output()),
-            None => (gp.spatial.output(), gp.channel.output()),
-        };
-        let (ldsp, ldch) = match lg {
-            Some(lg) => (&mut lg.dspatial, &mut lg.dchannel),
-            None => (&mut spare_s, &mut spare_c),
-        };
         let args = RelationArgs {
             cfg: &loss_cfg,
             shapes: &shapes,
