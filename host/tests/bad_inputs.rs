@@ -5,44 +5,17 @@
 //! problem; the cases that could lose data also check that nothing already
 //! written changed.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
+use common::{sere_within, stderr, train_args, TINY, TINY_DATA};
 use sere_host::checkpoint::Checkpoint;
-
-/// Runs `sere` with `args`, killing it (and failing) after `timeout`.
-fn sere_within(args: &[&str], timeout: Duration) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sere"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("sere runs");
-    let started = Instant::now();
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if started.elapsed() > timeout {
-            let _ = child.kill();
-            let o = child.wait_with_output().expect("output");
-            panic!(
-                "sere {args:?} hung (killed after {timeout:?}); stderr: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn sere(args: &[&str]) -> Output {
     sere_within(args, Duration::from_secs(120))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// A clean refusal: non-zero, not 101/134/137 (nor killed by a signal), no
@@ -72,49 +45,7 @@ fn s(p: &Path) -> &str {
 
 /// A fresh scratch folder for one case.
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sere-bad-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-const TINY_DATA: &str = "synthetic:size=16,train=64,test=32";
-
-/// The flags of a tiny model (trains a step in well under a second).
-const TINY: &[&str] = &[
-    "--preset",
-    "custom",
-    "--dim",
-    "32",
-    "--depth",
-    "2",
-    "--heads",
-    "2",
-    "--img",
-    "16",
-    "--local-img",
-    "8",
-    "--patch",
-    "4",
-    "--batch",
-    "4",
-    "--locals",
-    "0",
-    "--out-dim",
-    "64",
-    "--set",
-    "head_hidden=64",
-    "--set",
-    "bottleneck=32",
-    "--threads",
-    "2",
-];
-
-fn train_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec!["train"];
-    v.extend_from_slice(TINY);
-    v.extend_from_slice(extra);
-    v
+    common::scratch("bad", name)
 }
 
 /// A tiny run with checkpoints after steps 1 and 2, trained once.

@@ -1,18 +1,16 @@
 //! The `sere` command's behaviour on bad input: a clear message naming the
 //! problem, a non-zero exit, no panic, and nothing already written lost.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
+use std::time::Duration;
+
+use common::{stderr, train_args, TINY_DATA};
 
 fn sere(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sere"))
-        .args(args)
-        .output()
-        .expect("sere runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    common::sere_within(args, Duration::from_secs(600))
 }
 
 fn assert_fails_with(o: &Output, needle: &str) {
@@ -29,10 +27,7 @@ fn assert_fails_with(o: &Output, needle: &str) {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sere-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("cli", name)
 }
 
 #[test]
@@ -104,8 +99,6 @@ fn cuda_without_a_cuda_build_is_a_clear_error() {
     assert_fails_with(&o, "cuda");
 }
 
-const TINY_DATA: &str = "synthetic:size=16,train=64,test=32";
-
 /// Every command that runs the model takes `--device`; without a GPU,
 /// `--device cuda` is the no-GPU error, never a silent CPU run.
 #[test]
@@ -145,41 +138,10 @@ fn tiny_run() -> &'static PathBuf {
     static RUN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     RUN.get_or_init(|| {
         let d = tmp("tiny-run");
-        let o = sere(&[
-            "train",
-            "--preset",
-            "custom",
-            "--dim",
-            "32",
-            "--depth",
-            "2",
-            "--heads",
-            "2",
-            "--img",
-            "16",
-            "--local-img",
-            "8",
-            "--patch",
-            "4",
-            "--batch",
-            "4",
-            "--locals",
-            "0",
-            "--out-dim",
-            "64",
-            "--steps",
-            "2",
-            "--data",
-            TINY_DATA,
-            "--set",
-            "head_hidden=64",
-            "--set",
-            "bottleneck=32",
-            "--threads",
-            "2",
-            "--out",
-            d.to_str().unwrap(),
-        ]);
+        let out = d.to_str().unwrap();
+        let o = sere(&train_args(&[
+            "--steps", "2", "--data", TINY_DATA, "--out", out,
+        ]));
         assert!(o.status.success(), "tiny training failed: {}", stderr(&o));
         d
     })
