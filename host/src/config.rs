@@ -216,6 +216,12 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Log metrics every this many steps (default 10).
     pub log_every: u64,
+    /// When the run ends, evaluate its final checkpoint on the test split
+    /// of `data` (default true): weighted 20-NN of the trained teacher, of
+    /// the random initialisation and of raw pixels, and the teacher's
+    /// linear probe, printed and written to `eval.json` in the run folder.
+    /// Data without a test split skips it; `--no-eval` switches it off.
+    pub final_eval: bool,
 }
 
 impl Default for TrainConfig {
@@ -266,6 +272,7 @@ impl Default for TrainConfig {
             out: None,
             checkpoint_every: 200,
             log_every: 10,
+            final_eval: true,
         }
     }
 }
