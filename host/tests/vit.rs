@@ -1,6 +1,7 @@
-//! The ViT backbone against PyTorch float64 (every output and every
-//! parameter gradient, at the trained size and at an interpolated size) and
-//! against finite differences (drop-path on).
+//! The ViT backbone against PyTorch float64 (every output, the tokens
+//! before the final norm, and every parameter gradient from the output and
+//! from the pre-norm patch tokens, at the trained size and at an
+//! interpolated size) and against finite differences (drop-path on).
 
 mod common;
 
@@ -106,19 +107,32 @@ fn pytorch_reference<B: Backend>(be: &B) {
         for b in 0..batch {
             assert_eq!(&last[b * 12..(b + 1) * 12], &all[b * 36 + 12..b * 36 + 24]);
         }
-        let mut g = be.zeros(layout.len()).unwrap();
+        assert_close(
+            &format!("pre_norm@{img}"),
+            &down(be, acts.pre_norm()),
+            &floats(&case["pre_norm"]),
+            1e-4,
+            1e-5,
+        );
+        // From the final norm's output alone, then with the pre-norm patch
+        // tokens' gradient added (the SERE heads' path).
         let dout = up(be, &floats(&case["dout"]));
-        vit.backward(be, &p, &mut acts, &dout, &mut g).unwrap();
-        let grads = down(be, &g);
-        for e in layout.entries() {
-            let want = floats(&case["grads"][&e.name]);
-            assert_close(
-                &format!("grad {}@{img}", e.name),
-                &grads[e.range.clone()],
-                &want,
-                1e-3,
-                1e-4,
-            );
+        let dpatches = up(be, &floats(&case["dpatches_pre_norm"]));
+        for (dpre, key) in [(None, "grads"), (Some(&dpatches), "grads_with_pre_norm")] {
+            let mut g = be.zeros(layout.len()).unwrap();
+            vit.backward(be, &p, &mut acts, &dout, dpre, &mut g)
+                .unwrap();
+            let grads = down(be, &g);
+            for e in layout.entries() {
+                let want = floats(&case[key][&e.name]);
+                assert_close(
+                    &format!("{key} {}@{img}", e.name),
+                    &grads[e.range.clone()],
+                    &want,
+                    1e-3,
+                    1e-4,
+                );
+            }
         }
     }
 }
@@ -138,17 +152,24 @@ fn finite_differences<B: Backend>(be: &B) {
     let dout: Vec<f32> = (0..n_out)
         .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
         .collect();
+    // The pre-norm patch tokens carry a gradient too (the SERE heads').
+    let (t, d) = (1 + (img / 2) * (img / 2), 12);
+    let dpatches: Vec<f32> = (0..batch * (t - 1) * d)
+        .map(|i| ((i * 29 % 89) as f32 / 44.0) - 1.0)
+        .collect();
+    let dot =
+        |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum() };
     let mut acts = vit.workspace(be, batch, img).unwrap();
     let mut objective = |p: &[f32]| -> f64 {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7); // same masks every call
         let p = up(be, p);
         vit.forward(be, &p, &images, batch, img, &mut acts, Some(&mut r))
             .unwrap();
-        down(be, acts.out())
-            .iter()
-            .zip(&dout)
-            .map(|(&a, &b)| a as f64 * b as f64)
-            .sum()
+        let pre = down(be, acts.pre_norm());
+        let patches: Vec<f32> = (0..batch)
+            .flat_map(|b| pre[(b * t + 1) * d..(b + 1) * t * d].to_vec())
+            .collect();
+        dot(&down(be, acts.out()), &dout) + dot(&patches, &dpatches)
     };
     let mut acts = vit.workspace(be, batch, img).unwrap();
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7);
@@ -156,7 +177,8 @@ fn finite_differences<B: Backend>(be: &B) {
     vit.forward(be, &pb, &images, batch, img, &mut acts, Some(&mut r))
         .unwrap();
     let mut g = be.zeros(layout.len()).unwrap();
-    vit.backward(be, &pb, &mut acts, &up(be, &dout), &mut g)
+    let dpre = up(be, &dpatches);
+    vit.backward(be, &pb, &mut acts, &up(be, &dout), Some(&dpre), &mut g)
         .unwrap();
     let grads = down(be, &g);
 

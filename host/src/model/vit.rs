@@ -137,6 +137,13 @@ impl<B: Backend> VitActs<B> {
     pub fn out(&self) -> &B::Buf {
         &self.out
     }
+    /// The last block's output before the final norm, `B*T x D` (the
+    /// tokens the SERE heads read; the final norm serves the CLS path).
+    pub fn pre_norm(&self) -> &B::Buf {
+        self.xs
+            .last()
+            .expect("the residual stream has depth + 1 entries")
+    }
     /// Images in the batch this workspace is shaped for.
     pub fn batch(&self) -> usize {
         self.batch
@@ -596,13 +603,17 @@ impl Vit {
     }
 
     /// Backward pass: given `dout` (`B*T x D`, gradient of the final norm's
-    /// output), adds every parameter's gradient into `grads`.
+    /// output) and optionally `dpatches_pre_norm` (`B x N x D`, gradient of
+    /// the last block's patch tokens before the final norm, the patch rows
+    /// of [`VitActs::pre_norm`]: what the SERE heads read), adds every
+    /// parameter's gradient into `grads`.
     pub fn backward<B: Backend>(
         &self,
         be: &B,
         params: &B::Buf,
         acts: &mut VitActs<B>,
         dout: &B::Buf,
+        dpatches_pre_norm: Option<&B::Buf>,
         grads: &mut B::Buf,
     ) -> OpResult {
         let c = &self.cfg;
@@ -619,6 +630,18 @@ impl Vit {
             grads,
             &mut acts.scratch,
         )?;
+        if let Some(dpatches) = dpatches_pre_norm {
+            let (n, d) = (acts.n, c.dim);
+            let rows = Blocks {
+                count: acts.batch,
+                len: n * d,
+                src_start: 0,
+                src_stride: n * d,
+                dst_start: d,
+                dst_stride: acts.t * d,
+            };
+            be.copy_blocks(dpatches, &mut acts.dx, rows, true)?;
+        }
         for l in (0..c.depth).rev() {
             self.block_backward(be, params, acts, l, grads)?;
         }

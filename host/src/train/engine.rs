@@ -23,7 +23,7 @@ use crate::backend::{
 use crate::checkpoint::Checkpoint;
 use crate::config::TrainConfig;
 use crate::error::SereError;
-use crate::model::heads::{BnRunning, DinoHeadActs, SereActs, SereHeadState};
+use crate::model::heads::{BnRunning, DinoHeadActs, SereActs, SereHeadState, SereSide};
 use crate::model::vit::VitActs;
 use rand::SeedableRng;
 use sere_core::optim::AdamW;
@@ -134,22 +134,29 @@ struct Pass<B: Backend> {
     /// Images in the pass (views x B).
     images: usize,
     vit: VitActs<B>,
-    /// Patch tokens `[views][B][N][D]` gathered from the ViT output.
+    /// Patch tokens `[views][B][N][D]` gathered from the last block's
+    /// output before the final norm (what the SERE heads read).
     patches: B::Buf,
     spatial: SereActs<B>,
     channel: SereActs<B>,
 }
 
 impl<B: Backend> Pass<B> {
-    fn new(be: &B, net: &SereNet, images: usize, img: usize) -> Result<Self, OpError> {
+    fn new(
+        be: &B,
+        net: &SereNet,
+        images: usize,
+        img: usize,
+        side: SereSide,
+    ) -> Result<Self, OpError> {
         let vit = net.vit.workspace(be, images, img)?;
         let rows = images * vit.n;
         let head = &net.sere.spatial_global;
         Ok(Pass {
             images,
             patches: be.zeros(rows * net.vit.config().dim)?,
-            spatial: head.workspace(be, rows)?,
-            channel: head.workspace(be, rows)?,
+            spatial: head.workspace(be, rows, side)?,
+            channel: head.workspace(be, rows, side)?,
             vit,
         })
     }
@@ -159,7 +166,8 @@ impl<B: Backend> Pass<B> {
         self.images * self.vit.n
     }
 
-    /// The patch rows (all but each image's CLS row) of the ViT output.
+    /// The patch rows (all but each image's CLS row) of the last block's
+    /// output before the final norm.
     fn gather_patches(&mut self, be: &B, d: usize) -> Result<(), OpError> {
         let (n, t) = (self.vit.n, self.vit.t);
         let rows = Blocks {
@@ -170,7 +178,7 @@ impl<B: Backend> Pass<B> {
             dst_start: 0,
             dst_stride: n * d,
         };
-        be.copy_blocks(self.vit.out(), &mut self.patches, rows, false)
+        be.copy_blocks(self.vit.pre_norm(), &mut self.patches, rows, false)
     }
 
     /// Copies each image's CLS row of the ViT output into `cls` from row
@@ -258,11 +266,11 @@ impl<B: Backend> Workspace<B> {
         locals: usize,
     ) -> Result<Self, OpError> {
         let (d, views) = (cfg.dim, 2 + locals);
-        let teacher = Pass::new(be, net, 2 * batch, cfg.img)?;
-        let global = Pass::new(be, net, 2 * batch, cfg.img)?;
+        let teacher = Pass::new(be, net, 2 * batch, cfg.img, SereSide::Teacher)?;
+        let global = Pass::new(be, net, 2 * batch, cfg.img, SereSide::Student)?;
         let global_grads = PassGrads::new(be, &global, d)?;
         let local = if locals > 0 {
-            let pass = Pass::new(be, net, locals * batch, cfg.local_img)?;
+            let pass = Pass::new(be, net, locals * batch, cfg.local_img, SereSide::Student)?;
             let grads = PassGrads::new(be, &pass, d)?;
             Some((pass, grads))
         } else {
@@ -467,8 +475,9 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Teacher on the global crops, no drop path: patch tokens through the
-    /// projections, CLS tokens through the DINO head.
+    /// Teacher on the global crops, no drop path: patch tokens (before the
+    /// final norm) through the SERE projections, CLS tokens through the
+    /// DINO head.
     fn teacher_pass(&mut self, input: &StepInput) -> Result<(), OpError> {
         let (be, net, params) = (&self.be, &self.net, &self.teacher);
         let ws = self.ws.as_mut().expect("shaped");
@@ -485,7 +494,7 @@ impl<B: Backend> Engine<B> {
         tp.gather_patches(be, d)?;
         let bn = &mut self.teacher_bn;
         let (sp, ch) = (&net.sere.spatial_global, &net.sere.channel_global);
-        sp.forward_projection(
+        sp.forward(
             be,
             params,
             &mut bn.spatial_global,
@@ -493,7 +502,7 @@ impl<B: Backend> Engine<B> {
             &tp.patches,
             &mut tp.spatial,
         )?;
-        ch.forward_projection(
+        ch.forward(
             be,
             params,
             &mut bn.channel_global,
@@ -507,7 +516,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Student on the global and the local crops, drop path on: patch
-    /// tokens through the predictors, every view's CLS token (view-major,
+    /// tokens (before the final norm) through the SERE projections and the
+    /// predictors stacked on them, every view's CLS token (view-major,
     /// `[views][B][D]`) through the DINO head.
     fn student_pass(&mut self, input: &StepInput, step: u64) -> Result<(), OpError> {
         let (be, net, params, cfg) = (&self.be, &self.net, &self.student, &self.cfg);
@@ -551,7 +561,7 @@ impl<B: Backend> Engine<B> {
                 Some(&mut rng),
             )?;
             pass.gather_patches(be, d)?;
-            sp.forward_predictor(
+            sp.forward(
                 be,
                 params,
                 bs,
@@ -559,7 +569,7 @@ impl<B: Backend> Engine<B> {
                 &pass.patches,
                 &mut pass.spatial,
             )?;
-            ch.forward_predictor(
+            ch.forward(
                 be,
                 params,
                 bc,
@@ -662,7 +672,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Backward from the heads' output gradients: DINO head to the CLS
-    /// tokens, SERE predictors to the patch tokens, both through the
+    /// tokens (through the final norm), SERE heads (predictor, then
+    /// projection) to the patch tokens before it, both through the
     /// backbone; the gradient's norm into the step's scalars.
     fn backward(&mut self) -> Result<(), OpError> {
         let (be, net, params, d) = (&self.be, &self.net, &self.student, self.cfg.dim);
@@ -691,7 +702,7 @@ impl<B: Backend> Engine<B> {
         let mut first_cls = 0;
         for (pass, pg, sp, ch) in [global].into_iter().chain(local) {
             be.zero(&mut pg.dpatches)?;
-            sp.backward_predictor(
+            sp.backward(
                 be,
                 params,
                 &pass.patches,
@@ -700,7 +711,7 @@ impl<B: Backend> Engine<B> {
                 grads,
                 &mut pg.dpatches,
             )?;
-            ch.backward_predictor(
+            ch.backward(
                 be,
                 params,
                 &pass.patches,
@@ -710,24 +721,18 @@ impl<B: Backend> Engine<B> {
                 &mut pg.dpatches,
             )?;
             be.zero(&mut pg.dout)?;
-            let (n, t) = (pass.vit.n, pass.vit.t);
+            let t = pass.vit.t;
             be.copy_blocks(
                 &ws.dcls,
                 &mut pg.dout,
                 cls_rows(pass.images, t, d, first_cls, false),
                 false,
             )?;
-            let patches = Blocks {
-                count: pass.images,
-                len: n * d,
-                src_start: 0,
-                src_stride: n * d,
-                dst_start: d,
-                dst_stride: t * d,
-            };
-            be.copy_blocks(&pg.dpatches, &mut pg.dout, patches, true)?;
+            // The CLS rows' gradient enters through the final norm, the SERE
+            // heads' before it.
+            let dpatches = Some(&pg.dpatches);
             net.vit
-                .backward(be, params, &mut pass.vit, &pg.dout, grads)?;
+                .backward(be, params, &mut pass.vit, &pg.dout, dpatches, grads)?;
             first_cls += pass.images;
         }
         be.l2_norm(grads, &mut ws.stats, SLOT_GRAD_NORM)

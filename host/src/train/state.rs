@@ -101,6 +101,18 @@ pub fn snapshot_state(s: &RunView, cfg: &TrainConfig, step: u64) -> Checkpoint {
 pub fn restore_state(s: RunState, ck: &Checkpoint) -> Result<u64, SereError> {
     match ck.meta(meta::FORMAT) {
         Some(FORMAT) => {}
+        Some(formats::TRAINING_V1) => {
+            return Err(CheckpointError::BadMeta {
+                key: meta::FORMAT.into(),
+                detail: format!(
+                    "{:?} was written before the SERE heads were stacked on the projection \
+                     and moved before the final norm ({FORMAT}); it cannot be resumed: start \
+                     a new run (`sere eval` and `sere export` still read its backbone)",
+                    formats::TRAINING_V1
+                ),
+            }
+            .into())
+        }
         other => {
             return Err(CheckpointError::BadMeta {
                 key: meta::FORMAT.into(),
