@@ -10,11 +10,12 @@ use rand::SeedableRng;
 use serde_json::Value;
 use sere_host::backend::Backend;
 use sere_host::model::params::ParamLayout;
-use sere_host::model::vit::{Vit, VitConfig};
+use sere_host::model::vit::{Vit, VitConfig, MASK_TOKEN};
 
 on_every_backend! {
     matches_pytorch_float64_outputs_and_all_gradients => pytorch_reference;
     gradients_match_finite_differences_with_drop_path => finite_differences;
+    masked_gradients_match_finite_differences => finite_differences_masked;
 }
 
 fn floats(v: &Value) -> Vec<f32> {
@@ -25,7 +26,7 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
-fn tiny(drop_path: f32) -> (ParamLayout, Vit) {
+fn tiny(drop_path: f32, mask_token: bool) -> (ParamLayout, Vit) {
     let mut layout = ParamLayout::new();
     let cfg = VitConfig {
         img: 8,
@@ -36,6 +37,7 @@ fn tiny(drop_path: f32) -> (ParamLayout, Vit) {
         mlp_ratio: 2.0,
         drop_path,
         in_chans: 3,
+        mask_token,
     };
     let vit = Vit::new(&mut layout, "", cfg);
     (layout, vit)
@@ -57,7 +59,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol_frac: f32
 fn pytorch_reference<B: Backend>(be: &B) {
     let fx: Value =
         serde_json::from_str(include_str!("fixtures/vit_tiny.json")).expect("fixture parses");
-    let (layout, vit) = tiny(0.0);
+    let (layout, vit) = tiny(0.0, true);
     let mut params = vec![0.0f32; layout.len()];
     for e in layout.entries() {
         let p = &fx["params"][&e.name];
@@ -75,6 +77,15 @@ fn pytorch_reference<B: Backend>(be: &B) {
         let img = case["img"].as_u64().unwrap() as usize;
         let p = up(be, &params);
         let mut acts = vit.workspace(be, batch, img).unwrap();
+        let mask: Vec<bool> = case["mask"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() == 1)
+            .collect();
+        // The unmasked cases run with the token present but unused.
+        let masks = (!mask.is_empty()).then_some(&mask[..]);
+        acts.set_masks(be, masks).unwrap();
         vit.forward(
             be,
             &p,
@@ -138,12 +149,30 @@ fn pytorch_reference<B: Backend>(be: &B) {
 }
 
 fn finite_differences<B: Backend>(be: &B) {
-    let (layout, vit) = tiny(0.5);
+    check_finite_differences(be, false, 5.0);
+}
+
+/// With masks the loss is far more curved at 5x the init's weights (the
+/// masked rows share one token): a central difference there is off by a
+/// few percent at any step f32 can resolve, so this case runs at 3x.
+fn finite_differences_masked<B: Backend>(be: &B) {
+    check_finite_differences(be, true, 3.0);
+}
+
+/// Every parameter's gradient (from the output and the pre-norm patch
+/// tokens, drop path on, interpolated position embedding) against central
+/// differences, with every third patch masked when `masked`.
+fn check_finite_differences<B: Backend>(be: &B, masked: bool, weight_scale: f32) {
+    let (layout, vit) = tiny(0.5, true);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let mut params = vec![0.0f32; layout.len()];
     layout.init(&mut params, &mut rng);
     // Larger weights than the 0.02 init so that every path carries signal.
-    params.iter_mut().for_each(|p| *p *= 5.0);
+    params.iter_mut().for_each(|p| *p *= weight_scale);
+    let token = layout.get(MASK_TOKEN).unwrap().range.clone();
+    for (k, p) in params[token.clone()].iter_mut().enumerate() {
+        *p = 0.5 * (k as f32 * 0.37).sin();
+    }
     let (batch, img) = (4, 12); // interpolated position embedding too
     let images: Vec<f32> = (0..batch * 3 * img * img)
         .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
@@ -159,7 +188,11 @@ fn finite_differences<B: Backend>(be: &B) {
         .collect();
     let dot =
         |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum() };
+    // Every third patch masked: the mask token's gradient is checked too.
+    let masks: Vec<bool> = (0..batch * (t - 1)).map(|i| i % 3 == 1).collect();
+    let masks = masked.then_some(&masks[..]);
     let mut acts = vit.workspace(be, batch, img).unwrap();
+    acts.set_masks(be, masks).unwrap();
     let mut objective = |p: &[f32]| -> f64 {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7); // same masks every call
         let p = up(be, p);
@@ -172,6 +205,7 @@ fn finite_differences<B: Backend>(be: &B) {
         dot(&down(be, acts.out()), &dout) + dot(&patches, &dpatches)
     };
     let mut acts = vit.workspace(be, batch, img).unwrap();
+    acts.set_masks(be, masks).unwrap();
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let pb = up(be, &params);
     vit.forward(be, &pb, &images, batch, img, &mut acts, Some(&mut r))
@@ -181,6 +215,8 @@ fn finite_differences<B: Backend>(be: &B) {
     vit.backward(be, &pb, &mut acts, &up(be, &dout), Some(&dpre), &mut g)
         .unwrap();
     let grads = down(be, &g);
+    // The token learns from masked passes only.
+    assert_eq!(grads[token].iter().all(|&g| g != 0.0), masked);
 
     // A few coordinates of every parameter tensor.
     let mut worst = 0.0f64;

@@ -18,6 +18,9 @@ use rand::RngExt;
 use sere_core::linalg::MatRef;
 use std::ops::Range;
 
+/// Name of the mask token in the layout (under the ViT's prefix; iBOT's).
+pub const MASK_TOKEN: &str = "masked_embed";
+
 /// Size of a ViT.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct VitConfig {
@@ -37,6 +40,10 @@ pub struct VitConfig {
     pub drop_path: f32,
     /// Input channels.
     pub in_chans: usize,
+    /// A learned mask token (iBOT's `masked_embed`, `1 x D`, zeros at
+    /// initialisation) that replaces masked patch embeddings before the
+    /// position embedding is added ([`VitActs::set_masks`]).
+    pub mask_token: bool,
 }
 
 impl VitConfig {
@@ -77,7 +84,17 @@ pub struct Vit {
     pub(crate) blocks: Vec<BlockParams>,
     pub(crate) norm_w: Range<usize>,
     pub(crate) norm_b: Range<usize>,
+    pub(crate) mask_token: Option<Range<usize>>,
     pub(crate) drop_rates: Vec<f32>,
+}
+
+/// Buffers of a masked forward ([`VitActs::set_masks`]).
+struct MaskActs<B: Backend> {
+    /// Per patch row (`B*N`): 1 where masked, else 0; and `1 - mask`.
+    mask: B::Buf,
+    keep: B::Buf,
+    /// The patch embeddings before masking (`B*N x D`); backward scratch.
+    embed: B::Buf,
 }
 
 /// Activations of one block, kept for backward.
@@ -109,6 +126,8 @@ pub struct VitActs<B: Backend> {
     pub n: usize,
     /// Tokens per image (`1 + n`).
     pub t: usize,
+    /// Channels `D`.
+    dim: usize,
     images: B::Buf,
     patches: B::Buf,
     /// `n x n0` bicubic interpolation of the position grid (None: identity).
@@ -128,8 +147,13 @@ pub struct VitActs<B: Backend> {
     dscores: B::Buf,
     dpos_patch: B::Buf,
     scratch: B::Scratch,
-    /// Host staging of the drop-path factors of one block branch.
+    /// Host staging of the drop-path factors of one block branch (and of
+    /// the masks).
     keeps: Vec<f32>,
+    /// Masks of the passes until changed (None: unmasked), and their
+    /// buffers once allocated.
+    masking: Option<MaskActs<B>>,
+    masked: bool,
 }
 
 impl<B: Backend> VitActs<B> {
@@ -159,6 +183,35 @@ impl<B: Backend> VitActs<B> {
     /// `block` from the last forward pass, one per image.
     pub fn drop_path_keeps(&self, block: usize) -> (&B::Buf, &B::Buf) {
         (&self.blocks[block].keep1, &self.blocks[block].keep2)
+    }
+
+    /// Masks the patches of the following forward passes (and their
+    /// backward) until changed: `masks` is `B x N` (`true` = replaced by
+    /// the mask token), `None` unmasks. Needs a ViT with
+    /// [`VitConfig::mask_token`]; the buffers are allocated on first use.
+    pub fn set_masks(&mut self, be: &B, masks: Option<&[bool]>) -> OpResult {
+        let Some(masks) = masks else {
+            self.masked = false;
+            return Ok(());
+        };
+        let rows = self.batch * self.n;
+        assert_eq!(masks.len(), rows, "one mask entry per patch of the batch");
+        if self.masking.is_none() {
+            self.masking = Some(MaskActs {
+                mask: be.zeros(rows)?,
+                keep: be.zeros(rows)?,
+                embed: be.zeros(rows * self.dim)?,
+            });
+        }
+        let m = self.masking.as_mut().expect("allocated above");
+        self.keeps.clear();
+        self.keeps
+            .extend(masks.iter().map(|&v| f32::from(u8::from(v))));
+        be.upload_into(&self.keeps, &mut m.mask)?;
+        self.keeps.iter_mut().for_each(|v| *v = 1.0 - *v);
+        be.upload_into(&self.keeps, &mut m.keep)?;
+        self.masked = true;
+        Ok(())
     }
 }
 
@@ -220,6 +273,10 @@ impl Vit {
             .collect();
         let norm_w = layout.add(name("norm.weight"), &[d], Init::Ones, false);
         let norm_b = layout.add(name("norm.bias"), &[d], Init::Zeros, false);
+        // 2-D as in iBOT, so decayed like its other matrices.
+        let mask_token = cfg
+            .mask_token
+            .then(|| layout.add(name(MASK_TOKEN), &[1, d], Init::Zeros, true));
         let drop_rates = (0..cfg.depth)
             .map(|i| {
                 if cfg.depth > 1 {
@@ -238,6 +295,7 @@ impl Vit {
             blocks,
             norm_w,
             norm_b,
+            mask_token,
             drop_rates,
         }
     }
@@ -300,6 +358,7 @@ impl Vit {
             img,
             n,
             t,
+            dim: d,
             images: z(batch * c.in_chans * img * img)?,
             patches: z(batch * n * c.in_chans * c.patch * c.patch)?,
             interp,
@@ -318,6 +377,8 @@ impl Vit {
             dpos_patch: z(n * d)?,
             scratch: B::Scratch::default(),
             keeps: Vec::with_capacity(batch),
+            masking: None,
+            masked: false,
         })
     }
 
@@ -398,14 +459,33 @@ impl Vit {
             out: d,
         };
         let bias = Some(self.pe_b.clone());
-        be.linear_forward(
-            &acts.patches,
-            params,
-            self.pe_w.clone(),
-            bias,
-            shape,
-            &mut acts.dtmp,
-        )?;
+        match self.active_masks(acts.masked, &mut acts.masking) {
+            None => be.linear_forward(
+                &acts.patches,
+                params,
+                self.pe_w.clone(),
+                bias,
+                shape,
+                &mut acts.dtmp,
+            )?,
+            Some((m, token)) => {
+                // emb = keep * (patches W + b) + mask token^T: the masked
+                // rows become the token, before the position embedding.
+                let w = self.pe_w.clone();
+                be.linear_forward(&acts.patches, params, w, bias, shape, &mut m.embed)?;
+                be.keep_scale(&m.embed, &m.keep, (batch * n, d), &mut acts.dtmp)?;
+                be.gemm(
+                    1.0,
+                    &m.mask,
+                    MatRef::row_major(batch * n, 1),
+                    params,
+                    MatRef::row_major(1, d).at(token.start),
+                    1.0,
+                    &mut acts.dtmp,
+                    MatRef::row_major(batch * n, d),
+                )?;
+            }
+        }
         match &acts.interp {
             None => {
                 let rows = Blocks {
@@ -785,16 +865,42 @@ impl Vit {
             out: d,
         };
         let bias = Some(self.pe_b.clone());
-        be.linear_backward(
-            &acts.patches,
-            params,
-            self.pe_w.clone(),
-            bias,
-            &acts.dtmp,
-            shape,
-            None,
-            grads,
-        )
+        let (w, x) = (self.pe_w.clone(), &acts.patches);
+        match self.active_masks(acts.masked, &mut acts.masking) {
+            None => be.linear_backward(x, params, w, bias, &acts.dtmp, shape, None, grads),
+            Some((m, token)) => {
+                // d token = sum of the masked rows' gradients; the masked
+                // rows send none to the patch embedding.
+                be.gemm(
+                    1.0,
+                    &m.mask,
+                    MatRef::row_major(1, batch * n),
+                    &acts.dtmp,
+                    MatRef::row_major(batch * n, d),
+                    1.0,
+                    grads,
+                    MatRef::row_major(1, d).at(token.start),
+                )?;
+                be.keep_scale(&acts.dtmp, &m.keep, (batch * n, d), &mut m.embed)?;
+                be.linear_backward(x, params, w, bias, &m.embed, shape, None, grads)
+            }
+        }
+    }
+
+    /// The mask buffers and the token's range when the pass is masked.
+    fn active_masks<'a, B: Backend>(
+        &self,
+        masked: bool,
+        masking: &'a mut Option<MaskActs<B>>,
+    ) -> Option<(&'a mut MaskActs<B>, Range<usize>)> {
+        if !masked {
+            return None;
+        }
+        let token = self
+            .mask_token
+            .clone()
+            .expect("masks need a ViT with a mask token (VitConfig::mask_token)");
+        Some((masking.as_mut().expect("set_masks allocated them"), token))
     }
 }
 

@@ -521,6 +521,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
         prefetch: 3,
         grids: grid_sizes(&cfg),
         epochs: None,
+        masks: None,
     };
     let mut loader =
         Loader::new(split, multi_crop(&cfg), loader_cfg, start).map_err(SereError::data)?;

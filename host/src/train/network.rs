@@ -133,5 +133,6 @@ pub fn vit_config(cfg: &TrainConfig) -> VitConfig {
         mlp_ratio: cfg.mlp_ratio as f32,
         drop_path: cfg.drop_path as f32,
         in_chans: 3,
+        mask_token: false,
     }
 }
