@@ -61,6 +61,8 @@ pub mod keys {
     pub const OPTIM_V: &str = "optim.v.";
     /// The DINO centre, shape `[out_dim]`.
     pub const CENTRE: &str = "dino.centre";
+    /// iBOT's patch centre (runs with masked image modelling only).
+    pub const PATCH_CENTRE: &str = "ibot.patch_centre";
 
     /// Running statistic `stat` (`running_mean` or `running_var`) of the
     /// batch norm `bn` (`projection` or `predictor`) of SERE head `head` in

@@ -100,6 +100,28 @@ pub struct ModelArgs {
     /// Weight of the channel self-relation loss.
     #[arg(long)]
     pub beta: Option<f64>,
+    /// iBOT's masked image modelling: block masks on the student's global
+    /// crops, a mask token, a patch head and the masked-patch loss added to
+    /// the image loss (the authors' default objective; off by default).
+    #[arg(long, overrides_with = "no_mim")]
+    pub mim: bool,
+    /// DINO's image loss alone (the default; iBOT's ablation baseline).
+    #[arg(long, overrides_with = "mim")]
+    pub no_mim: bool,
+    /// With --mim: probability that a global crop is masked at all.
+    #[arg(long, value_name = "P")]
+    pub mask_probability: Option<f64>,
+    /// With --mim: range of a masked crop's masked fraction, drawn uniformly.
+    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"])]
+    pub mask_ratio: Option<Vec<f64>>,
+    /// With --mim: the patch head is the CLS head itself (the default, as
+    /// the authors' recipes).
+    #[arg(long, overrides_with = "no_shared_head")]
+    pub shared_head: bool,
+    /// With --mim: the patch head has its own parameters (`patch_out_dim`
+    /// outputs).
+    #[arg(long, overrides_with = "shared_head")]
+    pub no_shared_head: bool,
     /// Random seed.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -137,6 +159,20 @@ impl ModelArgs {
         );
         if let Some(t) = self.threads {
             cfg.threads = Some(t);
+        }
+        if let Some(p) = self.mask_probability {
+            cfg.mask_probability = p;
+        }
+        if let Some([lo, hi]) = self.mask_ratio.as_deref() {
+            cfg.mask_ratio = (*lo, *hi);
+        }
+        for (on, off, field) in [
+            (self.mim, self.no_mim, &mut cfg.mim),
+            (self.shared_head, self.no_shared_head, &mut cfg.shared_head),
+        ] {
+            if on || off {
+                *field = on;
+            }
         }
     }
 }
@@ -564,6 +600,34 @@ mod tests {
         assert_eq!((cfg.overlap, cfg.local_overlap), (5, 3));
         assert_eq!(cfg.out, Some(PathBuf::from("o")));
         assert_eq!(t.resume(), None);
+    }
+
+    #[test]
+    fn masked_image_modelling_flags() {
+        let off = train(&[]).to_config().unwrap();
+        assert!(!off.mim && off.shared_head && off.mask_config().is_none());
+        let cfg = train(&[
+            "--mim",
+            "--mask-probability",
+            "0.75",
+            "--mask-ratio",
+            "0.2",
+            "0.4",
+            "--no-shared-head",
+        ])
+        .to_config()
+        .unwrap();
+        assert!(cfg.mim && !cfg.shared_head);
+        assert_eq!((cfg.mask_probability, cfg.mask_ratio), (0.75, (0.2, 0.4)));
+        let m = cfg.mask_config().unwrap();
+        assert_eq!((m.grid, m.probability, m.ratio), ((8, 8), 0.75, (0.2, 0.4)));
+        // The last of a flag pair wins; a bad ratio names its key.
+        let cfg = train(&["--mim", "--no-mim"]).to_config().unwrap();
+        assert!(!cfg.mim);
+        let err = train(&["--mim", "--mask-ratio", "0.5", "0.1"])
+            .to_config()
+            .unwrap_err();
+        assert!(err.to_string().contains("mask_ratio"), "{err}");
     }
 
     #[test]

@@ -183,6 +183,30 @@ pub struct TrainConfig {
     /// EMA momentum of the DINO centre (default 0.9).
     pub center_momentum: f64,
 
+    // ---- iBOT masked image modelling ----
+    /// iBOT's masked image modelling (default off; the authors' default
+    /// objective): block masks on the student's global crops, a learned mask
+    /// token, a patch head and the masked-patch loss added to the image
+    /// loss (`L_I = L_cls + L_mim`). Off, the image loss is DINO's alone.
+    pub mim: bool,
+    /// Probability that a student global crop is masked at all (default
+    /// 0.5, iBOT's).
+    pub mask_probability: f64,
+    /// Range of the masked fraction of a masked crop's patches, drawn
+    /// uniformly (default [0.1, 0.5]: iBOT's pred_ratio 0.3 +- 0.2).
+    pub mask_ratio: (f64, f64),
+    /// The patch head is the CLS head itself (default true, as the authors'
+    /// recipes); false gives it its own parameters and `patch_out_dim`.
+    pub shared_head: bool,
+    /// Prototypes of a separate patch head (default 4096; unused with
+    /// `shared_head`, where the CLS head's `out_dim` serves both).
+    pub patch_out_dim: usize,
+    /// Patch teacher temperature at the start of its warm-up (default 0.04),
+    /// warmed up linearly over `warmup_teacher_temp_epochs`.
+    pub warmup_patch_teacher_temp: f64,
+    /// Patch teacher temperature after the warm-up (default 0.07, iBOT's).
+    pub patch_teacher_temp: f64,
+
     // ---- self-relations ----
     /// Teacher temperature of the spatial relation (default 0.5).
     pub spatial_tau_t: f64,
@@ -254,6 +278,13 @@ impl Default for TrainConfig {
             warmup_teacher_temp_epochs: 3,
             student_temp: 0.1,
             center_momentum: 0.9,
+            mim: false,
+            mask_probability: 0.5,
+            mask_ratio: (0.1, 0.5),
+            shared_head: true,
+            patch_out_dim: 4096,
+            warmup_patch_teacher_temp: 0.04,
+            patch_teacher_temp: 0.07,
             spatial_tau_t: 0.5,
             channel_tau_t: 0.1,
             overlap: 7,
@@ -493,7 +524,29 @@ impl TrainConfig {
         (self.dim as f64 * self.mlp_ratio).round() as usize
     }
 
-    /// Weight of the image-level (DINO) loss, `(4 - alpha - beta) / 2`.
+    /// Outputs of the patch head: the CLS head's `out_dim` when shared,
+    /// else `patch_out_dim`.
+    pub fn patch_head_dim(&self) -> usize {
+        if self.shared_head {
+            self.out_dim
+        } else {
+            self.patch_out_dim
+        }
+    }
+
+    /// iBOT's masks of the student's global crops, when `mim` is on.
+    pub fn mask_config(&self) -> Option<crate::augment::mask::MaskConfig> {
+        let g = self.grid();
+        self.mim.then(|| crate::augment::mask::MaskConfig {
+            grid: (g, g),
+            probability: self.mask_probability as f32,
+            ratio: (self.mask_ratio.0 as f32, self.mask_ratio.1 as f32),
+            ..crate::augment::mask::MaskConfig::ibot((g, g))
+        })
+    }
+
+    /// Weight `(4 - alpha - beta) / 2` of the image-level loss (DINO's, plus
+    /// iBOT's masked-patch term with `mim`) in the total.
     pub fn image_loss_weight(&self) -> f64 {
         (4.0 - self.alpha - self.beta) / 2.0
     }
@@ -542,7 +595,14 @@ impl TrainConfig {
             + bottleneck
             + k;
         let sere = 4.0 * (d * d + 4.0 * d);
-        let params = vit + dino + sere;
+        let kp = f(self.separate_patch_dim());
+        let patch_head = if kp > 0.0 {
+            dino - bottleneck * k - k + bottleneck * kp + kp
+        } else {
+            0.0
+        };
+        let mask_token = if self.mim { d } else { 0.0 };
+        let params = vit + dino + sere + patch_head + mask_token;
 
         // Per crop of `t` tokens: each block keeps about 10 token-wide and 2
         // hidden-wide vectors per token and the attention maps.
@@ -562,15 +622,24 @@ impl TrainConfig {
         );
         let relations =
             3.0 * b * (2.0 * (heads * n * n + d * d) + 2.0 * locals * (heads * nl * nl + d * d));
+        // iBOT: every patch of the global crops through the patch head, in
+        // both networks, and the student's gradient.
+        let mim = if self.mim {
+            let rows = 2.0 * b * (t - 1.0);
+            let kp = f(self.patch_head_dim());
+            rows * 3.0 * (4.0 * hidden + bottleneck + 3.0 * kp + 2.0 * d)
+        } else {
+            0.0
+        };
         MemoryEstimate {
             weights: 4.0 * 5.0 * params,
-            activations: 4.0 * (vit_acts + relations),
+            activations: 4.0 * (vit_acts + relations + mim),
         }
     }
 
     /// The settings that fix the model's parameter shapes (a resumed run
     /// cannot change them), as `(key, value)`.
-    fn architecture(&self) -> [(&'static str, String); 9] {
+    fn architecture(&self) -> [(&'static str, String); 12] {
         [
             ("img", self.img.to_string()),
             ("patch", self.patch.to_string()),
@@ -581,7 +650,20 @@ impl TrainConfig {
             ("out_dim", self.out_dim.to_string()),
             ("head_hidden", self.head_hidden.to_string()),
             ("bottleneck", self.bottleneck.to_string()),
+            // The mask token and a separate patch head are parameters.
+            ("mim", self.mim.to_string()),
+            ("shared_head", (self.shared_head || !self.mim).to_string()),
+            ("patch_out_dim", self.separate_patch_dim().to_string()),
         ]
+    }
+
+    /// Outputs of a separate patch head, 0 when there is none.
+    fn separate_patch_dim(&self) -> usize {
+        if self.mim && !self.shared_head {
+            self.patch_out_dim
+        } else {
+            0
+        }
     }
 
     /// The architecture settings in which `requested` differs from `self`
@@ -765,10 +847,29 @@ impl TrainConfig {
             ("student_temp", self.student_temp),
             ("spatial_tau_t", self.spatial_tau_t),
             ("channel_tau_t", self.channel_tau_t),
+            ("warmup_patch_teacher_temp", self.warmup_patch_teacher_temp),
+            ("patch_teacher_temp", self.patch_teacher_temp),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 bad(key, format!("{v} must be a positive temperature"));
             }
+        }
+        // Masked image modelling.
+        if !(self.mask_probability.is_finite() && (0.0..=1.0).contains(&self.mask_probability)) {
+            bad(
+                "mask_probability",
+                format!("{} must be in [0, 1]", self.mask_probability),
+            );
+        }
+        let (lo, hi) = self.mask_ratio;
+        if !(lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo <= hi && hi < 1.0) {
+            bad(
+                "mask_ratio",
+                format!("[{lo}, {hi}] must satisfy 0 <= min <= max < 1 (fractions of the patches)"),
+            );
+        }
+        if self.patch_out_dim == 0 {
+            bad("patch_out_dim", "must be at least 1".into());
         }
         // Relations.
         if self.overlap == 0 {
@@ -1080,6 +1181,22 @@ mod tests {
             a.architecture_changes(&b),
             ["heads: 4 -> 8", "out_dim: 4096 -> 100"]
         );
+        let mim = TrainConfig {
+            mim: true,
+            ..a.clone()
+        };
+        assert_eq!(a.architecture_changes(&mim), ["mim: false -> true"]);
+        // The patch head's size counts only when it has its own parameters.
+        let separate = TrainConfig {
+            shared_head: false,
+            ..mim.clone()
+        };
+        assert_eq!(
+            mim.architecture_changes(&separate),
+            ["shared_head: true -> false", "patch_out_dim: 0 -> 4096"]
+        );
+        assert!(mim.memory_estimate().activations > a.memory_estimate().activations);
+        assert!(separate.memory_estimate().weights > mim.memory_estimate().weights);
         let mut c = a.clone();
         c.set("out=").unwrap();
         assert_eq!(problems(&c), ["out"]);

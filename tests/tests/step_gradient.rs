@@ -48,6 +48,7 @@ struct Batch {
     globals: Vec<f32>,
     local_crops: Vec<f32>,
     grids: Vec<BatchPairGrids>,
+    masks: Vec<bool>,
 }
 
 impl Batch {
@@ -58,6 +59,7 @@ impl Batch {
             globals: &self.globals,
             local_crops: &self.local_crops,
             grids: &self.grids,
+            masks: &self.masks,
         }
     }
 }
@@ -77,7 +79,11 @@ fn setup(cfg: &TrainConfig) -> (CpuEngine, Batch) {
         .iter()
         .map(|&p| p + 0.05 * lcg(&mut s))
         .collect();
-    for c in engine.centre.iter_mut() {
+    for c in engine
+        .centre
+        .iter_mut()
+        .chain(engine.patch_centre.iter_mut())
+    {
         *c = 0.1 * lcg(&mut s);
     }
     let (b, l) = (cfg.batch, cfg.locals);
@@ -108,12 +114,23 @@ fn setup(cfg: &TrainConfig) -> (CpuEngine, Batch) {
             local: (2, 2),
         },
     );
+    // With MIM: about a third of the global crops' patches masked, and
+    // one crop (image 1 of view 0) not at all.
+    let n = cfg.grid() * cfg.grid();
+    let masks = if cfg.mim {
+        (0..2 * b * n)
+            .map(|i| i / n != 1 && (i * 7) % 3 == 0)
+            .collect()
+    } else {
+        Vec::new()
+    };
     let batch = Batch {
         batch: b,
         locals: l,
         globals,
         local_crops: locals,
         grids,
+        masks,
     };
     (engine, batch)
 }
@@ -125,6 +142,7 @@ fn schedule() -> StepSchedule {
         weight_decay: 0.0,
         momentum: 1.0,
         teacher_temp: 0.5,
+        patch_teacher_temp: 0.4,
         freeze_last_layer: false,
         step: 3,
     }
@@ -132,17 +150,56 @@ fn schedule() -> StepSchedule {
 
 #[test]
 fn step_gradient_matches_finite_differences_of_the_total_loss() {
-    let (mut engine, batch) = setup(&config());
+    check_step_gradient(&config());
+}
+
+/// iBOT on top: the masked student, the mask token, a patch head of its
+/// own (so its gradient is told apart from the CLS head's) and the
+/// masked-patch loss with its centre.
+#[test]
+fn step_gradient_with_masked_image_modelling_matches_finite_differences() {
+    let mut cfg = config();
+    cfg.mim = true;
+    cfg.shared_head = false;
+    cfg.patch_out_dim = 10;
+    check_step_gradient(&cfg);
+}
+
+/// The same with the patch head shared with the CLS head (the authors').
+#[test]
+fn step_gradient_with_a_shared_patch_head_matches_finite_differences() {
+    let mut cfg = config();
+    cfg.mim = true;
+    check_step_gradient(&cfg);
+}
+
+fn check_step_gradient(cfg: &TrainConfig) {
+    let (mut engine, batch) = setup(cfg);
     let (input, sched) = (batch.input(), schedule());
-    let centre = engine.centre.clone();
+    let (centre, patch_centre) = (engine.centre.clone(), engine.patch_centre.clone());
     let stats = engine.forward_backward(&input, &sched).expect("step runs");
     assert!(stats.spatial_terms > 0 && stats.spatial > 0.0 && stats.channel > 0.0);
+    assert_eq!(stats.mim > 0.0, cfg.mim, "{stats:?}");
     let grads = engine.grads().to_vec();
+    if cfg.mim {
+        let token = &engine
+            .net
+            .layout
+            .get("backbone.masked_embed")
+            .unwrap()
+            .range;
+        assert!(
+            grads[token.clone()].iter().all(|&g| g != 0.0),
+            "the mask token learns"
+        );
+    }
 
     let loss_at = |engine: &mut CpuEngine, i: usize, v: f32| -> f64 {
         let old = engine.student[i];
         engine.student[i] = v;
-        engine.centre.copy_from_slice(&centre); // the step updates the centre
+        // The step updates both centres.
+        engine.centre.copy_from_slice(&centre);
+        engine.patch_centre.copy_from_slice(&patch_centre);
         let l = engine.forward_backward(&input, &sched).unwrap().loss as f64;
         engine.student[i] = old;
         l
@@ -154,10 +211,11 @@ fn step_gradient_matches_finite_differences_of_the_total_loss() {
             let i = e.range.start + k;
             let p = engine.student[i];
             let an = grads[i] as f64;
-            // Two step sizes: the ReLUs of the stacked SERE heads put kinks
-            // in the loss, and a step that crosses one is off at either
-            // size; a wrong gradient is off at both.
-            let err = [1e-2f32, 3e-3]
+            // Three step sizes: the ReLUs of the stacked SERE heads put
+            // kinks in the loss, and a step that crosses one is off (one
+            // sits 1e-3 from a patch-embedding weight with MIM); a wrong
+            // gradient is off at every size.
+            let err = [1e-2f32, 3e-3, 1e-3]
                 .map(|h| {
                     let fd = (loss_at(&mut engine, i, p + h) - loss_at(&mut engine, i, p - h))
                         / (2.0 * h as f64);

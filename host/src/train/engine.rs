@@ -17,8 +17,8 @@ use super::state::{restore_state, snapshot_state, HostBnStates, RunState, RunVie
 use crate::augment::BatchPairGrids;
 use crate::backend::relation::{SereLossConfig, ViewShapes};
 use crate::backend::{
-    cuda_unavailable, Backend, Blocks, BnMode, Cpu, Cuda, DinoLossArgs, OpError, RelationArgs,
-    StudentFeatureGrads, StudentFeatures,
+    cuda_unavailable, Backend, Blocks, BnMode, Cpu, Cuda, DinoLossArgs, MimLossArgs, OpError,
+    RelationArgs, StudentFeatureGrads, StudentFeatures,
 };
 use crate::checkpoint::Checkpoint;
 use crate::config::TrainConfig;
@@ -41,6 +41,9 @@ pub struct StepInput<'a> {
     pub local_crops: &'a [f32],
     /// Pair grids in `view_pairs` order.
     pub grids: &'a [BatchPairGrids],
+    /// `[2][B][N]` iBOT masks of the student's global crops (empty without
+    /// `mim`).
+    pub masks: &'a [bool],
 }
 
 /// Scheduled values for one step.
@@ -54,6 +57,8 @@ pub struct StepSchedule {
     pub momentum: f32,
     /// DINO teacher temperature.
     pub teacher_temp: f32,
+    /// iBOT patch teacher temperature (unused without `mim`).
+    pub patch_teacher_temp: f32,
     /// Whether the DINO head's last layer stays frozen this step.
     pub freeze_last_layer: bool,
     /// Global step index (seeds drop-path).
@@ -65,8 +70,10 @@ pub struct StepSchedule {
 pub struct StepStats {
     /// Weighted total.
     pub loss: f32,
-    /// Image-level DINO loss.
+    /// Image-level DINO loss (the CLS term).
     pub dino: f32,
+    /// iBOT's masked-patch loss (0 without `mim`).
+    pub mim: f32,
     /// Spatial relation loss (0 when no pair overlapped).
     pub spatial: f32,
     /// Channel relation loss.
@@ -127,7 +134,8 @@ const SLOT_DINO: usize = 0;
 const SLOT_SPATIAL: usize = 1;
 const SLOT_CHANNEL: usize = 2;
 const SLOT_GRAD_NORM: usize = 3;
-const STATS_LEN: usize = 4;
+const SLOT_MIM: usize = 4;
+const STATS_LEN: usize = 5;
 
 /// Activations of one network pass over one crop size.
 struct Pass<B: Backend> {
@@ -232,6 +240,99 @@ impl<B: Backend> PassGrads<B> {
     }
 }
 
+/// iBOT's patch path of one batch shape: the final-normed patch tokens of
+/// the global crops through the patch head, in both networks.
+struct MimWorkspace<B: Backend> {
+    /// Patch rows `2 B N`.
+    rows: usize,
+    /// Patch tokens (final norm) `[2][B][N][D]` of the teacher and student.
+    teacher_tokens: B::Buf,
+    student_tokens: B::Buf,
+    teacher_head: DinoHeadActs<B>,
+    student_head: DinoHeadActs<B>,
+    /// Gradient of the student's patch logits and patch tokens.
+    dlogits: B::Buf,
+    dtokens: B::Buf,
+    /// Per patch row: its weight in the masked-patch loss.
+    weights: B::Buf,
+    weights_host: Vec<f32>,
+}
+
+impl<B: Backend> MimWorkspace<B> {
+    fn new(be: &B, net: &SereNet, pass: &Pass<B>, cfg: &TrainConfig) -> Result<Self, OpError> {
+        let rows = pass.rows();
+        let (head, d) = (net.patch_head(), cfg.dim);
+        Ok(MimWorkspace {
+            rows,
+            teacher_tokens: be.zeros(rows * d)?,
+            student_tokens: be.zeros(rows * d)?,
+            teacher_head: head.workspace(be, rows)?,
+            student_head: head.workspace(be, rows)?,
+            dlogits: be.zeros(rows * cfg.patch_head_dim())?,
+            dtokens: be.zeros(rows * d)?,
+            weights: be.zeros(rows)?,
+            weights_host: vec![0.0; rows],
+        })
+    }
+}
+
+/// The patch rows of a pass's final-norm output as blocks, to the packed
+/// `[images][N][D]` layout (`to_packed`) or back.
+fn patch_rows<B: Backend>(pass: &Pass<B>, d: usize, to_packed: bool) -> Blocks {
+    let (n, t) = (pass.vit.n, pass.vit.t);
+    let (tokens, packed) = ((d, t * d), (0, n * d));
+    let ((src_start, src_stride), (dst_start, dst_stride)) = if to_packed {
+        (tokens, packed)
+    } else {
+        (packed, tokens)
+    };
+    Blocks {
+        count: pass.images,
+        len: n * d,
+        src_start,
+        src_stride,
+        dst_start,
+        dst_stride,
+    }
+}
+
+/// iBOT's masked-patch loss of the step (same-view pairs, each image's
+/// masked positions averaged) with its gradient into `m.dlogits`, weighted
+/// like the CLS term, and the patch-centre update.
+fn mim_loss<B: Backend>(
+    be: &B,
+    cfg: &TrainConfig,
+    sched: &StepSchedule,
+    input: &StepInput,
+    m: &mut MimWorkspace<B>,
+    centre: &mut B::Buf,
+    stats: &mut B::Buf,
+) -> Result<(), OpError> {
+    let patches = m.rows / (2 * input.batch);
+    sere_core::loss::masked_patch_weights(input.masks, patches, &mut m.weights_host)?;
+    be.upload_into(&m.weights_host, &mut m.weights)?;
+    be.zero(&mut m.dlogits)?;
+    let args = MimLossArgs {
+        rows: m.rows,
+        dim: cfg.patch_head_dim(),
+        tau_student: cfg.student_temp as f32,
+        tau_teacher: sched.patch_teacher_temp,
+        weight: cfg.image_loss_weight() as f32,
+        centre_momentum: cfg.center_momentum as f32,
+    };
+    let (st, te) = (m.student_head.logits(), m.teacher_head.logits());
+    be.mim_loss(
+        st,
+        te,
+        &m.weights,
+        centre,
+        args,
+        &mut m.dlogits,
+        stats,
+        SLOT_MIM,
+    )
+}
+
 /// Every workspace of one batch shape `(batch, locals)`.
 struct Workspace<B: Backend> {
     batch: usize,
@@ -253,6 +354,8 @@ struct Workspace<B: Backend> {
     dcls: B::Buf,
     dlogits: B::Buf,
     relation: B::RelationWorkspace,
+    /// iBOT's patch path (None without `mim`).
+    mim: Option<MimWorkspace<B>>,
     /// The step's scalars, read once per step.
     stats: B::Buf,
 }
@@ -267,8 +370,17 @@ impl<B: Backend> Workspace<B> {
     ) -> Result<Self, OpError> {
         let (d, views) = (cfg.dim, 2 + locals);
         let teacher = Pass::new(be, net, 2 * batch, cfg.img, SereSide::Teacher)?;
-        let global = Pass::new(be, net, 2 * batch, cfg.img, SereSide::Student)?;
+        let mut global = Pass::new(be, net, 2 * batch, cfg.img, SereSide::Student)?;
         let global_grads = PassGrads::new(be, &global, d)?;
+        let mim = if cfg.mim {
+            // Allocated once here, so the step's set_masks uploads only.
+            global
+                .vit
+                .set_masks(be, Some(&vec![false; global.rows()]))?;
+            Some(MimWorkspace::new(be, net, &global, cfg)?)
+        } else {
+            None
+        };
         let local = if locals > 0 {
             let pass = Pass::new(be, net, locals * batch, cfg.local_img, SereSide::Student)?;
             let grads = PassGrads::new(be, &pass, d)?;
@@ -291,6 +403,7 @@ impl<B: Backend> Workspace<B> {
             dcls: be.zeros(views * batch * d)?,
             dlogits: be.zeros(views * batch * cfg.out_dim)?,
             relation: B::RelationWorkspace::default(),
+            mim,
             stats: be.zeros(STATS_LEN)?,
         })
     }
@@ -329,6 +442,8 @@ pub struct Engine<B: Backend> {
     pub last_layer_steps: u32,
     /// DINO centre (K).
     pub centre: B::Buf,
+    /// iBOT's patch centre (the patch head's K; empty without `mim`).
+    pub patch_centre: B::Buf,
     /// Student SERE heads' batch-norm running statistics.
     pub student_bn: SereHeads<SereHeadState<B>>,
     /// Teacher SERE heads' batch-norm running statistics.
@@ -361,10 +476,17 @@ impl<B: Backend> Engine<B> {
             &mut init,
             &mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed),
         );
-        let last = net.dino.last_layer_range();
+        // The last layers frozen at first: the CLS head's and a separate
+        // patch head's (iBOT freezes both).
+        let lasts: Vec<Range<usize>> = std::iter::once(&net.dino)
+            .chain(&net.separate_patch_head)
+            .map(|h| h.last_layer_range())
+            .collect();
         let mut adam_groups: Vec<AdamGroup> = Vec::new();
         for e in net.layout.entries() {
-            let last_layer = e.range.start >= last.start && e.range.end <= last.end;
+            let last_layer = lasts
+                .iter()
+                .any(|l| e.range.start >= l.start && e.range.end <= l.end);
             match adam_groups.last_mut() {
                 Some(g)
                     if g.decay == e.decay
@@ -394,6 +516,7 @@ impl<B: Backend> Engine<B> {
             adam_steps: 0,
             last_layer_steps: 0,
             centre: be.zeros(cfg.out_dim)?,
+            patch_centre: be.zeros(if cfg.mim { cfg.patch_head_dim() } else { 0 })?,
             student_bn: net.new_bn_states(&be)?,
             teacher_bn: net.new_bn_states(&be)?,
             grads: be.zeros(n)?,
@@ -511,6 +634,16 @@ impl<B: Backend> Engine<B> {
             &mut tp.channel,
         )?;
         tp.gather_cls(be, d, &mut ws.cls_teacher, 0)?;
+        if let Some(m) = ws.mim.as_mut() {
+            be.copy_blocks(
+                tp.vit.out(),
+                &mut m.teacher_tokens,
+                patch_rows(tp, d, true),
+                false,
+            )?;
+            let head = net.patch_head();
+            head.forward(be, params, &m.teacher_tokens, &mut m.teacher_head)?;
+        }
         net.dino
             .forward(be, params, &ws.cls_teacher, &mut ws.dino_teacher)
     }
@@ -551,6 +684,18 @@ impl<B: Backend> Engine<B> {
         });
         let mut first_cls = 0;
         for (images, img, pass, (sp, bs), (ch, bc)) in [global].into_iter().chain(local) {
+            // iBOT masks the student's global crops (this first pass) only;
+            // everything the student computes from them sees the masks.
+            let mim = ws.mim.as_mut().filter(|_| first_cls == 0);
+            if mim.is_some() {
+                if input.masks.len() != pass.rows() {
+                    return Err(OpError::Kernel(sere_core::Error::InvalidArgument {
+                        what: "step masks",
+                        requirement: "need one entry per patch of the global crops ([2][B][N])",
+                    }));
+                }
+                pass.vit.set_masks(be, Some(input.masks))?;
+            }
             net.vit.forward(
                 be,
                 params,
@@ -560,6 +705,12 @@ impl<B: Backend> Engine<B> {
                 &mut pass.vit,
                 Some(&mut rng),
             )?;
+            if let Some(m) = mim {
+                let rows = patch_rows(pass, d, true);
+                be.copy_blocks(pass.vit.out(), &mut m.student_tokens, rows, false)?;
+                let head = net.patch_head();
+                head.forward(be, params, &m.student_tokens, &mut m.student_head)?;
+            }
             pass.gather_patches(be, d)?;
             sp.forward(
                 be,
@@ -611,6 +762,17 @@ impl<B: Backend> Engine<B> {
             &mut ws.stats,
             SLOT_DINO,
         )?;
+        if let Some(m) = ws.mim.as_mut() {
+            mim_loss(
+                be,
+                cfg,
+                sched,
+                input,
+                m,
+                &mut self.patch_centre,
+                &mut ws.stats,
+            )?;
+        }
 
         let shapes = ViewShapes {
             batch: b,
@@ -689,6 +851,18 @@ impl<B: Backend> Engine<B> {
             grads,
             &mut ws.dcls,
         )?;
+        if let Some(m) = ws.mim.as_mut() {
+            be.zero(&mut m.dtokens)?;
+            let head = net.patch_head();
+            head.backward(
+                be,
+                params,
+                &mut m.student_head,
+                &m.dlogits,
+                grads,
+                &mut m.dtokens,
+            )?;
+        }
         let global = (
             &mut ws.global,
             &mut ws.global_grads,
@@ -728,8 +902,13 @@ impl<B: Backend> Engine<B> {
                 cls_rows(pass.images, t, d, first_cls, false),
                 false,
             )?;
-            // The CLS rows' gradient enters through the final norm, the SERE
-            // heads' before it.
+            if let Some(m) = ws.mim.as_ref().filter(|_| first_cls == 0) {
+                // The patch head's gradient of the global crops' patch rows.
+                let rows = patch_rows(pass, d, false);
+                be.copy_blocks(&m.dtokens, &mut pg.dout, rows, false)?;
+            }
+            // The CLS and patch rows' gradient enters through the final
+            // norm, the SERE heads' before it.
             let dpatches = Some(&pg.dpatches);
             net.vit
                 .backward(be, params, &mut pass.vit, &pg.dout, dpatches, grads)?;
@@ -749,7 +928,8 @@ impl<B: Backend> Engine<B> {
             cfg.alpha as f32,
             cfg.beta as f32,
         );
-        let loss = w_img * s[SLOT_DINO] + alpha * s[SLOT_SPATIAL] + beta * s[SLOT_CHANNEL];
+        let image = s[SLOT_DINO] + s[SLOT_MIM];
+        let loss = w_img * image + alpha * s[SLOT_SPATIAL] + beta * s[SLOT_CHANNEL];
         let non_finite = |what: &str| StepError::NonFinite {
             step,
             what: what.into(),
@@ -763,6 +943,7 @@ impl<B: Backend> Engine<B> {
         Ok(StepStats {
             loss,
             dino: s[SLOT_DINO],
+            mim: s[SLOT_MIM],
             spatial: s[SLOT_SPATIAL],
             channel: s[SLOT_CHANNEL],
             grad_norm: s[SLOT_GRAD_NORM],
@@ -828,6 +1009,13 @@ impl<B: Backend> Engine<B> {
         let (student, teacher) = (be.download(&self.student)?, be.download(&self.teacher)?);
         let (adam_m, adam_v) = (be.download(&self.adam_m)?, be.download(&self.adam_v)?);
         let centre = be.download(&self.centre)?;
+        // A device may round an empty buffer up to one element: ask the
+        // config, not the buffer, whether there is a patch centre.
+        let patch_centre = if self.cfg.mim {
+            be.download(&self.patch_centre)?
+        } else {
+            Vec::new()
+        };
         let (student_bn, teacher_bn) = (host_bn(&self.student_bn)?, host_bn(&self.teacher_bn)?);
         let view = RunView {
             layout: &self.net.layout,
@@ -836,6 +1024,7 @@ impl<B: Backend> Engine<B> {
             adam_m: &adam_m,
             adam_v: &adam_v,
             centre: &centre,
+            patch_centre: &patch_centre,
             student_bn: &student_bn,
             teacher_bn: &teacher_bn,
             adam_steps: self.adam_steps,
@@ -850,6 +1039,12 @@ impl<B: Backend> Engine<B> {
         let n = self.net.layout.len();
         let mut host = [(); 4].map(|_| vec![0.0f32; n]);
         let mut centre = vec![0.0f32; self.cfg.out_dim];
+        let patch_len = if self.cfg.mim {
+            self.cfg.patch_head_dim()
+        } else {
+            0
+        };
+        let mut patch_centre = vec![0.0f32; patch_len];
         let fresh = || self.net.new_bn_states(&Cpu).expect("host buffers");
         let (mut student_bn, mut teacher_bn) = (fresh(), fresh());
         let [student, teacher, adam_m, adam_v] = &mut host;
@@ -861,6 +1056,7 @@ impl<B: Backend> Engine<B> {
                 adam_m,
                 adam_v,
                 centre: &mut centre,
+                patch_centre: &mut patch_centre,
                 student_bn: &mut student_bn,
                 teacher_bn: &mut teacher_bn,
                 adam_steps: &mut self.adam_steps,
@@ -868,7 +1064,7 @@ impl<B: Backend> Engine<B> {
             },
             ck,
         )?;
-        self.upload_state(&host, &centre, (&student_bn, &teacher_bn))
+        self.upload_state(&host, (&centre, &patch_centre), (&student_bn, &teacher_bn))
             .map_err(|e| SereError::Device(e.to_string()))?;
         Ok(step)
     }
@@ -876,7 +1072,7 @@ impl<B: Backend> Engine<B> {
     fn upload_state(
         &mut self,
         [student, teacher, adam_m, adam_v]: &[Vec<f32>; 4],
-        centre: &[f32],
+        (centre, patch_centre): (&[f32], &[f32]),
         (student_bn, teacher_bn): (&HostBnStates, &HostBnStates),
     ) -> Result<(), OpError> {
         let be = &self.be;
@@ -885,6 +1081,9 @@ impl<B: Backend> Engine<B> {
         be.upload_into(adam_m, &mut self.adam_m)?;
         be.upload_into(adam_v, &mut self.adam_v)?;
         be.upload_into(centre, &mut self.centre)?;
+        if !patch_centre.is_empty() {
+            be.upload_into(patch_centre, &mut self.patch_centre)?;
+        }
         for (dev, host) in [
             (&mut self.student_bn, student_bn),
             (&mut self.teacher_bn, teacher_bn),
