@@ -9,7 +9,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigError, Device, Preset, TrainConfig};
+use crate::config::{
+    ConfigError, DecayRule, Device, NonOverlapping, OverlapGrid, Preset, TrainConfig,
+};
 use crate::eval::features::FeatureSpec;
 use crate::eval::linear::{Optimizer, ProbeConfig};
 use crate::export::Network;
@@ -94,6 +96,18 @@ pub struct ModelArgs {
     /// Overlap grid side for a global and a local crop.
     #[arg(long)]
     pub local_overlap: Option<usize>,
+    /// Where overlap grid points sit: cell centres, or edge to edge as the
+    /// authors' code.
+    #[arg(long, value_enum, value_name = "PLACEMENT")]
+    pub overlap_grid: Option<OverlapGrid>,
+    /// Which tensors AdamW decays: DINO's rule, or the SERE authors' (biases
+    /// too; only the norms' weights exempt).
+    #[arg(long, value_enum, value_name = "RULE")]
+    pub weight_decay_rule: Option<DecayRule>,
+    /// Crop pairs without overlap in the spatial loss: dropped, or uniform
+    /// rows as the authors' code.
+    #[arg(long, value_enum, value_name = "RULE")]
+    pub non_overlapping: Option<NonOverlapping>,
     /// Weight of the spatial self-relation loss.
     #[arg(long)]
     pub alpha: Option<f64>,
@@ -152,6 +166,9 @@ impl ModelArgs {
             out_dim,
             overlap,
             local_overlap,
+            overlap_grid,
+            weight_decay_rule,
+            non_overlapping,
             alpha,
             beta,
             seed,
@@ -628,6 +645,27 @@ mod tests {
             .to_config()
             .unwrap_err();
         assert!(err.to_string().contains("mask_ratio"), "{err}");
+    }
+
+    #[test]
+    fn overlap_grid_placement() {
+        use crate::train::grid_sizes;
+        use sere_core::geometry::GridPlacement;
+        let cfg = train(&[]).to_config().unwrap();
+        assert_eq!(grid_sizes(&cfg).placement, GridPlacement::CellCentres);
+        let cfg = train(&["--overlap-grid", "edge-to-edge"])
+            .to_config()
+            .unwrap();
+        assert_eq!(cfg.overlap_grid, OverlapGrid::EdgeToEdge);
+        assert_eq!(grid_sizes(&cfg).placement, GridPlacement::EdgeToEdge);
+        assert!(cfg.to_toml().contains("overlap_grid = \"edge-to-edge\""));
+        // Edge to edge: a pair's first and last points lie on the overlap's
+        // edges, so in a view covering exactly the overlap they are at -1, 1.
+        let crop = sere_core::geometry::CropBox::new(0.0, 0.0, 8.0, 8.0, false).unwrap();
+        let g = crate::augment::batch_pair_grids(&[crop, crop], 2, grid_sizes(&cfg));
+        let t = &g[0].teacher_grid;
+        assert_eq!((t[0], t[1]), (-1.0, -1.0));
+        assert_eq!((t[t.len() - 2], t[t.len() - 1]), (1.0, 1.0));
     }
 
     #[test]

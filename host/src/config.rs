@@ -75,6 +75,81 @@ impl fmt::Display for Preset {
     }
 }
 
+/// Where the points of an overlap grid sit (sere-core's `GridPlacement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OverlapGrid {
+    /// At the centres of `S x S` cells of the overlap (the method's
+    /// statement; the default).
+    #[default]
+    Centres,
+    /// From edge to edge of the overlap, `i / (S - 1)` (the authors' code).
+    EdgeToEdge,
+}
+
+impl OverlapGrid {
+    /// The core's placement.
+    pub fn placement(self) -> sere_core::geometry::GridPlacement {
+        match self {
+            OverlapGrid::Centres => sere_core::geometry::GridPlacement::CellCentres,
+            OverlapGrid::EdgeToEdge => sere_core::geometry::GridPlacement::EdgeToEdge,
+        }
+    }
+}
+
+/// Which parameters AdamW's weight decay applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DecayRule {
+    /// DINO's and iBOT's: every tensor but biases and 1-D tensors (the
+    /// default).
+    #[default]
+    Dino,
+    /// The SERE authors' code: every tensor but the 1-D weights of the
+    /// layer and batch norms (biases are decayed too).
+    Authors,
+}
+
+impl DecayRule {
+    /// Whether the parameter `name` (registered with DINO's flag
+    /// `dino_decays`, shape `shape`) is decayed under this rule.
+    ///
+    /// ```
+    /// use sere_host::config::DecayRule;
+    /// let bias = ("backbone.blocks.0.attn.qkv.bias", &[24][..], false);
+    /// let norm = ("spatial_global.projector.bn.weight", &[8][..], false);
+    /// assert!(!DecayRule::Dino.decays(bias.0, bias.1, bias.2));
+    /// assert!(DecayRule::Authors.decays(bias.0, bias.1, bias.2));
+    /// assert!(!DecayRule::Authors.decays(norm.0, norm.1, norm.2));
+    /// ```
+    pub fn decays(self, name: &str, shape: &[usize], dino_decays: bool) -> bool {
+        match self {
+            DecayRule::Dino => dino_decays,
+            DecayRule::Authors => {
+                let norm_weight = shape.len() == 1
+                    && ["norm1.weight", "norm2.weight", "norm.weight", "bn.weight"]
+                        .iter()
+                        .any(|n| name.ends_with(n));
+                !norm_weight
+            }
+        }
+    }
+}
+
+/// What a (teacher, student) pair of crops that do not overlap adds to the
+/// spatial relation loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum NonOverlapping {
+    /// Nothing: the spatial loss is the mean over overlapping pairs (the
+    /// default; the method sheet's statement).
+    #[default]
+    Drop,
+    /// Uniform relation rows, as in the authors' code: the pair counts in
+    /// the mean with the constant `ln P` and no gradient.
+    Uniform,
+}
+
 /// Where the step runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -157,6 +232,9 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Weight decay at the end of the cosine schedule (default 0.4).
     pub weight_decay_end: f64,
+    /// Which tensors are decayed: `dino` (biases and 1-D tensors exempt;
+    /// default) or `authors` (only the norms' 1-D weights exempt).
+    pub weight_decay_rule: DecayRule,
     /// Teacher EMA momentum at the start, cosine to 1 (default 0.996).
     pub momentum_teacher: f64,
     /// Clip each parameter tensor's gradient to this L2 norm, as DINO does
@@ -218,6 +296,12 @@ pub struct TrainConfig {
     /// Side of the sampling grid in a global/local overlap (default 4; 6 in
     /// the paper).
     pub local_overlap: usize,
+    /// Where the grid points sit in the overlap: `centres` of its cells
+    /// (default) or `edge-to-edge` (the authors' code).
+    pub overlap_grid: OverlapGrid,
+    /// Pairs of crops without overlap: `drop` them from the spatial mean
+    /// (default) or count them as `uniform` rows (the authors' code).
+    pub non_overlapping: NonOverlapping,
 
     // ---- augmentation ----
     /// Area fraction range of the global crops (default [0.4, 1.0]).
@@ -267,6 +351,7 @@ impl Default for TrainConfig {
             warmup_epochs: 1,
             weight_decay: 0.04,
             weight_decay_end: 0.4,
+            weight_decay_rule: DecayRule::Dino,
             momentum_teacher: 0.996,
             clip_grad: 3.0,
             freeze_last_layer: 1,
@@ -289,6 +374,8 @@ impl Default for TrainConfig {
             channel_tau_t: 0.1,
             overlap: 7,
             local_overlap: 4,
+            overlap_grid: OverlapGrid::Centres,
+            non_overlapping: NonOverlapping::Drop,
             global_scale: (0.4, 1.0),
             local_scale: (0.05, 0.4),
             seed: 0,

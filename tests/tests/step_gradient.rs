@@ -112,6 +112,7 @@ fn setup(cfg: &TrainConfig) -> (CpuEngine, Batch) {
         GridSizes {
             global: (3, 3),
             local: (2, 2),
+            placement: Default::default(),
         },
     );
     // With MIM: about a third of the global crops' patches masked, and
@@ -171,6 +172,41 @@ fn step_gradient_with_a_shared_patch_head_matches_finite_differences() {
     let mut cfg = config();
     cfg.mim = true;
     check_step_gradient(&cfg);
+}
+
+/// Pairs without overlap counted as uniform rows (the authors' code): the
+/// spatial mean and its gradient over all pairs, checked against finite
+/// differences of the reported loss, and the loss's value against the
+/// default's mean over overlapping pairs.
+#[test]
+fn uniform_rows_for_pairs_without_overlap() {
+    let mut cfg = config();
+    cfg.non_overlapping = sere_host::config::NonOverlapping::Uniform;
+    check_step_gradient(&cfg);
+    let spatial = |cfg: &TrainConfig| {
+        let (mut engine, batch) = setup(cfg);
+        let s = engine
+            .forward_backward(&batch.input(), &schedule())
+            .unwrap();
+        (s.spatial as f64, s.spatial_terms, batch)
+    };
+    let (uniform, _, _) = spatial(&cfg);
+    let (dropped, valid, batch) = spatial(&config());
+    let all: usize = batch.grids.iter().map(|g| g.valid.len()).sum();
+    let ln_p: f64 = batch
+        .grids
+        .iter()
+        .flat_map(|g| {
+            g.valid
+                .iter()
+                .map(move |&v| (v, ((g.hs * g.ws) as f64).ln()))
+        })
+        .filter(|(v, _)| !v)
+        .map(|(_, l)| l)
+        .sum();
+    assert!(valid < all, "the batch has a pair without overlap");
+    let want = (dropped * valid as f64 + ln_p) / all as f64;
+    assert!((uniform - want).abs() < 1e-5 * want, "{uniform} vs {want}");
 }
 
 fn check_step_gradient(cfg: &TrainConfig) {

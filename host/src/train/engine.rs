@@ -21,7 +21,7 @@ use crate::backend::{
     RelationArgs, StudentFeatureGrads, StudentFeatures,
 };
 use crate::checkpoint::Checkpoint;
-use crate::config::TrainConfig;
+use crate::config::{NonOverlapping, TrainConfig};
 use crate::error::SereError;
 use crate::model::heads::{BnRunning, DinoHeadActs, SereActs, SereHeadState, SereSide};
 use crate::model::vit::VitActs;
@@ -296,6 +296,49 @@ fn patch_rows<B: Backend>(pass: &Pass<B>, d: usize, to_packed: bool) -> Blocks {
     }
 }
 
+/// How the backend's mean over overlapping spatial terms becomes the
+/// step's spatial loss: unchanged (pairs without overlap dropped), or with
+/// those pairs counted as uniform relation rows (the authors' code), which
+/// add `ln P` each to the mean and nothing to the gradient.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct SpatialMean {
+    /// Overlapping terms over all terms (scales the gradient too).
+    scale: f32,
+    /// The uniform rows' `sum ln P` over all terms.
+    offset: f32,
+}
+
+impl SpatialMean {
+    fn new(rule: NonOverlapping, grids: &[BatchPairGrids]) -> Self {
+        let (mut all, mut valid, mut ln_p) = (0usize, 0usize, 0.0f64);
+        for g in grids {
+            for &v in &g.valid {
+                all += 1;
+                if v {
+                    valid += 1;
+                } else {
+                    ln_p += ((g.hs * g.ws) as f64).ln();
+                }
+            }
+        }
+        match rule {
+            NonOverlapping::Uniform if all > 0 => SpatialMean {
+                scale: (valid as f64 / all as f64) as f32,
+                offset: (ln_p / all as f64) as f32,
+            },
+            _ => SpatialMean {
+                scale: 1.0,
+                offset: 0.0,
+            },
+        }
+    }
+
+    /// The step's spatial loss from the mean over overlapping terms.
+    fn apply(self, mean_over_overlapping: f32) -> f32 {
+        self.scale * mean_over_overlapping + self.offset
+    }
+}
+
 /// iBOT's masked-patch loss of the step (same-view pairs, each image's
 /// masked positions averaged) with its gradient into `m.dlogits`, weighted
 /// like the CLS term, and the patch-centre update.
@@ -483,13 +526,15 @@ impl<B: Backend> Engine<B> {
             .map(|h| h.last_layer_range())
             .collect();
         let mut adam_groups: Vec<AdamGroup> = Vec::new();
+        let rule = cfg.weight_decay_rule;
         for e in net.layout.entries() {
+            let decay = rule.decays(&e.name, &e.shape, e.decay);
             let last_layer = lasts
                 .iter()
                 .any(|l| e.range.start >= l.start && e.range.end <= l.end);
             match adam_groups.last_mut() {
                 Some(g)
-                    if g.decay == e.decay
+                    if g.decay == decay
                         && g.last_layer == last_layer
                         && g.range.end == e.range.start =>
                 {
@@ -497,7 +542,7 @@ impl<B: Backend> Engine<B> {
                 }
                 _ => adam_groups.push(AdamGroup {
                     range: e.range.clone(),
-                    decay: e.decay,
+                    decay,
                     last_layer,
                 }),
             }
@@ -572,9 +617,9 @@ impl<B: Backend> Engine<B> {
             .map_err(&err)?;
         self.teacher_pass(input).map_err(&err)?;
         self.student_pass(input, step).map_err(&err)?;
-        let spatial_terms = self.losses(input, sched).map_err(&err)?;
+        let (spatial_terms, spatial_mean) = self.losses(input, sched).map_err(&err)?;
         self.backward().map_err(&err)?;
-        let stats = self.read_stats(spatial_terms, step)?;
+        let stats = self.read_stats(spatial_terms, spatial_mean, step)?;
         if self.cfg.clip_grad > 0.0 {
             let max = self.cfg.clip_grad as f32;
             self.be
@@ -738,10 +783,15 @@ impl<B: Backend> Engine<B> {
     /// The DINO loss (and centre update) and both relation losses, with
     /// their gradients w.r.t. the heads' outputs; returns the number of
     /// spatial terms.
-    fn losses(&mut self, input: &StepInput, sched: &StepSchedule) -> Result<usize, OpError> {
+    fn losses(
+        &mut self,
+        input: &StepInput,
+        sched: &StepSchedule,
+    ) -> Result<(usize, SpatialMean), OpError> {
         let (be, cfg) = (&self.be, &self.cfg);
         let ws = self.ws.as_mut().expect("shaped");
         let (b, l) = (input.batch, input.locals);
+        let spatial_mean = SpatialMean::new(cfg.non_overlapping, input.grids);
         be.zero(&mut ws.dlogits)?;
         let dino = DinoLossArgs {
             views: 2 + l,
@@ -820,7 +870,7 @@ impl<B: Backend> Engine<B> {
                 globals: gp.channel.output(),
                 locals: lch,
             },
-            weights: (cfg.alpha as f32, cfg.beta as f32),
+            weights: (cfg.alpha as f32 * spatial_mean.scale, cfg.beta as f32),
             dspatial: StudentFeatureGrads {
                 globals: &mut gg.dspatial,
                 locals: ldsp,
@@ -830,7 +880,8 @@ impl<B: Backend> Engine<B> {
                 locals: ldch,
             },
         };
-        be.relation_losses(&mut ws.relation, args, &mut ws.stats, SLOT_SPATIAL)
+        let terms = be.relation_losses(&mut ws.relation, args, &mut ws.stats, SLOT_SPATIAL)?;
+        Ok((terms, spatial_mean))
     }
 
     /// Backward from the heads' output gradients: DINO head to the CLS
@@ -919,7 +970,12 @@ impl<B: Backend> Engine<B> {
 
     /// Reads the step's scalars (the one synchronisation of a step) and
     /// refuses a non-finite loss or gradient.
-    fn read_stats(&self, spatial_terms: usize, step: u64) -> Result<StepStats, StepError> {
+    fn read_stats(
+        &self,
+        spatial_terms: usize,
+        spatial_mean: SpatialMean,
+        step: u64,
+    ) -> Result<StepStats, StepError> {
         let ws = self.ws.as_ref().expect("shaped");
         let s = self.be.download(&ws.stats).map_err(StepError::at(step))?;
         let cfg = &self.cfg;
@@ -929,7 +985,8 @@ impl<B: Backend> Engine<B> {
             cfg.beta as f32,
         );
         let image = s[SLOT_DINO] + s[SLOT_MIM];
-        let loss = w_img * image + alpha * s[SLOT_SPATIAL] + beta * s[SLOT_CHANNEL];
+        let spatial = spatial_mean.apply(s[SLOT_SPATIAL]);
+        let loss = w_img * image + alpha * spatial + beta * s[SLOT_CHANNEL];
         let non_finite = |what: &str| StepError::NonFinite {
             step,
             what: what.into(),
@@ -944,7 +1001,7 @@ impl<B: Backend> Engine<B> {
             loss,
             dino: s[SLOT_DINO],
             mim: s[SLOT_MIM],
-            spatial: s[SLOT_SPATIAL],
+            spatial,
             channel: s[SLOT_CHANNEL],
             grad_norm: s[SLOT_GRAD_NORM],
             spatial_terms,
@@ -1172,4 +1229,49 @@ pub fn open_cuda() -> Result<Cuda, SereError> {
             .map_err(|e| SereError::Device(format!("CUDA: {e}")))?;
     }
     Ok(cuda)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DecayRule;
+
+    /// The decayed parameters under each rule, by name.
+    fn decayed(rule: DecayRule) -> Vec<String> {
+        let cfg = TrainConfig {
+            weight_decay_rule: rule,
+            ..TrainConfig::default()
+        };
+        let e = Engine::cpu(&cfg);
+        e.net
+            .layout
+            .entries()
+            .iter()
+            .filter(|p| {
+                e.adam_groups.iter().any(|g| {
+                    g.decay && g.range.start <= p.range.start && p.range.end <= g.range.end
+                })
+            })
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn adam_groups_follow_the_weight_decay_rule() {
+        let (dino, authors) = (decayed(DecayRule::Dino), decayed(DecayRule::Authors));
+        let has = |v: &[String], n: &str| v.iter().any(|x| x == n);
+        for v in [&dino, &authors] {
+            assert!(has(v, "backbone.blocks.0.attn.qkv.weight"));
+            assert!(has(v, "dino_head.last_layer.weight_v"));
+            assert!(!has(v, "backbone.blocks.0.norm1.weight"));
+            assert!(!has(v, "spatial_global.predictor.bn.weight"));
+        }
+        for bias in [
+            "backbone.blocks.0.attn.qkv.bias",
+            "dino_head.mlp.0.bias",
+            "backbone.norm.bias",
+        ] {
+            assert!(!has(&dino, bias) && has(&authors, bias), "{bias}");
+        }
+    }
 }

@@ -137,6 +137,7 @@ pub fn grid_sizes(cfg: &TrainConfig) -> GridSizes {
     GridSizes {
         global: (cfg.overlap, cfg.overlap),
         local: (cfg.local_overlap, cfg.local_overlap),
+        placement: cfg.overlap_grid.placement(),
     }
 }
 
