@@ -16,6 +16,7 @@ on_every_backend! {
     matches_pytorch_float64_outputs_and_all_gradients => pytorch_reference;
     gradients_match_finite_differences_with_drop_path => finite_differences;
     masked_gradients_match_finite_differences => finite_differences_masked;
+    forward_only_workspace_gives_the_same_outputs => forward_only;
 }
 
 fn floats(v: &Value) -> Vec<f32> {
@@ -241,4 +242,25 @@ fn check_finite_differences<B: Backend>(be: &B, masked: bool, weight_scale: f32)
         }
     }
     eprintln!("worst relative FD error {worst:.2e}");
+}
+
+/// A forward-only workspace (the teacher's, evaluation's) computes exactly
+/// what a full one does.
+fn forward_only<B: Backend>(be: &B) {
+    let (layout, vit) = tiny(0.0, true);
+    let mut params = vec![0.0f32; layout.len()];
+    layout.init(&mut params, &mut rand_chacha::ChaCha8Rng::seed_from_u64(5));
+    let (batch, img) = (3, 12);
+    let images: Vec<f32> = (0..batch * 3 * img * img)
+        .map(|i| ((i * 31 % 83) as f32 / 41.0) - 1.0)
+        .collect();
+    let p = up(be, &params);
+    let mut full = vit.workspace(be, batch, img).unwrap();
+    let mut fwd = vit.forward_workspace(be, batch, img).unwrap();
+    for acts in [&mut full, &mut fwd] {
+        vit.forward(be, &p, &images, batch, img, acts, None)
+            .unwrap();
+    }
+    assert_eq!(down(be, full.out()), down(be, fwd.out()));
+    assert_eq!(down(be, full.pre_norm()), down(be, fwd.pre_norm()));
 }

@@ -147,6 +147,8 @@ pub struct VitActs<B: Backend> {
     dscores: B::Buf,
     dpos_patch: B::Buf,
     scratch: B::Scratch,
+    /// Whether the backward's scratch is allocated.
+    backward: bool,
     /// Host staging of the drop-path factors of one block branch (and of
     /// the masks).
     keeps: Vec<f32>,
@@ -315,8 +317,29 @@ impl Vit {
     }
 
     /// A workspace for `batch` images of side `img` (a multiple of the
-    /// patch, checked by the configuration).
+    /// patch, checked by the configuration), for forward and backward.
     pub fn workspace<B: Backend>(&self, be: &B, batch: usize, img: usize) -> OpResult<VitActs<B>> {
+        self.workspace_for(be, batch, img, true)
+    }
+
+    /// A workspace that runs forward passes only (the teacher, evaluation):
+    /// without the backward's scratch, so [`Vit::backward`] refuses it.
+    pub fn forward_workspace<B: Backend>(
+        &self,
+        be: &B,
+        batch: usize,
+        img: usize,
+    ) -> OpResult<VitActs<B>> {
+        self.workspace_for(be, batch, img, false)
+    }
+
+    fn workspace_for<B: Backend>(
+        &self,
+        be: &B,
+        batch: usize,
+        img: usize,
+        backward: bool,
+    ) -> OpResult<VitActs<B>> {
         let c = &self.cfg;
         assert!(
             img % c.patch == 0 && img >= c.patch,
@@ -327,6 +350,8 @@ impl Vit {
         let (n, t) = (g * g, g * g + 1);
         let bt = batch * t;
         let z = |len: usize| be.zeros(len);
+        // The backward's scratch (dtmp is the embedding's forward scratch too).
+        let zb = |len: usize| be.zeros(if backward { len } else { 0 });
         let g0 = c.grid();
         let interp = if g == g0 {
             None
@@ -368,13 +393,14 @@ impl Vit {
             out: z(bt * d)?,
             out_mean: z(bt)?,
             out_rstd: z(bt)?,
-            dx: z(bt * d)?,
+            dx: zb(bt * d)?,
             dtmp: z(bt * d)?,
-            dattn: z(bt * d)?,
-            dqkv: z(bt * 3 * d)?,
-            dhid: z(bt * hid)?,
-            dscores: z(be.attention_scratch_len(self.attention_shape(batch, t)))?,
-            dpos_patch: z(n * d)?,
+            dattn: zb(bt * d)?,
+            dqkv: zb(bt * 3 * d)?,
+            dhid: zb(bt * hid)?,
+            dscores: zb(be.attention_scratch_len(self.attention_shape(batch, t)))?,
+            dpos_patch: zb(n * d)?,
+            backward,
             scratch: B::Scratch::default(),
             keeps: Vec::with_capacity(batch),
             masking: None,
@@ -382,8 +408,9 @@ impl Vit {
         })
     }
 
-    /// Shapes `acts` for `batch` images of side `img` (no-op if already so).
-    pub fn prepare<B: Backend>(
+    /// Shapes `acts` as a [`Vit::forward_workspace`] for `batch` images of
+    /// side `img` (no-op if already so).
+    pub fn prepare_forward<B: Backend>(
         &self,
         be: &B,
         acts: &mut Option<VitActs<B>>,
@@ -394,7 +421,7 @@ impl Vit {
             .as_ref()
             .is_some_and(|a| a.batch == batch && a.img == img)
         {
-            *acts = Some(self.workspace(be, batch, img)?);
+            *acts = Some(self.forward_workspace(be, batch, img)?);
         }
         Ok(())
     }
@@ -697,6 +724,10 @@ impl Vit {
         grads: &mut B::Buf,
     ) -> OpResult {
         let c = &self.cfg;
+        assert!(
+            acts.backward,
+            "a forward-only ViT workspace cannot run backward (use Vit::workspace)"
+        );
         let bt = acts.batch * acts.t;
         be.zero(&mut acts.dx)?;
         be.layer_norm_backward(

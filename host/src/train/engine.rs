@@ -157,7 +157,11 @@ impl<B: Backend> Pass<B> {
         img: usize,
         side: SereSide,
     ) -> Result<Self, OpError> {
-        let vit = net.vit.workspace(be, images, img)?;
+        // The teacher gets no gradient: no backward scratch for it.
+        let vit = match side {
+            SereSide::Teacher => net.vit.forward_workspace(be, images, img)?,
+            SereSide::Student => net.vit.workspace(be, images, img)?,
+        };
         let rows = images * vit.n;
         let head = &net.sere.spatial_global;
         Ok(Pass {
