@@ -21,7 +21,7 @@
 //! | [`bilinear`] | `grid_sample` (bilinear, zeros, `align_corners=False`) |
 //! | [`relation`] | spatial (per head) and channel self-relation logits |
 //! | [`softmax`] | stable row softmax / log-softmax |
-//! | [`loss`] | relation cross-entropy, DINO loss, centre update |
+//! | [`loss`] | relation cross-entropy, DINO loss, centre update, iBOT's weighted (masked-patch) cross-entropy |
 //! | [`norm`], [`activation`], [`linalg`] | layer/batch norm, GELU, SGEMM and linear layers |
 //! | [`optim`], [`schedule`] | AdamW, EMA, clipping; cosine and warm-up schedules |
 //!

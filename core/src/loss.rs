@@ -513,3 +513,105 @@ pub fn dino_centre_update(
     }
     Ok(())
 }
+
+/// iBOT's weights of its masked-patch loss: for `masks` laid out as
+/// `[images][patches]` (`true` = masked), each masked position of image `i`
+/// gets `1 / (max(1, masked_i) * images)` and every other position 0, so
+/// that [`weighted_cross_entropy`] with these weights is the mean over
+/// images of the mean over each image's masked positions (an image without
+/// a masked patch adds 0 but still counts, as in iBOT).
+///
+/// ```
+/// use sere_core::loss::masked_patch_weights;
+/// let masks = [true, false, true, false, false, false];
+/// let mut w = [9.0f32; 6];
+/// masked_patch_weights(&masks, 3, &mut w).unwrap();
+/// assert_eq!(w, [0.25, 0.0, 0.25, 0.0, 0.0, 0.0]);
+/// ```
+pub fn masked_patch_weights(masks: &[bool], patches: usize, out: &mut [f32]) -> Result<()> {
+    check_nonzero("patches", patches)?;
+    check_len("weights", out.len(), masks.len())?;
+    if masks.len() % patches != 0 || masks.is_empty() {
+        return Err(Error::InvalidArgument {
+            what: "masks",
+            requirement: "must hold a whole, non-zero number of images of `patches` entries",
+        });
+    }
+    let images = (masks.len() / patches) as f32;
+    for (m, w) in masks
+        .chunks_exact(patches)
+        .zip(out.chunks_exact_mut(patches))
+    {
+        let count = m.iter().filter(|&&v| v).count().max(1) as f32;
+        let on = 1.0 / (count * images);
+        for (&mv, wv) in m.iter().zip(w) {
+            *wv = if mv { on } else { 0.0 };
+        }
+    }
+    Ok(())
+}
+
+/// Weighted sum over rows of the centred cross-entropy
+/// `-sum_k softmax((t_k - c_k) / tau_t) log softmax(s_k / tau_s)` of the
+/// DINO loss: `sum_r weights[r] * CE_r` over `rows x dim` student and
+/// teacher logits, with the centre `c` (`dim`). Rows of weight 0 are not
+/// evaluated at all (iBOT's masked-patch loss reads only masked rows). With
+/// `grad = Some((g, scale))` it adds `scale * dL/dstudent` to `g`.
+///
+/// Weights must be finite and non-negative. Fails with [`Error::NonFinite`]
+/// if the accumulated gradient is not finite; the buffer's contents are
+/// then unspecified.
+///
+/// ```
+/// use sere_core::loss::weighted_cross_entropy;
+/// let (s, t, c) = ([0.0f32; 4], [9.0f32, 0.0, 0.0, 9.0], [0.0f32; 2]);
+/// // Only the first row counts: a uniform student against any teacher.
+/// let loss = weighted_cross_entropy(&s, &t, &c, &[0.5, 0.0], 2, 2, 0.1, 0.04, None).unwrap();
+/// assert!((loss - 0.5 * core::f32::consts::LN_2).abs() < 1e-6);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn weighted_cross_entropy(
+    student: &[f32],
+    teacher: &[f32],
+    centre: &[f32],
+    weights: &[f32],
+    rows: usize,
+    dim: usize,
+    tau_s: f32,
+    tau_t: f32,
+    mut grad: Option<(&mut [f32], f32)>,
+) -> Result<f32> {
+    check_ce(student, teacher, rows, dim, tau_s, tau_t)?;
+    check_len("centre", centre.len(), dim)?;
+    check_len("weights", weights.len(), rows)?;
+    crate::error::check_finite("centre", centre)?;
+    if weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)) {
+        return Err(Error::InvalidArgument {
+            what: "weights",
+            requirement: "must be finite and non-negative",
+        });
+    }
+    if let Some((g, _)) = &grad {
+        check_len("grad_student", g.len(), student.len())?;
+    }
+    let mut total = 0.0f64;
+    for (r, &w) in weights.iter().enumerate().filter(|(_, w)| **w > 0.0) {
+        let span = r * dim..(r + 1) * dim;
+        let g = grad
+            .as_mut()
+            .map(|(g, scale)| (&mut g[span.clone()], *scale * w));
+        let ce = ce_row(
+            &student[span.clone()],
+            &teacher[span],
+            Some(centre),
+            tau_s,
+            tau_t,
+            g,
+        )?;
+        total += w as f64 * ce;
+    }
+    if let Some((g, _)) = grad {
+        check_grad(g)?;
+    }
+    Ok(total as f32)
+}

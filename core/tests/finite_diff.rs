@@ -258,6 +258,39 @@ fn dino_loss() {
 }
 
 #[test]
+fn weighted_cross_entropy() {
+    let mut rng = Rng::new(21);
+    let (rows, dim, tau_s, tau_t) = (6, 5, 0.1f32, 0.04f32);
+    let s = rng.normals(rows * dim, 0.3);
+    let t = rng.normals(rows * dim, 0.1);
+    let centre = rng.normals(dim, 0.05);
+    let masks = [true, false, true, true, false, false];
+    let mut w = vec![0.0f32; rows];
+    loss::masked_patch_weights(&masks, 3, &mut w).unwrap();
+    let mut g = vec![0.0f32; s.len()];
+    loss::weighted_cross_entropy(
+        &s,
+        &t,
+        &centre,
+        &w,
+        rows,
+        dim,
+        tau_s,
+        tau_t,
+        Some((&mut g, 1.0)),
+    )
+    .unwrap();
+    // Unmasked rows get exactly nothing.
+    for (r, &m) in masks.iter().enumerate() {
+        assert_eq!(g[r * dim..(r + 1) * dim].iter().any(|&v| v != 0.0), m);
+    }
+    assert_grad("weighted cross-entropy", &s, &g, ce_tol(tau_s), |s| {
+        loss::weighted_cross_entropy(s, &t, &centre, &w, rows, dim, tau_s, tau_t, None).unwrap()
+            as f64
+    });
+}
+
+#[test]
 fn layer_norm() {
     let mut rng = Rng::new(9);
     let (rows, cols, eps) = (3, 6, 1e-5f32);

@@ -333,6 +333,63 @@ fn dino_loss_and_centre() {
 }
 
 #[test]
+fn masked_patch_loss_and_centre() {
+    let mut rep = Report::new();
+    for c in load("mim") {
+        let (views, batch, patches, dim) = (
+            c.usize("views"),
+            c.usize("batch"),
+            c.usize("patches"),
+            c.usize("dim"),
+        );
+        let rows = views * batch * patches;
+        let (s, t, centre) = (c.f32s("student"), c.f32s("teacher"), c.f32s("centre"));
+        let (tau_s, tau_t, scale) = (c.f32("tau_s"), c.f32("tau_t"), c.f32("scale"));
+        let masks: Vec<bool> = c.f32s("masks").iter().map(|&m| m == 1.0).collect();
+        // The mean over views of the image means is the mean over all
+        // `views x batch` images: one weight vector covers both.
+        let mut w = vec![f32::NAN; rows];
+        rep.ok(&c.name, loss::masked_patch_weights(&masks, patches, &mut w));
+        if let Some(l) = rep.ok(
+            &c.name,
+            loss::weighted_cross_entropy(&s, &t, &centre, &w, rows, dim, tau_s, tau_t, None),
+        ) {
+            rep.check(&c.name, close_scalar("loss", l, c.scalar("loss"), RTOL));
+        }
+        let mut g = prefill(s.len());
+        if let Some(l) = rep.ok(
+            &c.name,
+            loss::weighted_cross_entropy(
+                &s,
+                &t,
+                &centre,
+                &w,
+                rows,
+                dim,
+                tau_s,
+                tau_t,
+                Some((&mut g, scale)),
+            ),
+        ) {
+            rep.check(
+                &c.name,
+                close_scalar("loss (backward)", l, c.scalar("loss"), RTOL),
+            );
+        }
+        rep.check(&c.name, close_accumulated("grad", &g, c.f64s("grad")));
+        // Every image has the same number of patches: the mean of the image
+        // means is the mean over all rows, DINO's centre update.
+        let mut centre_new = centre.clone();
+        rep.ok(
+            &c.name,
+            loss::dino_centre_update(&t, rows, dim, c.f32("momentum"), &mut centre_new),
+        );
+        rep.check(&c.name, close("centre", &centre_new, c.f64s("centre_new")));
+    }
+    rep.finish("mim");
+}
+
+#[test]
 fn layer_norm() {
     let mut rep = Report::new();
     for c in load("norm")

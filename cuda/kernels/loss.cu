@@ -102,3 +102,42 @@ extern "C" __global__ void dino_student_rows(const float* s, const float* t, con
     if (active && threadIdx.x == 0)
         row_loss[row] = npairs > 0 ? (float)npairs * logf(zs) + cross : 0.0f;
 }
+
+// iBOT's masked-patch loss (sere-core `weighted_cross_entropy`): per row r of
+// weight w[r] > 0, the centred cross-entropy of DINO's row, times w[r];
+// rows of weight 0 are skipped (their loss is 0 and they get no gradient).
+// `grad` may be null (loss only); f = scale / tau_s.
+extern "C" __global__ void weighted_ce_rows(const float* s, const float* t, const float* centre,
+                                            const float* w, float* grad, float* row_loss,
+                                            int rows, int cols, float inv_ts, float inv_tt,
+                                            float f) {
+    __shared__ float sh_ms[32], sh_zs[32], sh_mt[32], sh_zt[32];
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    // Every thread of the block reaches the row reductions below.
+    const float wr = row < rows ? w[row] : 0.0f;
+    const bool active = wr > 0.0f;
+    const long long base = (long long)row * cols;
+    float ms = SERE_NEG_INF, zs = 0.0f, mt = SERE_NEG_INF, zt = 0.0f;
+    if (active)
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+            ms_push(ms, zs, s[base + j] * inv_ts);
+            ms_push(mt, zt, (t[base + j] - centre[j]) * inv_tt);
+        }
+    row_ms(ms, zs, sh_ms, sh_zs);
+    row_ms(mt, zt, sh_mt, sh_zt);
+    float cross = 0.0f;
+    if (active) {
+        const float inv_zs = 1.0f / zs, inv_zt = 1.0f / zt;
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+            const float sv = s[base + j] * inv_ts;
+            const float q = expf((t[base + j] - centre[j]) * inv_tt - mt) * inv_zt;
+            if (q > 0.0f) cross += q * (ms - sv);
+            if (grad) {
+                const float p = expf(sv - ms) * inv_zs;
+                grad[base + j] += f * wr * (p - q);
+            }
+        }
+    }
+    cross = row_sum(cross, sh_ms);
+    if (row < rows && threadIdx.x == 0) row_loss[row] = active ? wr * (logf(zs) + cross) : 0.0f;
+}

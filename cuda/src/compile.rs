@@ -62,6 +62,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "relation_ce_rows",
             "dino_teacher_stats",
             "dino_student_rows",
+            "weighted_ce_rows",
         ],
     },
     KernelFile {

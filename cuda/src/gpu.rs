@@ -197,10 +197,11 @@ pub(crate) enum K {
     ReluBwdMask,
     L2NormalizeRows,
     L2NormalizeRowsBwd,
+    WeightedCeRows,
 }
 
 impl K {
-    pub(crate) const ALL: [K; 33] = [
+    pub(crate) const ALL: [K; 34] = [
         K::GridSampleFwd,
         K::GridSampleBwd,
         K::GridSampleFwdIdx,
@@ -234,6 +235,7 @@ impl K {
         K::ReluBwdMask,
         K::L2NormalizeRows,
         K::L2NormalizeRowsBwd,
+        K::WeightedCeRows,
     ];
 
     /// The `extern "C"` name in the kernel sources.
@@ -272,6 +274,7 @@ impl K {
             K::ReluBwdMask => "relu_bwd_mask",
             K::L2NormalizeRows => "l2_normalize_rows",
             K::L2NormalizeRowsBwd => "l2_normalize_rows_bwd",
+            K::WeightedCeRows => "weighted_ce_rows",
         }
     }
 }

@@ -552,6 +552,79 @@ fn dino_loss_forward_backward_and_centre() {
 }
 
 #[test]
+fn weighted_cross_entropy_forward_and_backward() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(17);
+    for (images, patches, dim) in [(1, 4, 7), (4, 16, 65), (6, 49, 1000)] {
+        let rows = images * patches;
+        let what = format!("weighted CE {images}x{patches} K={dim}");
+        let s = rng.vec(rows * dim, -2.0, 2.0);
+        let t = rng.vec(rows * dim, -2.0, 2.0);
+        let c = rng.vec(dim, -0.5, 0.5);
+        // About a third of the rows masked, the first image not at all.
+        let masks: Vec<bool> = (0..rows)
+            .map(|r| r >= patches && rng.vec(1, 0.0, 1.0)[0] < 0.35)
+            .collect();
+        let mut w = vec![0.0f32; rows];
+        sere_core::loss::masked_patch_weights(&masks, patches, &mut w).unwrap();
+        let (tau_s, tau_t) = (0.1f32, 0.04f32);
+        let args = |i: &[&[f32]]| (i[0].len() / dim, dim);
+        check(
+            &g,
+            &format!("{what} loss"),
+            &[&s, &t, &c, &w],
+            &[("loss", vec![0.0])],
+            |g, i, o| {
+                g.weighted_cross_entropy(
+                    &i[0], &i[1], &i[2], &i[3], rows, dim, tau_s, tau_t, &mut o[0],
+                )
+                .unwrap()
+            },
+            |i, o| {
+                let (r, d) = args(i);
+                o[0][0] = sere_core::loss::weighted_cross_entropy(
+                    i[0], i[1], i[2], i[3], r, d, tau_s, tau_t, None,
+                )
+                .unwrap()
+            },
+        );
+        let scale = 1.3;
+        check(
+            &g,
+            &format!("{what} backward"),
+            &[&s, &t, &c, &w],
+            &[
+                ("grad", rng.vec(rows * dim, -1e-2, 1e-2)),
+                ("loss", vec![0.0]),
+            ],
+            |g, i, o| {
+                let [gr, l] = o else { unreachable!() };
+                g.weighted_cross_entropy_backward(
+                    &i[0], &i[1], &i[2], &i[3], rows, dim, tau_s, tau_t, scale, gr, l,
+                )
+                .unwrap()
+            },
+            |i, o| {
+                let (r, d) = args(i);
+                let [gr, l] = o else { unreachable!() };
+                l[0] = sere_core::loss::weighted_cross_entropy(
+                    i[0],
+                    i[1],
+                    i[2],
+                    i[3],
+                    r,
+                    d,
+                    tau_s,
+                    tau_t,
+                    Some((gr, scale)),
+                )
+                .unwrap()
+            },
+        );
+    }
+}
+
+#[test]
 fn layer_norm_forward_and_backward() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(8);

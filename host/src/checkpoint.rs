@@ -30,8 +30,13 @@ use crate::model::params::ParamLayout;
 /// The `format` metadata of each kind of file: the one authority for them.
 pub mod formats {
     /// A training run's state, as `sere train` writes it
-    /// (`train::state::snapshot_state`).
-    pub const TRAINING: &str = "sere-train-1";
+    /// (`train::state::snapshot_state`). Version 2: the SERE heads read the
+    /// tokens before the final norm and the student's predictor is stacked
+    /// on its projection; a version-1 run's head state meant something
+    /// else, so it is not resumed (its backbone still evaluates and exports).
+    pub const TRAINING: &str = "sere-train-2";
+    /// The training format before the SERE heads' wiring was corrected.
+    pub const TRAINING_V1: &str = "sere-train-1";
     /// A backbone alone under timm's names, as `sere export` writes it.
     pub const BACKBONE: &str = "sere-backbone";
     /// A bare container ([`super::Checkpoint::new`]) until its writer names
@@ -56,6 +61,8 @@ pub mod keys {
     pub const OPTIM_V: &str = "optim.v.";
     /// The DINO centre, shape `[out_dim]`.
     pub const CENTRE: &str = "dino.centre";
+    /// iBOT's patch centre (runs with masked image modelling only).
+    pub const PATCH_CENTRE: &str = "ibot.patch_centre";
 
     /// Running statistic `stat` (`running_mean` or `running_var`) of the
     /// batch norm `bn` (`projection` or `predictor`) of SERE head `head` in

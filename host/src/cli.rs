@@ -9,7 +9,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigError, Device, Preset, TrainConfig};
+use crate::config::{
+    ConfigError, DecayRule, Device, NonOverlapping, OverlapGrid, Preset, TrainConfig,
+};
 use crate::eval::features::FeatureSpec;
 use crate::eval::linear::{Optimizer, ProbeConfig};
 use crate::export::Network;
@@ -94,12 +96,46 @@ pub struct ModelArgs {
     /// Overlap grid side for a global and a local crop.
     #[arg(long)]
     pub local_overlap: Option<usize>,
+    /// Where overlap grid points sit: cell centres, or edge to edge as the
+    /// authors' code.
+    #[arg(long, value_enum, value_name = "PLACEMENT")]
+    pub overlap_grid: Option<OverlapGrid>,
+    /// Which tensors AdamW decays: DINO's rule, or the SERE authors' (biases
+    /// too; only the norms' weights exempt).
+    #[arg(long, value_enum, value_name = "RULE")]
+    pub weight_decay_rule: Option<DecayRule>,
+    /// Crop pairs without overlap in the spatial loss: dropped, or uniform
+    /// rows as the authors' code.
+    #[arg(long, value_enum, value_name = "RULE")]
+    pub non_overlapping: Option<NonOverlapping>,
     /// Weight of the spatial self-relation loss.
     #[arg(long)]
     pub alpha: Option<f64>,
     /// Weight of the channel self-relation loss.
     #[arg(long)]
     pub beta: Option<f64>,
+    /// iBOT's masked image modelling: block masks on the student's global
+    /// crops, a mask token, a patch head and the masked-patch loss added to
+    /// the image loss (the authors' default objective; off by default).
+    #[arg(long, overrides_with = "no_mim")]
+    pub mim: bool,
+    /// DINO's image loss alone (the default; iBOT's ablation baseline).
+    #[arg(long, overrides_with = "mim")]
+    pub no_mim: bool,
+    /// With --mim: probability that a global crop is masked at all.
+    #[arg(long, value_name = "P")]
+    pub mask_probability: Option<f64>,
+    /// With --mim: range of a masked crop's masked fraction, drawn uniformly.
+    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"])]
+    pub mask_ratio: Option<Vec<f64>>,
+    /// With --mim: the patch head is the CLS head itself (the default, as
+    /// the authors' recipes).
+    #[arg(long, overrides_with = "no_shared_head")]
+    pub shared_head: bool,
+    /// With --mim: the patch head has its own parameters (`patch_out_dim`
+    /// outputs).
+    #[arg(long, overrides_with = "shared_head")]
+    pub no_shared_head: bool,
     /// Random seed.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -130,6 +166,9 @@ impl ModelArgs {
             out_dim,
             overlap,
             local_overlap,
+            overlap_grid,
+            weight_decay_rule,
+            non_overlapping,
             alpha,
             beta,
             seed,
@@ -137,6 +176,20 @@ impl ModelArgs {
         );
         if let Some(t) = self.threads {
             cfg.threads = Some(t);
+        }
+        if let Some(p) = self.mask_probability {
+            cfg.mask_probability = p;
+        }
+        if let Some([lo, hi]) = self.mask_ratio.as_deref() {
+            cfg.mask_ratio = (*lo, *hi);
+        }
+        for (on, off, field) in [
+            (self.mim, self.no_mim, &mut cfg.mim),
+            (self.shared_head, self.no_shared_head, &mut cfg.shared_head),
+        ] {
+            if on || off {
+                *field = on;
+            }
         }
     }
 }
@@ -574,6 +627,55 @@ mod tests {
         assert_eq!((cfg.overlap, cfg.local_overlap), (5, 3));
         assert_eq!(cfg.out, Some(PathBuf::from("o")));
         assert_eq!(t.resume(), None);
+    }
+
+    #[test]
+    fn masked_image_modelling_flags() {
+        let off = train(&[]).to_config().unwrap();
+        assert!(!off.mim && off.shared_head && off.mask_config().is_none());
+        let cfg = train(&[
+            "--mim",
+            "--mask-probability",
+            "0.75",
+            "--mask-ratio",
+            "0.2",
+            "0.4",
+            "--no-shared-head",
+        ])
+        .to_config()
+        .unwrap();
+        assert!(cfg.mim && !cfg.shared_head);
+        assert_eq!((cfg.mask_probability, cfg.mask_ratio), (0.75, (0.2, 0.4)));
+        let m = cfg.mask_config().unwrap();
+        assert_eq!((m.grid, m.probability, m.ratio), ((8, 8), 0.75, (0.2, 0.4)));
+        // The last of a flag pair wins; a bad ratio names its key.
+        let cfg = train(&["--mim", "--no-mim"]).to_config().unwrap();
+        assert!(!cfg.mim);
+        let err = train(&["--mim", "--mask-ratio", "0.5", "0.1"])
+            .to_config()
+            .unwrap_err();
+        assert!(err.to_string().contains("mask_ratio"), "{err}");
+    }
+
+    #[test]
+    fn overlap_grid_placement() {
+        use crate::train::grid_sizes;
+        use sere_core::geometry::GridPlacement;
+        let cfg = train(&[]).to_config().unwrap();
+        assert_eq!(grid_sizes(&cfg).placement, GridPlacement::CellCentres);
+        let cfg = train(&["--overlap-grid", "edge-to-edge"])
+            .to_config()
+            .unwrap();
+        assert_eq!(cfg.overlap_grid, OverlapGrid::EdgeToEdge);
+        assert_eq!(grid_sizes(&cfg).placement, GridPlacement::EdgeToEdge);
+        assert!(cfg.to_toml().contains("overlap_grid = \"edge-to-edge\""));
+        // Edge to edge: a pair's first and last points lie on the overlap's
+        // edges, so in a view covering exactly the overlap they are at -1, 1.
+        let crop = sere_core::geometry::CropBox::new(0.0, 0.0, 8.0, 8.0, false).unwrap();
+        let g = crate::augment::batch_pair_grids(&[crop, crop], 2, grid_sizes(&cfg));
+        let t = &g[0].teacher_grid;
+        assert_eq!((t[0], t[1]), (-1.0, -1.0));
+        assert_eq!((t[t.len() - 2], t[t.len() - 1]), (1.0, 1.0));
     }
 
     #[test]

@@ -75,6 +75,81 @@ impl fmt::Display for Preset {
     }
 }
 
+/// Where the points of an overlap grid sit (sere-core's `GridPlacement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OverlapGrid {
+    /// At the centres of `S x S` cells of the overlap (the method's
+    /// statement; the default).
+    #[default]
+    Centres,
+    /// From edge to edge of the overlap, `i / (S - 1)` (the authors' code).
+    EdgeToEdge,
+}
+
+impl OverlapGrid {
+    /// The core's placement.
+    pub fn placement(self) -> sere_core::geometry::GridPlacement {
+        match self {
+            OverlapGrid::Centres => sere_core::geometry::GridPlacement::CellCentres,
+            OverlapGrid::EdgeToEdge => sere_core::geometry::GridPlacement::EdgeToEdge,
+        }
+    }
+}
+
+/// Which parameters AdamW's weight decay applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DecayRule {
+    /// DINO's and iBOT's: every tensor but biases and 1-D tensors (the
+    /// default).
+    #[default]
+    Dino,
+    /// The SERE authors' code: every tensor but the 1-D weights of the
+    /// layer and batch norms (biases are decayed too).
+    Authors,
+}
+
+impl DecayRule {
+    /// Whether the parameter `name` (registered with DINO's flag
+    /// `dino_decays`, shape `shape`) is decayed under this rule.
+    ///
+    /// ```
+    /// use sere_host::config::DecayRule;
+    /// let bias = ("backbone.blocks.0.attn.qkv.bias", &[24][..], false);
+    /// let norm = ("spatial_global.projector.bn.weight", &[8][..], false);
+    /// assert!(!DecayRule::Dino.decays(bias.0, bias.1, bias.2));
+    /// assert!(DecayRule::Authors.decays(bias.0, bias.1, bias.2));
+    /// assert!(!DecayRule::Authors.decays(norm.0, norm.1, norm.2));
+    /// ```
+    pub fn decays(self, name: &str, shape: &[usize], dino_decays: bool) -> bool {
+        match self {
+            DecayRule::Dino => dino_decays,
+            DecayRule::Authors => {
+                let norm_weight = shape.len() == 1
+                    && ["norm1.weight", "norm2.weight", "norm.weight", "bn.weight"]
+                        .iter()
+                        .any(|n| name.ends_with(n));
+                !norm_weight
+            }
+        }
+    }
+}
+
+/// What a (teacher, student) pair of crops that do not overlap adds to the
+/// spatial relation loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum NonOverlapping {
+    /// Nothing: the spatial loss is the mean over overlapping pairs (the
+    /// default; the method sheet's statement).
+    #[default]
+    Drop,
+    /// Uniform relation rows, as in the authors' code: the pair counts in
+    /// the mean with the constant `ln P` and no gradient.
+    Uniform,
+}
+
 /// Where the step runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -157,6 +232,9 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Weight decay at the end of the cosine schedule (default 0.4).
     pub weight_decay_end: f64,
+    /// Which tensors are decayed: `dino` (biases and 1-D tensors exempt;
+    /// default) or `authors` (only the norms' 1-D weights exempt).
+    pub weight_decay_rule: DecayRule,
     /// Teacher EMA momentum at the start, cosine to 1 (default 0.996).
     pub momentum_teacher: f64,
     /// Clip each parameter tensor's gradient to this L2 norm, as DINO does
@@ -183,6 +261,30 @@ pub struct TrainConfig {
     /// EMA momentum of the DINO centre (default 0.9).
     pub center_momentum: f64,
 
+    // ---- iBOT masked image modelling ----
+    /// iBOT's masked image modelling (default off; the authors' default
+    /// objective): block masks on the student's global crops, a learned mask
+    /// token, a patch head and the masked-patch loss added to the image
+    /// loss (`L_I = L_cls + L_mim`). Off, the image loss is DINO's alone.
+    pub mim: bool,
+    /// Probability that a student global crop is masked at all (default
+    /// 0.5, iBOT's).
+    pub mask_probability: f64,
+    /// Range of the masked fraction of a masked crop's patches, drawn
+    /// uniformly (default [0.1, 0.5]: iBOT's pred_ratio 0.3 +- 0.2).
+    pub mask_ratio: (f64, f64),
+    /// The patch head is the CLS head itself (default true, as the authors'
+    /// recipes); false gives it its own parameters and `patch_out_dim`.
+    pub shared_head: bool,
+    /// Prototypes of a separate patch head (default 4096; unused with
+    /// `shared_head`, where the CLS head's `out_dim` serves both).
+    pub patch_out_dim: usize,
+    /// Patch teacher temperature at the start of its warm-up (default 0.04),
+    /// warmed up linearly over `warmup_teacher_temp_epochs`.
+    pub warmup_patch_teacher_temp: f64,
+    /// Patch teacher temperature after the warm-up (default 0.07, iBOT's).
+    pub patch_teacher_temp: f64,
+
     // ---- self-relations ----
     /// Teacher temperature of the spatial relation (default 0.5).
     pub spatial_tau_t: f64,
@@ -194,6 +296,12 @@ pub struct TrainConfig {
     /// Side of the sampling grid in a global/local overlap (default 4; 6 in
     /// the paper).
     pub local_overlap: usize,
+    /// Where the grid points sit in the overlap: `centres` of its cells
+    /// (default) or `edge-to-edge` (the authors' code).
+    pub overlap_grid: OverlapGrid,
+    /// Pairs of crops without overlap: `drop` them from the spatial mean
+    /// (default) or count them as `uniform` rows (the authors' code).
+    pub non_overlapping: NonOverlapping,
 
     // ---- augmentation ----
     /// Area fraction range of the global crops (default [0.4, 1.0]).
@@ -249,6 +357,7 @@ impl Default for TrainConfig {
             warmup_epochs: 1,
             weight_decay: 0.04,
             weight_decay_end: 0.4,
+            weight_decay_rule: DecayRule::Dino,
             momentum_teacher: 0.996,
             clip_grad: 3.0,
             freeze_last_layer: 1,
@@ -260,10 +369,19 @@ impl Default for TrainConfig {
             warmup_teacher_temp_epochs: 3,
             student_temp: 0.1,
             center_momentum: 0.9,
+            mim: false,
+            mask_probability: 0.5,
+            mask_ratio: (0.1, 0.5),
+            shared_head: true,
+            patch_out_dim: 4096,
+            warmup_patch_teacher_temp: 0.04,
+            patch_teacher_temp: 0.07,
             spatial_tau_t: 0.5,
             channel_tau_t: 0.1,
             overlap: 7,
             local_overlap: 4,
+            overlap_grid: OverlapGrid::Centres,
+            non_overlapping: NonOverlapping::Drop,
             global_scale: (0.4, 1.0),
             local_scale: (0.05, 0.4),
             seed: 0,
@@ -500,7 +618,29 @@ impl TrainConfig {
         (self.dim as f64 * self.mlp_ratio).round() as usize
     }
 
-    /// Weight of the image-level (DINO) loss, `(4 - alpha - beta) / 2`.
+    /// Outputs of the patch head: the CLS head's `out_dim` when shared,
+    /// else `patch_out_dim`.
+    pub fn patch_head_dim(&self) -> usize {
+        if self.shared_head {
+            self.out_dim
+        } else {
+            self.patch_out_dim
+        }
+    }
+
+    /// iBOT's masks of the student's global crops, when `mim` is on.
+    pub fn mask_config(&self) -> Option<crate::augment::mask::MaskConfig> {
+        let g = self.grid();
+        self.mim.then(|| crate::augment::mask::MaskConfig {
+            grid: (g, g),
+            probability: self.mask_probability as f32,
+            ratio: (self.mask_ratio.0 as f32, self.mask_ratio.1 as f32),
+            ..crate::augment::mask::MaskConfig::ibot((g, g))
+        })
+    }
+
+    /// Weight `(4 - alpha - beta) / 2` of the image-level loss (DINO's, plus
+    /// iBOT's masked-patch term with `mim`) in the total.
     pub fn image_loss_weight(&self) -> f64 {
         (4.0 - self.alpha - self.beta) / 2.0
     }
@@ -549,7 +689,14 @@ impl TrainConfig {
             + bottleneck
             + k;
         let sere = 4.0 * (d * d + 4.0 * d);
-        let params = vit + dino + sere;
+        let kp = f(self.separate_patch_dim());
+        let patch_head = if kp > 0.0 {
+            dino - bottleneck * k - k + bottleneck * kp + kp
+        } else {
+            0.0
+        };
+        let mask_token = if self.mim { d } else { 0.0 };
+        let params = vit + dino + sere + patch_head + mask_token;
 
         // Per crop of `t` tokens: each block keeps about 10 token-wide and 2
         // hidden-wide vectors per token and the attention maps.
@@ -569,15 +716,24 @@ impl TrainConfig {
         );
         let relations =
             3.0 * b * (2.0 * (heads * n * n + d * d) + 2.0 * locals * (heads * nl * nl + d * d));
+        // iBOT: every patch of the global crops through the patch head, in
+        // both networks, and the student's gradient.
+        let mim = if self.mim {
+            let rows = 2.0 * b * (t - 1.0);
+            let kp = f(self.patch_head_dim());
+            rows * 3.0 * (4.0 * hidden + bottleneck + 3.0 * kp + 2.0 * d)
+        } else {
+            0.0
+        };
         MemoryEstimate {
             weights: 4.0 * 5.0 * params,
-            activations: 4.0 * (vit_acts + relations),
+            activations: 4.0 * (vit_acts + relations + mim),
         }
     }
 
     /// The settings that fix the model's parameter shapes (a resumed run
     /// cannot change them), as `(key, value)`.
-    fn architecture(&self) -> [(&'static str, String); 9] {
+    fn architecture(&self) -> [(&'static str, String); 12] {
         [
             ("img", self.img.to_string()),
             ("patch", self.patch.to_string()),
@@ -588,7 +744,20 @@ impl TrainConfig {
             ("out_dim", self.out_dim.to_string()),
             ("head_hidden", self.head_hidden.to_string()),
             ("bottleneck", self.bottleneck.to_string()),
+            // The mask token and a separate patch head are parameters.
+            ("mim", self.mim.to_string()),
+            ("shared_head", (self.shared_head || !self.mim).to_string()),
+            ("patch_out_dim", self.separate_patch_dim().to_string()),
         ]
+    }
+
+    /// Outputs of a separate patch head, 0 when there is none.
+    fn separate_patch_dim(&self) -> usize {
+        if self.mim && !self.shared_head {
+            self.patch_out_dim
+        } else {
+            0
+        }
     }
 
     /// The architecture settings in which `requested` differs from `self`
@@ -772,10 +941,29 @@ impl TrainConfig {
             ("student_temp", self.student_temp),
             ("spatial_tau_t", self.spatial_tau_t),
             ("channel_tau_t", self.channel_tau_t),
+            ("warmup_patch_teacher_temp", self.warmup_patch_teacher_temp),
+            ("patch_teacher_temp", self.patch_teacher_temp),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 bad(key, format!("{v} must be a positive temperature"));
             }
+        }
+        // Masked image modelling.
+        if !(self.mask_probability.is_finite() && (0.0..=1.0).contains(&self.mask_probability)) {
+            bad(
+                "mask_probability",
+                format!("{} must be in [0, 1]", self.mask_probability),
+            );
+        }
+        let (lo, hi) = self.mask_ratio;
+        if !(lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo <= hi && hi < 1.0) {
+            bad(
+                "mask_ratio",
+                format!("[{lo}, {hi}] must satisfy 0 <= min <= max < 1 (fractions of the patches)"),
+            );
+        }
+        if self.patch_out_dim == 0 {
+            bad("patch_out_dim", "must be at least 1".into());
         }
         // Relations.
         if self.overlap == 0 {
@@ -1087,6 +1275,22 @@ mod tests {
             a.architecture_changes(&b),
             ["heads: 4 -> 8", "out_dim: 4096 -> 100"]
         );
+        let mim = TrainConfig {
+            mim: true,
+            ..a.clone()
+        };
+        assert_eq!(a.architecture_changes(&mim), ["mim: false -> true"]);
+        // The patch head's size counts only when it has its own parameters.
+        let separate = TrainConfig {
+            shared_head: false,
+            ..mim.clone()
+        };
+        assert_eq!(
+            mim.architecture_changes(&separate),
+            ["shared_head: true -> false", "patch_out_dim: 0 -> 4096"]
+        );
+        assert!(mim.memory_estimate().activations > a.memory_estimate().activations);
+        assert!(separate.memory_estimate().weights > mim.memory_estimate().weights);
         let mut c = a.clone();
         c.set("out=").unwrap();
         assert_eq!(problems(&c), ["out"]);

@@ -21,6 +21,7 @@ use std::path::Path;
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
 use crate::error::SereError;
+use crate::model::vit::MASK_TOKEN;
 use crate::train::network::{SereNet, BACKBONE_PREFIX};
 
 /// Value of the `format` metadata key of an exported backbone.
@@ -124,8 +125,10 @@ pub fn backbone(ck: &Checkpoint, network: Network) -> Result<Checkpoint, Checkpo
     let mut out = Checkpoint::new();
     out.set_meta(checkpoint::meta::FORMAT, FORMAT);
     for e in net.layout.entries() {
-        if let Some(name) = e.name.strip_prefix(BACKBONE_PREFIX) {
-            out.insert(name, &e.shape, params[e.range.clone()].to_vec());
+        match e.name.strip_prefix(BACKBONE_PREFIX) {
+            // iBOT's mask token only exists in training: timm's ViT has none.
+            Some(MASK_TOKEN) | None => {}
+            Some(name) => out.insert(name, &e.shape, params[e.range.clone()].to_vec()),
         }
     }
     if let Some(step) = ck.meta(checkpoint::meta::STEP) {

@@ -146,13 +146,15 @@ fn run_train(args: &TrainArgs) -> Result<(), SereError> {
         cfg.out = Some(cfg.out_dir());
     }
     let summary = train::train(cfg, resume)?;
+    let last = &summary.last;
+    let mim = if last.loss_mim != 0.0 {
+        format!(", mim {:.4}", last.loss_mim)
+    } else {
+        String::new()
+    };
     println!(
-        "trained {} steps; final loss {:.4} (dino {:.4}, spatial {:.4}, channel {:.4})",
-        summary.steps,
-        summary.last.loss,
-        summary.last.loss_dino,
-        summary.last.loss_spatial,
-        summary.last.loss_channel
+        "trained {} steps; final loss {:.4} (dino {:.4}{mim}, spatial {:.4}, channel {:.4})",
+        summary.steps, last.loss, last.loss_dino, last.loss_spatial, last.loss_channel
     );
     println!("checkpoint: {}", summary.checkpoint.display());
     println!(

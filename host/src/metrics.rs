@@ -23,9 +23,12 @@ pub struct StepMetrics {
     /// Total loss `L_I (4 - alpha - beta) / 2 + alpha L_s + beta L_c`.
     #[serde(deserialize_with = "f64_or_nan")]
     pub loss: f64,
-    /// Image-level (DINO) loss.
+    /// Image-level (DINO) loss: the CLS term.
     #[serde(deserialize_with = "f64_or_nan")]
     pub loss_dino: f64,
+    /// iBOT's masked-patch loss (0 without `mim`; absent in older files).
+    #[serde(default, deserialize_with = "f64_or_nan")]
+    pub loss_mim: f64,
     /// Spatial self-relation loss.
     #[serde(deserialize_with = "f64_or_nan")]
     pub loss_spatial: f64,
@@ -262,10 +265,17 @@ fn eta(elapsed: Duration, done: u64, left: u64) -> Option<Duration> {
     (done > 0).then(|| elapsed.mul_f64(left as f64 / done as f64))
 }
 
-/// `loss 9.1234 (dino 8.1234 sp 0.9000 ch 1.2000) lr 6.25e-5 512.3 img/s`.
+/// `loss 9.1234 (dino 8.1234 sp 0.9000 ch 1.2000) lr 6.25e-5 512.3 img/s`,
+/// with `mim 7.1234` after the DINO term in a run with masked image
+/// modelling.
 pub fn format_terms(m: &StepMetrics) -> String {
+    let mim = if m.loss_mim != 0.0 {
+        format!(" mim {:.4}", m.loss_mim)
+    } else {
+        String::new()
+    };
     format!(
-        "loss {:.4} (dino {:.4} sp {:.4} ch {:.4}) lr {:.3e} {:.1} img/s",
+        "loss {:.4} (dino {:.4}{mim} sp {:.4} ch {:.4}) lr {:.3e} {:.1} img/s",
         m.loss, m.loss_dino, m.loss_spatial, m.loss_channel, m.lr, m.images_per_s
     )
 }
@@ -307,6 +317,7 @@ mod tests {
             epoch: (step / 10) as usize,
             loss: 9.5 - step as f64 * 0.01,
             loss_dino: 8.0,
+            loss_mim: 0.0,
             loss_spatial: 1.25,
             loss_channel: 2.5,
             lr: 6.25e-5,

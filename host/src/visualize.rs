@@ -108,8 +108,9 @@ struct Maps {
     relation: Vec<Vec<f32>>,
 }
 
-/// CLS attention (last block) and query relations (final tokens) of image 0
-/// of the last forward pass in `acts`.
+/// CLS attention (last block) and query relations of image 0 of the last
+/// forward pass in `acts`; the relations are of the last block's tokens
+/// before the final norm, the tokens the SERE heads read.
 fn maps<B: Backend>(
     be: &B,
     acts: &VitActs<B>,
@@ -128,7 +129,7 @@ fn maps<B: Backend>(
         .collect();
     attention.push(mean);
 
-    let out = download(acts.out())?;
+    let out = download(acts.pre_norm())?;
     let tokens = &out[dim..t * dim];
     let mut rel = vec![0.0f32; heads * n * n];
     relation::spatial_relation_forward(tokens, n, dim, heads, &mut rel)?;

@@ -309,6 +309,18 @@ fn truncated_and_damaged_checkpoints() {
 }
 
 #[test]
+fn checkpoint_from_before_the_heads_were_rewired() {
+    // Version 1 of the training format had the SERE heads on the normed
+    // tokens with an unstacked predictor: not resumable, still evaluable.
+    let old = edited_checkpoint("train-v1", |c| c.set_meta("format", "sere-train-1"));
+    let o = sere(&["train", "--resume", s(&old), "--steps", "3"]);
+    assert_refused(&o, "cannot be resumed");
+    assert_refused(&o, "start a new run");
+    assert!(!ck(old.parent().unwrap(), 3).exists());
+    assert_ok(&knn(&old, &[]));
+}
+
+#[test]
 fn hand_edited_checkpoint_configs() {
     for (from, to, key) in [
         ("heads = 2", "heads = 3", "heads:"),

@@ -79,8 +79,24 @@ fn rel(a: f32, b: f32) -> f64 {
 
 #[test]
 fn three_steps_match_the_cpu() {
+    three_steps_on_both(tiny());
+}
+
+/// iBOT on top: masks, the mask token, a separate patch head and the
+/// masked-patch loss with its centre.
+#[test]
+fn three_masked_steps_match_the_cpu() {
+    three_steps_on_both(TrainConfig {
+        mim: true,
+        shared_head: false,
+        patch_out_dim: 48,
+        mask_probability: 0.9,
+        ..tiny()
+    });
+}
+
+fn three_steps_on_both(cpu_cfg: TrainConfig) {
     // The CPU half runs everywhere (it checks the test's own setup).
-    let cpu_cfg = tiny();
     cpu_cfg.validate().unwrap();
     let inputs = BenchInputs::new(&cpu_cfg);
     let input = inputs.input();
@@ -111,6 +127,7 @@ fn three_steps_match_the_cpu() {
         for (what, a, b) in [
             ("loss", g.loss, c.loss),
             ("dino", g.dino, c.dino),
+            ("mim", g.mim, c.mim),
             ("spatial", g.spatial, c.spatial),
             ("channel", g.channel, c.channel),
         ] {

@@ -15,7 +15,7 @@ use sere_host::backend::cpu::relation_loss::{
 use sere_host::backend::{Backend, Cpu};
 use sere_host::model::heads::{
     BnMode, BnRunning, DinoHead, DinoHeadActs, DinoHeadConfig, SereActs, SereHead, SereHeadState,
-    BN_EPS,
+    SereSide, BN_EPS,
 };
 use sere_host::model::params::ParamLayout;
 
@@ -98,7 +98,7 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 on_every_backend! {
     dino_head_backward_matches_finite_differences => dino_fd;
     dino_head_init_and_output_norms => dino_init;
-    sere_predictor_backward_matches_finite_differences => sere_fd;
+    sere_student_backward_matches_finite_differences => sere_fd;
     sere_batch_norm_matches_core_and_running_stats => sere_bn;
     dino_head_matches_pytorch_reference => dino_reference;
     sere_heads_match_pytorch_reference => sere_reference;
@@ -166,13 +166,14 @@ fn to_host<B: Backend>(be: &B, s: &SereHeadState<B>) -> HostState {
     }
 }
 
-/// A SERE head's projection (or, with `predictor`, its predictor) on `be`
-/// for host inputs; the host `state` is updated as the device's was.
+/// A SERE head's forward on `side` (teacher: the projection; student: the
+/// predictor stacked on it) on `be` for host inputs; the host `state` is
+/// updated as the device's was.
 #[allow(clippy::too_many_arguments)]
 fn sere_fwd<B: Backend>(
     be: &B,
     head: &SereHead,
-    predictor: bool,
+    side: SereSide,
     params: &[f32],
     state: &mut HostState,
     mode: BnMode,
@@ -180,22 +181,16 @@ fn sere_fwd<B: Backend>(
     rows: usize,
     acts: &mut Option<SereActs<B>>,
 ) -> Vec<f32> {
-    head.prepare(be, acts, rows).unwrap();
+    head.prepare(be, acts, rows, side).unwrap();
     let a = acts.as_mut().unwrap();
     let mut st = to_device(be, state);
     let (p, x) = (up(be, params), up(be, x));
-    if predictor {
-        head.forward_predictor(be, &p, &mut st, mode, &x, a)
-            .unwrap();
-    } else {
-        head.forward_projection(be, &p, &mut st, mode, &x, a)
-            .unwrap();
-    }
+    head.forward(be, &p, &mut st, mode, &x, a).unwrap();
     *state = to_host(be, &st);
     down(be, a.output())
 }
 
-/// The predictor's backward on `be`, adding into host `grads` and `dx`.
+/// The student-side backward on `be`, adding into host `grads` and `dx`.
 #[allow(clippy::too_many_arguments)]
 fn sere_bwd<B: Backend>(
     be: &B,
@@ -210,8 +205,7 @@ fn sere_bwd<B: Backend>(
     let (mut g, mut d) = (up(be, grads), up(be, dx));
     let a = acts.as_mut().unwrap();
     let (p, x, dout) = (up(be, params), up(be, x), up(be, dout));
-    head.backward_predictor(be, &p, &x, a, &dout, &mut g, &mut d)
-        .unwrap();
+    head.backward(be, &p, &x, a, &dout, &mut g, &mut d).unwrap();
     *grads = down(be, &g);
     *dx = down(be, &d);
 }
@@ -340,7 +334,7 @@ fn sere_fd<B: Backend>(be: &B) {
     let out = sere_fwd(
         be,
         &head,
-        true,
+        SereSide::Student,
         &params,
         &mut state,
         BnMode::Train,
@@ -352,13 +346,19 @@ fn sere_fd<B: Backend>(be: &B) {
     let mut grads = vec![0.0f32; layout.len()];
     let mut dx = vec![0.0f32; x.len()];
     sere_bwd(be, &head, &params, &x, &mut acts, &r, &mut grads, &mut dx);
-    // The projection's parameters get no gradient from the predictor.
+    // The predictor is stacked on the projection: its gradient reaches the
+    // projection's batch norm (a predictor on the raw tokens would leave it
+    // at exactly zero).
     let proj = layout
         .get("sere.spatial.global.projector.bn.weight")
         .unwrap()
         .range
         .start;
-    assert!(grads[proj..proj + 2 * c].iter().all(|&g| g == 0.0));
+    assert!(
+        grads[proj..proj + 2 * c].iter().all(|&g| g != 0.0),
+        "every projection BN parameter gets a gradient: {:?}",
+        &grads[proj..proj + 2 * c]
+    );
 
     let h = 1e-3;
     let mut ws = None;
@@ -369,7 +369,7 @@ fn sere_fd<B: Backend>(be: &B) {
             &sere_fwd(
                 be,
                 &head,
-                true,
+                SereSide::Student,
                 p,
                 &mut st,
                 BnMode::Train,
@@ -380,7 +380,7 @@ fn sere_fd<B: Backend>(be: &B) {
             &r,
         )
     });
-    assert_grad_close("sere predictor params", &grads, &ng, 1e-2, 1e-3);
+    assert_grad_close("sere student params", &grads, &ng, 1e-2, 1e-3);
     let pc = params.clone();
     let nx = numeric_grad(&mut x, h, |xv| {
         let mut st = host_state(&head);
@@ -388,7 +388,7 @@ fn sere_fd<B: Backend>(be: &B) {
             &sere_fwd(
                 be,
                 &head,
-                true,
+                SereSide::Student,
                 &pc,
                 &mut st,
                 BnMode::Train,
@@ -399,7 +399,7 @@ fn sere_fd<B: Backend>(be: &B) {
             &r,
         )
     });
-    assert_grad_close("sere predictor dx", &dx, &nx, 1e-2, 1e-3);
+    assert_grad_close("sere student dx", &dx, &nx, 1e-2, 1e-3);
 }
 
 fn sere_bn<B: Backend>(be: &B) {
@@ -423,7 +423,7 @@ fn sere_bn<B: Backend>(be: &B) {
     let z = sere_fwd(
         be,
         &head,
-        false,
+        SereSide::Teacher,
         &params,
         &mut state,
         BnMode::Train,
@@ -474,7 +474,7 @@ fn sere_bn<B: Backend>(be: &B) {
     let ze = sere_fwd(
         be,
         &head,
-        false,
+        SereSide::Teacher,
         &params,
         &mut state,
         BnMode::Eval,
@@ -872,43 +872,41 @@ fn sere_reference<B: Backend>(be: &B) {
     let params = f32s(&fx["sere.params"]);
     assert_eq!(params.len(), layout.len());
     let x = f32s(&fx["sere.x"]);
+    let fwd = |side, state: &mut HostState, mode, acts: &mut Option<SereActs<B>>| {
+        sere_fwd(be, &head, side, &params, state, mode, &x, rows, acts)
+    };
+    let running = |r: &BnRunning<Cpu>| [r.mean.clone(), r.var.clone()].concat();
+    // Teacher side: the projection alone.
     let mut state = host_state(&head);
-    let mut pacts = None;
-    let z = sere_fwd(
-        be,
-        &head,
-        false,
-        &params,
-        &mut state,
-        BnMode::Train,
-        &x,
-        rows,
-        &mut pacts,
-    );
-    assert_ref("projection", &z, &fx["sere.proj"], 1e-4);
-    let mut acts = None;
-    let p = sere_fwd(
-        be,
-        &head,
-        true,
-        &params,
-        &mut state,
-        BnMode::Train,
-        &x,
-        rows,
-        &mut acts,
-    );
-    assert_ref("predictor", &p, &fx["sere.pred"], 1e-4);
-    let pr = [state.projection.mean.clone(), state.projection.var.clone()].concat();
+    let mut tacts = None;
+    let z = fwd(SereSide::Teacher, &mut state, BnMode::Train, &mut tacts);
+    assert_ref("teacher projection", &z, &fx["sere.proj"], 1e-4);
+    let pr = running(&state.projection);
     assert_ref(
-        "projection running stats",
+        "teacher projection running",
         &pr,
         &fx["sere.proj_running"],
         1e-4,
     );
-    let qr = [state.predictor.mean.clone(), state.predictor.var.clone()].concat();
+    assert_eq!(state.predictor, host_state(&head).predictor);
+
+    // Student side: the predictor on the student's own projection.
+    let mut state = host_state(&head);
+    let mut acts = None;
+    let p = fwd(SereSide::Student, &mut state, BnMode::Train, &mut acts);
+    let zs = down(be, acts.as_ref().unwrap().projection());
+    assert_ref("student projection", &zs, &fx["sere.proj"], 1e-4);
+    assert_ref("student predictor", &p, &fx["sere.pred"], 1e-4);
+    let pr = running(&state.projection);
     assert_ref(
-        "predictor running stats",
+        "student projection running",
+        &pr,
+        &fx["sere.proj_running"],
+        1e-4,
+    );
+    let qr = running(&state.predictor);
+    assert_ref(
+        "student predictor running",
         &qr,
         &fx["sere.pred_running"],
         1e-4,
@@ -919,32 +917,15 @@ fn sere_reference<B: Backend>(be: &B) {
     sere_bwd(
         be, &head, &params, &x, &mut acts, &dout, &mut grads, &mut dx,
     );
-    assert_ref("predictor grads", &grads, &fx["sere.grads"], 1e-4);
-    assert_ref("predictor dx", &dx, &fx["sere.dx"], 1e-4);
+    assert_ref("student grads", &grads, &fx["sere.grads"], 1e-4);
+    assert_ref("student dx", &dx, &fx["sere.dx"], 1e-4);
+
+    // Eval mode, from the running statistics of both stages.
     let mut ws = None;
-    let ze = sere_fwd(
-        be,
-        &head,
-        false,
-        &params,
-        &mut state,
-        BnMode::Eval,
-        &x,
-        rows,
-        &mut ws,
-    );
+    let ze = fwd(SereSide::Teacher, &mut state, BnMode::Eval, &mut ws);
     assert_ref("projection eval", &ze, &fx["sere.proj_eval"], 1e-4);
-    let pe = sere_fwd(
-        be,
-        &head,
-        true,
-        &params,
-        &mut state,
-        BnMode::Eval,
-        &x,
-        rows,
-        &mut ws,
-    );
+    let mut ws = None;
+    let pe = fwd(SereSide::Student, &mut state, BnMode::Eval, &mut ws);
     assert_ref("predictor eval", &pe, &fx["sere.pred_eval"], 1e-4);
 }
 

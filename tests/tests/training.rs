@@ -10,6 +10,11 @@ use std::path::Path;
 /// A tiny but complete configuration: every loss term and every schedule
 /// is active (warm-up, frozen last layer, teacher-temperature warm-up).
 fn tiny(out: &Path, steps: u64) -> TrainConfig {
+    tiny_with(out, steps, "")
+}
+
+/// [`tiny`] with extra TOML lines.
+fn tiny_with(out: &Path, steps: u64, extra: &str) -> TrainConfig {
     let text = format!(
         r#"
         data = "synthetic:size=16,train=48,test=16,seed=1"
@@ -35,6 +40,7 @@ fn tiny(out: &Path, steps: u64) -> TrainConfig {
         checkpoint_every = 3
         log_every = 1
         out = "{}"
+        {extra}
         "#,
         out.display()
     );
@@ -49,7 +55,26 @@ fn tensors(path: &Path) -> Checkpoint {
 
 #[test]
 fn same_seed_same_result_and_resume_continues_exactly() {
-    let root = std::env::temp_dir().join(format!("sere-e2e-{}", std::process::id()));
+    check_reproducible_and_resumable("plain", "");
+}
+
+/// With iBOT's masks, mask token, separate patch head and patch centre: the
+/// masks come from their own deterministic streams, so the same holds.
+#[test]
+fn masked_image_modelling_runs_are_reproducible_and_resume_exactly() {
+    let extra = "mim = true\nshared_head = false\npatch_out_dim = 32\nmask_probability = 0.8";
+    let ck = check_reproducible_and_resumable("mim", extra);
+    let (shape, centre) = ck.tensor("ibot.patch_centre").unwrap();
+    assert_eq!(shape, [32]);
+    assert!(centre.iter().any(|&c| c != 0.0), "the patch centre moved");
+    let (_, token) = ck.tensor("student.backbone.masked_embed").unwrap();
+    assert!(token.iter().any(|&v| v != 0.0), "the mask token learned");
+}
+
+/// Runs the checks on [`tiny_with`]`(extra)`; returns the final checkpoint.
+fn check_reproducible_and_resumable(tag: &str, extra: &str) -> Checkpoint {
+    let tiny = |out: &Path, steps| tiny_with(out, steps, extra);
+    let root = std::env::temp_dir().join(format!("sere-e2e-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let (a, b, c) = (root.join("a"), root.join("b"), root.join("c"));
 
@@ -123,6 +148,7 @@ fn same_seed_same_result_and_resume_continues_exactly() {
         "teacher must trail the student"
     );
     let _ = std::fs::remove_dir_all(&root);
+    ca
 }
 
 #[test]

@@ -531,6 +531,136 @@ impl Gpu {
         )
     }
 
+    /// iBOT's masked-patch loss (sere-core `weighted_cross_entropy`):
+    /// `sum_r weights[r] CE_r` over `rows x dim` student and teacher logits
+    /// with DINO's centred row cross-entropy, written to `loss[0]`. Rows of
+    /// weight 0 are skipped. The weights must be finite and non-negative
+    /// (the host's `masked_patch_weights` are).
+    ///
+    /// ```no_run
+    /// let gpu = sere_cuda::Gpu::new(0).unwrap();
+    /// let s = gpu.upload(&[0.0; 4]).unwrap();
+    /// let t = gpu.upload(&[9.0, 0.0, 0.0, 9.0]).unwrap();
+    /// let c = gpu.zeros(2).unwrap();
+    /// let w = gpu.upload(&[0.5, 0.0]).unwrap();
+    /// let mut loss = gpu.zeros(1).unwrap();
+    /// gpu.weighted_cross_entropy(&s, &t, &c, &w, 2, 2, 0.1, 0.04, &mut loss).unwrap();
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn weighted_cross_entropy(
+        &self,
+        student: &impl DevicePtr<f32>,
+        teacher: &impl DevicePtr<f32>,
+        centre: &impl DevicePtr<f32>,
+        weights: &impl DevicePtr<f32>,
+        rows: usize,
+        cols: usize,
+        tau_s: f32,
+        tau_t: f32,
+        loss: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let args = (rows, cols, tau_s, tau_t);
+        self.weighted_ce_impl(student, teacher, centre, weights, args, None, loss)
+    }
+
+    /// [`Gpu::weighted_cross_entropy`] and its gradient: adds
+    /// `scale * dL/dstudent` to `grad_student` (rows of weight 0 get
+    /// nothing) and writes the loss to `loss[0]`.
+    ///
+    /// ```no_run
+    /// let gpu = sere_cuda::Gpu::new(0).unwrap();
+    /// let s = gpu.upload(&[0.0; 4]).unwrap();
+    /// let t = gpu.upload(&[9.0, 0.0, 0.0, 9.0]).unwrap();
+    /// let (c, w) = (gpu.zeros(2).unwrap(), gpu.upload(&[0.5, 0.0]).unwrap());
+    /// let (mut g, mut loss) = (gpu.zeros(4).unwrap(), gpu.zeros(1).unwrap());
+    /// gpu.weighted_cross_entropy_backward(&s, &t, &c, &w, 2, 2, 0.1, 0.04, 1.0, &mut g, &mut loss)
+    ///     .unwrap();
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn weighted_cross_entropy_backward(
+        &self,
+        student: &impl DevicePtr<f32>,
+        teacher: &impl DevicePtr<f32>,
+        centre: &impl DevicePtr<f32>,
+        weights: &impl DevicePtr<f32>,
+        rows: usize,
+        cols: usize,
+        tau_s: f32,
+        tau_t: f32,
+        scale: f32,
+        grad_student: &mut impl DevicePtrMut<f32>,
+        loss: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let n = product("rows x cols", &[rows, cols])?;
+        let (gp, _g) = self.wr("grad_student", grad_student, n)?;
+        let args = (rows, cols, tau_s, tau_t);
+        self.weighted_ce_impl(
+            student,
+            teacher,
+            centre,
+            weights,
+            args,
+            Some((gp, scale)),
+            loss,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn weighted_ce_impl(
+        &self,
+        student: &impl DevicePtr<f32>,
+        teacher: &impl DevicePtr<f32>,
+        centre: &impl DevicePtr<f32>,
+        weights: &impl DevicePtr<f32>,
+        (rows, cols, tau_s, tau_t): (usize, usize, f32, f32),
+        grad: Option<(u64, f32)>,
+        loss: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let (rows_i, cols_i, n) = rows_cols(rows, cols)?;
+        positive("tau_s", tau_s)?;
+        positive("tau_t", tau_t)?;
+        let (inv_ts, inv_tt) = (1.0 / tau_s, 1.0 / tau_t);
+        let (gp, f) = match grad {
+            Some((p, scale)) => {
+                // sere-core: per row f = (scale * w) / tau_s; the kernel
+                // applies w.
+                let f = scale * inv_ts;
+                if !f.is_finite() {
+                    return Err(non_finite("gradient scale / tau_s"));
+                }
+                (p, f)
+            }
+            None => (0u64, 0.0f32),
+        };
+        let (sp, _g1) = self.rd("student", student, n)?;
+        let (tp, _g2) = self.rd("teacher", teacher, n)?;
+        let (cp, _g3) = self.rd("centre", centre, cols)?;
+        let (wp, _g4) = self.rd("weights", weights, rows)?;
+        let (lp, _g5) = self.wr("loss", loss, 1)?;
+        let mut row_loss = self.stream.alloc_zeros::<f32>(rows)?;
+        {
+            let (rl, _g6) = self.wr("row_loss", &mut row_loss, rows)?;
+            launch!(
+                self,
+                K::WeightedCeRows,
+                row_launch_config(rows, cols),
+                sp,
+                tp,
+                cp,
+                wp,
+                gp,
+                rl,
+                rows_i,
+                cols_i,
+                inv_ts,
+                inv_tt,
+                f
+            )?;
+        }
+        let (rl, _g6) = self.rd("row_loss", &row_loss, rows)?;
+        self.scalar_reduce(rl, rows, false, 0, 1.0, 0.0, lp, 0)
+    }
+
     /// EMA update of the DINO centre (sere-core `dino_centre_update`):
     /// `centre = momentum * centre + (1 - momentum) * mean_rows(teacher)`
     /// over the `rows x dim` teacher outputs.

@@ -12,13 +12,15 @@ use sere_core::geometry::{overlap_grids, CropBox, GridPlacement};
 pub const N_GLOBAL: usize = 2;
 
 /// Grid sizes `(hs, ws)`: for a global student view (13 x 13 in the paper)
-/// and for a local one (6 x 6).
+/// and for a local one (6 x 6); and where the points sit in the overlap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GridSizes {
     /// Global-global pairs.
     pub global: (usize, usize),
     /// Global-local pairs.
     pub local: (usize, usize),
+    /// Cell centres (default) or edge to edge (the authors' code).
+    pub placement: GridPlacement,
 }
 
 impl Default for GridSizes {
@@ -26,6 +28,7 @@ impl Default for GridSizes {
         GridSizes {
             global: (13, 13),
             local: (6, 6),
+            placement: GridPlacement::default(),
         }
     }
 }
@@ -72,9 +75,14 @@ pub struct PairGrid {
 }
 
 /// Grids of one overlapping pair, or `None`.
-fn pair(a: &CropBox, b: &CropBox, hs: usize, ws: usize) -> Option<(Vec<f32>, Vec<f32>)> {
+fn pair(
+    a: &CropBox,
+    b: &CropBox,
+    (hs, ws): (usize, usize),
+    placement: GridPlacement,
+) -> Option<(Vec<f32>, Vec<f32>)> {
     let (mut ga, mut gb) = (vec![0.0; hs * ws * 2], vec![0.0; hs * ws * 2]);
-    match overlap_grids(a, b, hs, ws, GridPlacement::default(), &mut ga, &mut gb) {
+    match overlap_grids(a, b, hs, ws, placement, &mut ga, &mut gb) {
         Ok(Some(_)) => Some((ga, gb)),
         // Crops made by the augmenter are always valid; an invalid record
         // (or no overlap) simply has no spatial term.
@@ -94,7 +102,7 @@ pub fn image_pair_grids(crops: &[CropBox], sizes: GridSizes) -> Vec<PairGrid> {
                 student: s,
                 hs,
                 ws,
-                grids: pair(&crops[t], &crops[s], hs, ws),
+                grids: pair(&crops[t], &crops[s], (hs, ws), sizes.placement),
             }
         })
         .collect()
@@ -155,7 +163,7 @@ pub fn batch_pair_grids(
                 let ga = &mut out.teacher_grid[i * p..(i + 1) * p];
                 let gb = &mut out.student_grid[i * p..(i + 1) * p];
                 out.valid[i] = matches!(
-                    overlap_grids(ct, cs, hs, ws, GridPlacement::default(), ga, gb),
+                    overlap_grids(ct, cs, hs, ws, sizes.placement, ga, gb),
                     Ok(Some(_))
                 );
             }

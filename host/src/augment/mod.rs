@@ -14,6 +14,7 @@ pub mod blur;
 pub mod colour;
 pub mod crop;
 pub mod grids;
+pub mod mask;
 
 use rand::RngExt;
 use sere_core::geometry::CropBox;

@@ -143,6 +143,23 @@ pub struct DinoLossArgs {
     pub centre_momentum: f32,
 }
 
+/// iBOT's masked-patch loss of one step (see [`Backend::mim_loss`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MimLossArgs {
+    /// Patch rows `2 B N` (the global views' patches, view-major).
+    pub rows: usize,
+    /// Output dimension `K` of the patch head.
+    pub dim: usize,
+    /// Student temperature.
+    pub tau_student: f32,
+    /// Patch teacher temperature (scheduled).
+    pub tau_teacher: f32,
+    /// Weight of the loss in the total (scales the gradient).
+    pub weight: f32,
+    /// Patch-centre momentum (0.9 in iBOT).
+    pub centre_momentum: f32,
+}
+
 /// One network's features of a relation (spatial or channel): the student's
 /// global views `[2][B][Ng][C]` and local views `[L][B][Nl][C]`.
 pub struct StudentFeatures<'a, B: Backend> {
@@ -490,6 +507,26 @@ pub trait Backend: Sized + Send + Sync {
         g: &mut Self::Buf,
         scratch: &mut Self::Scratch,
         dy: &mut Self::Buf,
+    ) -> OpResult;
+
+    /// iBOT's masked-patch loss: `sum_r weights[r] CE_r` of the student's
+    /// patch logits against the centred, sharpened teacher patch logits of
+    /// the same view (`rows x K` each; sere-core `weighted_cross_entropy`,
+    /// the weights from `masked_patch_weights`), written into
+    /// `stats[slot]`; `weight * dL/dstudent` added into `dstudent`; then the
+    /// patch centre `c = m c + (1 - m) mean_rows(teacher)` (the loss used
+    /// the centre from before).
+    #[allow(clippy::too_many_arguments)]
+    fn mim_loss(
+        &self,
+        student: &Self::Buf,
+        teacher: &Self::Buf,
+        weights: &Self::Buf,
+        centre: &mut Self::Buf,
+        args: MimLossArgs,
+        dstudent: &mut Self::Buf,
+        stats: &mut Self::Buf,
+        slot: usize,
     ) -> OpResult;
 
     /// The DINO loss of student logits `[V][B][K]` against the centred,

@@ -21,6 +21,7 @@ use sere_core::geometry::CropBox;
 use super::dataset::Split;
 use super::error::{DataError, Result};
 use super::rng::{epoch_order, stream, Purpose};
+use crate::augment::mask::{draw_mask, MaskConfig};
 use crate::augment::{batch_pair_grids, BatchPairGrids, GridSizes, MultiCrop, N_GLOBAL};
 
 /// How batches are drawn.
@@ -40,6 +41,8 @@ pub struct LoaderConfig {
     pub grids: GridSizes,
     /// Stop after this many epochs; `None` runs until dropped.
     pub epochs: Option<usize>,
+    /// iBOT masks of the global crops (`None`: no masking, no mask drawn).
+    pub masks: Option<MaskConfig>,
 }
 
 impl Default for LoaderConfig {
@@ -52,6 +55,7 @@ impl Default for LoaderConfig {
             prefetch: 3,
             grids: GridSizes::default(),
             epochs: None,
+            masks: None,
         }
     }
 }
@@ -91,6 +95,10 @@ pub struct Batch {
     /// Grids of every (teacher, student) view pair, in
     /// [`view_pairs`](crate::augment::view_pairs) order.
     pub grids: Vec<BatchPairGrids>,
+    /// `[2][B][N]` iBOT masks of the student's global crops over their
+    /// patch grids (`true` = masked; view-major like `globals`); empty
+    /// without masking.
+    pub masks: Vec<bool>,
 }
 
 impl Batch {
@@ -156,6 +164,9 @@ fn check(split: &Split, mc: &MultiCrop, cfg: &LoaderConfig) -> Result<()> {
     if cfg.prefetch == 0 {
         return Err(DataError::config("prefetch", "0; use at least 1"));
     }
+    if let Some(m) = &cfg.masks {
+        m.validate()?;
+    }
     Ok(())
 }
 
@@ -199,6 +210,10 @@ fn build(
     for r in per_image {
         crops.extend(r?);
     }
+    let masks = cfg
+        .masks
+        .map(|m| draw_masks(&m, cfg.seed, pos.epoch, &indices))
+        .unwrap_or_default();
     Ok(Batch {
         position: pos,
         batch_size: bsz,
@@ -211,7 +226,23 @@ fn build(
         grids: batch_pair_grids(&crops, mc.n_views(), cfg.grids),
         crops,
         indices,
+        masks,
     })
+}
+
+/// `[2][B][N]` masks of the global crops of the samples `indices`, each
+/// image's two from its own stream (global crop 0, then 1).
+fn draw_masks(cfg: &MaskConfig, seed: u64, epoch: usize, indices: &[usize]) -> Vec<bool> {
+    let (n, b) = (cfg.patches(), indices.len());
+    let mut masks = vec![false; N_GLOBAL * b * n];
+    for (image, &i) in indices.iter().enumerate() {
+        let mut rng = stream(seed, Purpose::Mask, epoch as u64, i as u64);
+        for view in 0..N_GLOBAL {
+            let at = (view * b + image) * n;
+            draw_mask(cfg, &mut rng, &mut masks[at..at + n]);
+        }
+    }
+    masks
 }
 
 /// Builds the batch at `pos` synchronously on the calling thread's rayon

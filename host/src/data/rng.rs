@@ -24,6 +24,9 @@ pub enum Purpose {
     Shuffle = 0x7368_7566,
     /// Per-image synthetic rendering.
     Synthetic = 0x7379_6e74,
+    /// Per-sample iBOT masks of the global crops (a stream of its own, so
+    /// turning masking on or off leaves every crop as it was).
+    Mask = 0x6d61_736b,
 }
 
 /// SplitMix64 step: a fast, well-mixing bijection on `u64`.

@@ -99,6 +99,92 @@ fn same_batches_for_any_thread_count_and_on_resume() {
 }
 
 #[test]
+fn masks_of_the_global_crops_are_reproducible_and_leave_the_crops_alone() {
+    use crate::augment::mask::MaskConfig;
+    let split = tiny_split(12);
+    let grid = (4, 4); // 16-px global crops, 4-px patches
+    let masked = LoaderConfig {
+        masks: Some(MaskConfig {
+            probability: 0.75,
+            ..MaskConfig::ibot(grid)
+        }),
+        ..cfg(1)
+    };
+    let one = take(
+        Loader::new(split.clone(), mc(), masked.clone(), Position::default()).unwrap(),
+        5,
+    );
+    let three = take(
+        Loader::new(
+            split.clone(),
+            mc(),
+            LoaderConfig {
+                threads: 3,
+                ..masked.clone()
+            },
+            Position::default(),
+        )
+        .unwrap(),
+        5,
+    );
+    assert_eq!(one, three);
+    // Resumed mid-epoch: the same masks.
+    let resumed = take(
+        Loader::new(
+            split.clone(),
+            mc(),
+            masked.clone(),
+            Position { epoch: 1, step: 1 },
+        )
+        .unwrap(),
+        1,
+    );
+    assert_eq!(resumed[0], one[4]);
+    let plain = take(
+        Loader::new(split.clone(), mc(), cfg(1), Position::default()).unwrap(),
+        5,
+    );
+    let mut crops_masked = 0;
+    for (m, p) in one.iter().zip(&plain) {
+        // Only the two global crops of each image carry a mask.
+        assert_eq!(m.masks.len(), 2 * 4 * 16);
+        assert!(p.masks.is_empty());
+        assert_eq!(
+            (&m.globals, &m.locals, &m.crops),
+            (&p.globals, &p.locals, &p.crops)
+        );
+        crops_masked += m.masks.chunks(16).filter(|c| c.contains(&true)).count();
+    }
+    assert!(
+        (10..40).contains(&crops_masked),
+        "{crops_masked} of 40 crops masked"
+    );
+    // Another seed, other masks.
+    let other = batch_at(
+        &split,
+        &mc(),
+        &LoaderConfig {
+            seed: 12,
+            ..masked.clone()
+        },
+        Position::default(),
+    )
+    .unwrap();
+    assert_ne!(other.masks, one[0].masks);
+    let bad = LoaderConfig {
+        masks: Some(MaskConfig {
+            ratio: (0.6, 0.2),
+            ..MaskConfig::ibot(grid)
+        }),
+        ..cfg(1)
+    };
+    let e = Loader::new(split, mc(), bad, Position::default())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("mask ratio"), "{e}");
+}
+
+#[test]
 fn epochs_shuffle_and_drop_last() {
     let split = tiny_split(10);
     let c = LoaderConfig {

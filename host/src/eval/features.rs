@@ -151,7 +151,8 @@ impl<B: Backend> Embedder<B> {
         acts: &mut Option<VitActs<B>>,
     ) -> Result<(), SereError> {
         let (vit, img) = (&self.net.vit, self.cfg.img);
-        vit.prepare(&self.be, acts, n, img).map_err(device_error)?;
+        vit.prepare_forward(&self.be, acts, n, img)
+            .map_err(device_error)?;
         let acts = acts.as_mut().expect("prepared");
         vit.forward(&self.be, &self.params, images, n, img, acts, None)
             .map_err(device_error)

@@ -7,9 +7,12 @@
 //!   linear layer without bias whose gain is fixed to 1 (`norm_last_layer`):
 //!   `W_k = V_k / ||V_k||`, only `V` is a parameter.
 //! - [`SereHead`]: SERE's heads on the patch tokens, one per relation type
-//!   (spatial, channel) and crop kind (global, local): the projection
-//!   `z = ReLU(BN(r))` (teacher side) and the predictor `p = ReLU(BN(W r))`
-//!   with `W` a `C x C` linear layer without bias (student side).
+//!   (spatial, channel) and crop kind (global, local), two stacked stages:
+//!   the projection `z = ReLU(BN1(r))` and the predictor
+//!   `p = ReLU(BN2(W z))` on it, with `W` a `C x C` linear layer without
+//!   bias. The teacher relates its `z`, the student its `p` (computed from
+//!   the student's own `z`), so the student's gradient reaches BN1, `W` and
+//!   BN2 (SERE.md, pipeline step 3).
 //!
 //! Parameters live in the network's flat buffer ([`ParamLayout`]); each head
 //! only keeps the ranges of its tensors. Activations are kept for backward
@@ -484,32 +487,65 @@ where
     }
 }
 
-/// Activations of one SERE head forward, kept for the predictor's backward,
-/// and the backward's scratch, shaped for a fixed row count by
+/// Which network a [`SereActs`] workspace serves, and so which stages its
+/// forward runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SereSide {
+    /// The projection alone: `z = ReLU(BN1(r))`, the teacher's relation
+    /// features. No backward (the teacher gets no gradient).
+    Teacher,
+    /// The projection and the predictor stacked on it:
+    /// `p = ReLU(BN2(W z))`, the student's relation features, with backward
+    /// through both stages.
+    Student,
+}
+
+/// Activations of one SERE head forward, kept for the student's backward,
+/// and the backward's scratch, shaped for a fixed row count and side by
 /// [`SereHead::workspace`].
 pub struct SereActs<B: Backend> {
     rows: usize,
+    side: SereSide,
     mode: BnMode,
-    predictor: bool,
-    /// Batch-norm input: `W x` for the predictor, unused for the projection.
+    /// Projection output `z = ReLU(BN1(r))` (`rows x C`).
+    z: B::Buf,
+    z_stats: BnStats<B>,
+    /// Predictor: BN2's input `W z` and output `p` (`rows x C`; empty on
+    /// the teacher side).
     y: B::Buf,
-    /// Output `ReLU(BN(.))` (`rows x C`).
-    out: B::Buf,
-    stats: BnStats<B>,
+    p: B::Buf,
+    p_stats: BnStats<B>,
     scratch: B::Scratch,
-    /// Gradient w.r.t. the batch-norm input.
+    /// Backward scratch (student side): the gradient of a batch norm's
+    /// input (first BN2's, then BN1's), and of `z`.
     dy: B::Buf,
+    dz: B::Buf,
 }
 
 impl<B: Backend> SereActs<B> {
-    /// Output of the last forward pass (`rows x C`).
+    /// The head's output of the last forward pass (`rows x C`): `z` on the
+    /// teacher side, `p` on the student side.
     pub fn output(&self) -> &B::Buf {
-        &self.out
+        match self.side {
+            SereSide::Teacher => &self.z,
+            SereSide::Student => &self.p,
+        }
+    }
+
+    /// The projection's output `z` of the last forward pass (`rows x C`),
+    /// on either side.
+    pub fn projection(&self) -> &B::Buf {
+        &self.z
     }
 
     /// Rows this workspace is shaped for.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// The side this workspace serves.
+    pub fn side(&self) -> SereSide {
+        self.side
     }
 }
 
@@ -598,69 +634,61 @@ impl SereHead {
     }
 
     /// A workspace for `rows` rows (`rows x C`, all tokens of one view
-    /// group).
-    pub fn workspace<B: Backend>(&self, be: &B, rows: usize) -> OpResult<SereActs<B>> {
+    /// group) on `side`; the teacher side allocates no predictor buffers.
+    pub fn workspace<B: Backend>(
+        &self,
+        be: &B,
+        rows: usize,
+        side: SereSide,
+    ) -> OpResult<SereActs<B>> {
         assert!(rows > 0, "SereHead: no rows");
         let (c, n) = (self.c, rows * self.c);
-        Ok(SereActs {
-            rows,
-            mode: BnMode::Train,
-            predictor: false,
-            y: be.zeros(n)?,
-            out: be.zeros(n)?,
-            stats: BnStats {
+        let student = if side == SereSide::Student { n } else { 0 };
+        let stats = |be: &B| -> OpResult<BnStats<B>> {
+            Ok(BnStats {
                 mean: be.zeros(c)?,
                 var: be.zeros(c)?,
                 rstd: be.zeros(c)?,
-            },
+            })
+        };
+        Ok(SereActs {
+            rows,
+            side,
+            mode: BnMode::Train,
+            z: be.zeros(n)?,
+            z_stats: stats(be)?,
+            y: be.zeros(student)?,
+            p: be.zeros(student)?,
+            p_stats: stats(be)?,
             scratch: B::Scratch::default(),
-            dy: be.zeros(n)?,
+            dy: be.zeros(student)?,
+            dz: be.zeros(student)?,
         })
     }
 
-    /// Shapes `acts` for `rows` rows (no-op if already so).
+    /// Shapes `acts` for `rows` rows on `side` (no-op if already so).
     pub fn prepare<B: Backend>(
         &self,
         be: &B,
         acts: &mut Option<SereActs<B>>,
         rows: usize,
+        side: SereSide,
     ) -> OpResult {
-        if acts.as_ref().is_none_or(|a| a.rows != rows) {
-            *acts = Some(self.workspace(be, rows)?);
+        if acts
+            .as_ref()
+            .is_none_or(|a| a.rows != rows || a.side != side)
+        {
+            *acts = Some(self.workspace(be, rows, side)?);
         }
         Ok(())
     }
 
-    /// Teacher side: `z = ReLU(BN(x))` for `x` (`rows x C`). The output
-    /// stays in `acts`. No backward.
-    pub fn forward_projection<B: Backend>(
-        &self,
-        be: &B,
-        params: &B::Buf,
-        state: &mut SereHeadState<B>,
-        mode: BnMode,
-        x: &B::Buf,
-        acts: &mut SereActs<B>,
-    ) -> OpResult {
-        acts.mode = mode;
-        acts.predictor = false;
-        let running = &mut state.projection;
-        be.batch_norm_relu(
-            x,
-            params,
-            (self.proj_gamma.clone(), self.proj_beta.clone()),
-            (&mut running.mean, &mut running.var),
-            mode,
-            (acts.rows, self.c),
-            &mut acts.stats,
-            &mut acts.scratch,
-            &mut acts.out,
-        )
-    }
-
-    /// Student side: `p = ReLU(BN(x W^T))` for `x` (`rows x C`). The output
-    /// stays in `acts` with what [`SereHead::backward_predictor`] needs.
-    pub fn forward_predictor<B: Backend>(
+    /// The head on `x` (`rows x C`, the patch tokens): the projection
+    /// `z = ReLU(BN1(x))`, then on the student side the predictor
+    /// `p = ReLU(BN2(W z))`. Train mode updates the running statistics of
+    /// the stages it runs in `state`. The output stays in `acts`, with what
+    /// [`SereHead::backward`] needs.
+    pub fn forward<B: Backend>(
         &self,
         be: &B,
         params: &B::Buf,
@@ -671,18 +699,27 @@ impl SereHead {
     ) -> OpResult {
         let (c, rows) = (self.c, acts.rows);
         acts.mode = mode;
-        acts.predictor = true;
-        let shape = LinearShape {
-            rows,
-            inp: c,
-            out: c,
-        };
-        be.linear_forward(
+        let running = &mut state.projection;
+        be.batch_norm_relu(
             x,
+            params,
+            (self.proj_gamma.clone(), self.proj_beta.clone()),
+            (&mut running.mean, &mut running.var),
+            mode,
+            (rows, c),
+            &mut acts.z_stats,
+            &mut acts.scratch,
+            &mut acts.z,
+        )?;
+        if acts.side == SereSide::Teacher {
+            return Ok(());
+        }
+        be.linear_forward(
+            &acts.z,
             params,
             self.pred_weight.clone(),
             None,
-            shape,
+            self.predictor_shape(rows),
             &mut acts.y,
         )?;
         let running = &mut state.predictor;
@@ -693,18 +730,19 @@ impl SereHead {
             (&mut running.mean, &mut running.var),
             mode,
             (rows, c),
-            &mut acts.stats,
+            &mut acts.p_stats,
             &mut acts.scratch,
-            &mut acts.out,
+            &mut acts.p,
         )
     }
 
-    /// Backward of the last train-mode [`SereHead::forward_predictor`] run
-    /// with `acts` on input `x` (the same `rows x C` buffer; not copied by
-    /// the forward): given `dout`, adds the parameter gradients into `grads`
-    /// (the full flat buffer) and the input gradient into `dx`.
+    /// Backward of the last train-mode student-side [`SereHead::forward`]
+    /// run with `acts` on input `x` (the same `rows x C` buffer; not copied
+    /// by the forward): given `dout` (gradient of `p`), adds the gradients of
+    /// BN2, `W` and BN1 into `grads` (the full flat buffer) and the input
+    /// gradient into `dx`.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_predictor<B: Backend>(
+    pub fn backward<B: Backend>(
         &self,
         be: &B,
         params: &B::Buf,
@@ -716,27 +754,57 @@ impl SereHead {
     ) -> OpResult {
         let (c, rows) = (self.c, acts.rows);
         assert!(
-            acts.predictor && acts.mode == BnMode::Train,
-            "backward_predictor needs a train-mode predictor forward"
+            acts.side == SereSide::Student && acts.mode == BnMode::Train,
+            "SereHead::backward needs a train-mode student-side forward"
         );
+        // Predictor: p = ReLU(BN2(y)), y = W z.
         be.batch_norm_relu_backward(
             &acts.y,
-            &acts.out,
+            &acts.p,
             dout,
             params,
             (self.pred_gamma.clone(), self.pred_beta.clone()),
-            &acts.stats,
+            &acts.p_stats,
             (rows, c),
             grads,
             &mut acts.scratch,
             &mut acts.dy,
         )?;
-        let shape = LinearShape {
-            rows,
-            inp: c,
-            out: c,
-        };
+        be.zero(&mut acts.dz)?;
         let w = self.pred_weight.clone();
-        be.linear_backward(x, params, w, None, &acts.dy, shape, Some(dx), grads)
+        let shape = self.predictor_shape(rows);
+        be.linear_backward(
+            &acts.z,
+            params,
+            w,
+            None,
+            &acts.dy,
+            shape,
+            Some(&mut acts.dz),
+            grads,
+        )?;
+        // Projection: z = ReLU(BN1(x)); `dy` now holds BN1's input gradient.
+        be.batch_norm_relu_backward(
+            x,
+            &acts.z,
+            &acts.dz,
+            params,
+            (self.proj_gamma.clone(), self.proj_beta.clone()),
+            &acts.z_stats,
+            (rows, c),
+            grads,
+            &mut acts.scratch,
+            &mut acts.dy,
+        )?;
+        be.add_into(&acts.dy, rows * c, dx, 0)
+    }
+
+    /// The predictor's `rows x C -> rows x C` linear map.
+    fn predictor_shape(&self, rows: usize) -> LinearShape {
+        LinearShape {
+            rows,
+            inp: self.c,
+            out: self.c,
+        }
     }
 }

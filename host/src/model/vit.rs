@@ -18,6 +18,9 @@ use rand::RngExt;
 use sere_core::linalg::MatRef;
 use std::ops::Range;
 
+/// Name of the mask token in the layout (under the ViT's prefix; iBOT's).
+pub const MASK_TOKEN: &str = "masked_embed";
+
 /// Size of a ViT.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct VitConfig {
@@ -37,6 +40,10 @@ pub struct VitConfig {
     pub drop_path: f32,
     /// Input channels.
     pub in_chans: usize,
+    /// A learned mask token (iBOT's `masked_embed`, `1 x D`, zeros at
+    /// initialisation) that replaces masked patch embeddings before the
+    /// position embedding is added ([`VitActs::set_masks`]).
+    pub mask_token: bool,
 }
 
 impl VitConfig {
@@ -77,7 +84,17 @@ pub struct Vit {
     pub(crate) blocks: Vec<BlockParams>,
     pub(crate) norm_w: Range<usize>,
     pub(crate) norm_b: Range<usize>,
+    pub(crate) mask_token: Option<Range<usize>>,
     pub(crate) drop_rates: Vec<f32>,
+}
+
+/// Buffers of a masked forward ([`VitActs::set_masks`]).
+struct MaskActs<B: Backend> {
+    /// Per patch row (`B*N`): 1 where masked, else 0; and `1 - mask`.
+    mask: B::Buf,
+    keep: B::Buf,
+    /// The patch embeddings before masking (`B*N x D`); backward scratch.
+    embed: B::Buf,
 }
 
 /// Activations of one block, kept for backward.
@@ -109,6 +126,8 @@ pub struct VitActs<B: Backend> {
     pub n: usize,
     /// Tokens per image (`1 + n`).
     pub t: usize,
+    /// Channels `D`.
+    dim: usize,
     images: B::Buf,
     patches: B::Buf,
     /// `n x n0` bicubic interpolation of the position grid (None: identity).
@@ -128,14 +147,28 @@ pub struct VitActs<B: Backend> {
     dscores: B::Buf,
     dpos_patch: B::Buf,
     scratch: B::Scratch,
-    /// Host staging of the drop-path factors of one block branch.
+    /// Whether the backward's scratch is allocated.
+    backward: bool,
+    /// Host staging of the drop-path factors of one block branch (and of
+    /// the masks).
     keeps: Vec<f32>,
+    /// Masks of the passes until changed (None: unmasked), and their
+    /// buffers once allocated.
+    masking: Option<MaskActs<B>>,
+    masked: bool,
 }
 
 impl<B: Backend> VitActs<B> {
     /// Output of the final norm, `B*T x D` (row `b*T` is image `b`'s CLS).
     pub fn out(&self) -> &B::Buf {
         &self.out
+    }
+    /// The last block's output before the final norm, `B*T x D` (the
+    /// tokens the SERE heads read; the final norm serves the CLS path).
+    pub fn pre_norm(&self) -> &B::Buf {
+        self.xs
+            .last()
+            .expect("the residual stream has depth + 1 entries")
     }
     /// Images in the batch this workspace is shaped for.
     pub fn batch(&self) -> usize {
@@ -152,6 +185,35 @@ impl<B: Backend> VitActs<B> {
     /// `block` from the last forward pass, one per image.
     pub fn drop_path_keeps(&self, block: usize) -> (&B::Buf, &B::Buf) {
         (&self.blocks[block].keep1, &self.blocks[block].keep2)
+    }
+
+    /// Masks the patches of the following forward passes (and their
+    /// backward) until changed: `masks` is `B x N` (`true` = replaced by
+    /// the mask token), `None` unmasks. Needs a ViT with
+    /// [`VitConfig::mask_token`]; the buffers are allocated on first use.
+    pub fn set_masks(&mut self, be: &B, masks: Option<&[bool]>) -> OpResult {
+        let Some(masks) = masks else {
+            self.masked = false;
+            return Ok(());
+        };
+        let rows = self.batch * self.n;
+        assert_eq!(masks.len(), rows, "one mask entry per patch of the batch");
+        if self.masking.is_none() {
+            self.masking = Some(MaskActs {
+                mask: be.zeros(rows)?,
+                keep: be.zeros(rows)?,
+                embed: be.zeros(rows * self.dim)?,
+            });
+        }
+        let m = self.masking.as_mut().expect("allocated above");
+        self.keeps.clear();
+        self.keeps
+            .extend(masks.iter().map(|&v| f32::from(u8::from(v))));
+        be.upload_into(&self.keeps, &mut m.mask)?;
+        self.keeps.iter_mut().for_each(|v| *v = 1.0 - *v);
+        be.upload_into(&self.keeps, &mut m.keep)?;
+        self.masked = true;
+        Ok(())
     }
 }
 
@@ -213,6 +275,10 @@ impl Vit {
             .collect();
         let norm_w = layout.add(name("norm.weight"), &[d], Init::Ones, false);
         let norm_b = layout.add(name("norm.bias"), &[d], Init::Zeros, false);
+        // 2-D as in iBOT, so decayed like its other matrices.
+        let mask_token = cfg
+            .mask_token
+            .then(|| layout.add(name(MASK_TOKEN), &[1, d], Init::Zeros, true));
         let drop_rates = (0..cfg.depth)
             .map(|i| {
                 if cfg.depth > 1 {
@@ -231,6 +297,7 @@ impl Vit {
             blocks,
             norm_w,
             norm_b,
+            mask_token,
             drop_rates,
         }
     }
@@ -250,8 +317,29 @@ impl Vit {
     }
 
     /// A workspace for `batch` images of side `img` (a multiple of the
-    /// patch, checked by the configuration).
+    /// patch, checked by the configuration), for forward and backward.
     pub fn workspace<B: Backend>(&self, be: &B, batch: usize, img: usize) -> OpResult<VitActs<B>> {
+        self.workspace_for(be, batch, img, true)
+    }
+
+    /// A workspace that runs forward passes only (the teacher, evaluation):
+    /// without the backward's scratch, so [`Vit::backward`] refuses it.
+    pub fn forward_workspace<B: Backend>(
+        &self,
+        be: &B,
+        batch: usize,
+        img: usize,
+    ) -> OpResult<VitActs<B>> {
+        self.workspace_for(be, batch, img, false)
+    }
+
+    fn workspace_for<B: Backend>(
+        &self,
+        be: &B,
+        batch: usize,
+        img: usize,
+        backward: bool,
+    ) -> OpResult<VitActs<B>> {
         let c = &self.cfg;
         assert!(
             img % c.patch == 0 && img >= c.patch,
@@ -262,6 +350,8 @@ impl Vit {
         let (n, t) = (g * g, g * g + 1);
         let bt = batch * t;
         let z = |len: usize| be.zeros(len);
+        // The backward's scratch (dtmp is the embedding's forward scratch too).
+        let zb = |len: usize| be.zeros(if backward { len } else { 0 });
         let g0 = c.grid();
         let interp = if g == g0 {
             None
@@ -293,6 +383,7 @@ impl Vit {
             img,
             n,
             t,
+            dim: d,
             images: z(batch * c.in_chans * img * img)?,
             patches: z(batch * n * c.in_chans * c.patch * c.patch)?,
             interp,
@@ -302,20 +393,24 @@ impl Vit {
             out: z(bt * d)?,
             out_mean: z(bt)?,
             out_rstd: z(bt)?,
-            dx: z(bt * d)?,
+            dx: zb(bt * d)?,
             dtmp: z(bt * d)?,
-            dattn: z(bt * d)?,
-            dqkv: z(bt * 3 * d)?,
-            dhid: z(bt * hid)?,
-            dscores: z(be.attention_scratch_len(self.attention_shape(batch, t)))?,
-            dpos_patch: z(n * d)?,
+            dattn: zb(bt * d)?,
+            dqkv: zb(bt * 3 * d)?,
+            dhid: zb(bt * hid)?,
+            dscores: zb(be.attention_scratch_len(self.attention_shape(batch, t)))?,
+            dpos_patch: zb(n * d)?,
+            backward,
             scratch: B::Scratch::default(),
             keeps: Vec::with_capacity(batch),
+            masking: None,
+            masked: false,
         })
     }
 
-    /// Shapes `acts` for `batch` images of side `img` (no-op if already so).
-    pub fn prepare<B: Backend>(
+    /// Shapes `acts` as a [`Vit::forward_workspace`] for `batch` images of
+    /// side `img` (no-op if already so).
+    pub fn prepare_forward<B: Backend>(
         &self,
         be: &B,
         acts: &mut Option<VitActs<B>>,
@@ -326,7 +421,7 @@ impl Vit {
             .as_ref()
             .is_some_and(|a| a.batch == batch && a.img == img)
         {
-            *acts = Some(self.workspace(be, batch, img)?);
+            *acts = Some(self.forward_workspace(be, batch, img)?);
         }
         Ok(())
     }
@@ -391,14 +486,33 @@ impl Vit {
             out: d,
         };
         let bias = Some(self.pe_b.clone());
-        be.linear_forward(
-            &acts.patches,
-            params,
-            self.pe_w.clone(),
-            bias,
-            shape,
-            &mut acts.dtmp,
-        )?;
+        match self.active_masks(acts.masked, &mut acts.masking) {
+            None => be.linear_forward(
+                &acts.patches,
+                params,
+                self.pe_w.clone(),
+                bias,
+                shape,
+                &mut acts.dtmp,
+            )?,
+            Some((m, token)) => {
+                // emb = keep * (patches W + b) + mask token^T: the masked
+                // rows become the token, before the position embedding.
+                let w = self.pe_w.clone();
+                be.linear_forward(&acts.patches, params, w, bias, shape, &mut m.embed)?;
+                be.keep_scale(&m.embed, &m.keep, (batch * n, d), &mut acts.dtmp)?;
+                be.gemm(
+                    1.0,
+                    &m.mask,
+                    MatRef::row_major(batch * n, 1),
+                    params,
+                    MatRef::row_major(1, d).at(token.start),
+                    1.0,
+                    &mut acts.dtmp,
+                    MatRef::row_major(batch * n, d),
+                )?;
+            }
+        }
         match &acts.interp {
             None => {
                 let rows = Blocks {
@@ -596,16 +710,24 @@ impl Vit {
     }
 
     /// Backward pass: given `dout` (`B*T x D`, gradient of the final norm's
-    /// output), adds every parameter's gradient into `grads`.
+    /// output) and optionally `dpatches_pre_norm` (`B x N x D`, gradient of
+    /// the last block's patch tokens before the final norm, the patch rows
+    /// of [`VitActs::pre_norm`]: what the SERE heads read), adds every
+    /// parameter's gradient into `grads`.
     pub fn backward<B: Backend>(
         &self,
         be: &B,
         params: &B::Buf,
         acts: &mut VitActs<B>,
         dout: &B::Buf,
+        dpatches_pre_norm: Option<&B::Buf>,
         grads: &mut B::Buf,
     ) -> OpResult {
         let c = &self.cfg;
+        assert!(
+            acts.backward,
+            "a forward-only ViT workspace cannot run backward (use Vit::workspace)"
+        );
         let bt = acts.batch * acts.t;
         be.zero(&mut acts.dx)?;
         be.layer_norm_backward(
@@ -619,6 +741,18 @@ impl Vit {
             grads,
             &mut acts.scratch,
         )?;
+        if let Some(dpatches) = dpatches_pre_norm {
+            let (n, d) = (acts.n, c.dim);
+            let rows = Blocks {
+                count: acts.batch,
+                len: n * d,
+                src_start: 0,
+                src_stride: n * d,
+                dst_start: d,
+                dst_stride: acts.t * d,
+            };
+            be.copy_blocks(dpatches, &mut acts.dx, rows, true)?;
+        }
         for l in (0..c.depth).rev() {
             self.block_backward(be, params, acts, l, grads)?;
         }
@@ -762,16 +896,42 @@ impl Vit {
             out: d,
         };
         let bias = Some(self.pe_b.clone());
-        be.linear_backward(
-            &acts.patches,
-            params,
-            self.pe_w.clone(),
-            bias,
-            &acts.dtmp,
-            shape,
-            None,
-            grads,
-        )
+        let (w, x) = (self.pe_w.clone(), &acts.patches);
+        match self.active_masks(acts.masked, &mut acts.masking) {
+            None => be.linear_backward(x, params, w, bias, &acts.dtmp, shape, None, grads),
+            Some((m, token)) => {
+                // d token = sum of the masked rows' gradients; the masked
+                // rows send none to the patch embedding.
+                be.gemm(
+                    1.0,
+                    &m.mask,
+                    MatRef::row_major(1, batch * n),
+                    &acts.dtmp,
+                    MatRef::row_major(batch * n, d),
+                    1.0,
+                    grads,
+                    MatRef::row_major(1, d).at(token.start),
+                )?;
+                be.keep_scale(&acts.dtmp, &m.keep, (batch * n, d), &mut m.embed)?;
+                be.linear_backward(x, params, w, bias, &m.embed, shape, None, grads)
+            }
+        }
+    }
+
+    /// The mask buffers and the token's range when the pass is masked.
+    fn active_masks<'a, B: Backend>(
+        &self,
+        masked: bool,
+        masking: &'a mut Option<MaskActs<B>>,
+    ) -> Option<(&'a mut MaskActs<B>, Range<usize>)> {
+        if !masked {
+            return None;
+        }
+        let token = self
+            .mask_token
+            .clone()
+            .expect("masks need a ViT with a mask token (VitConfig::mask_token)");
+        Some((masking.as_mut().expect("set_masks allocated them"), token))
     }
 }
 

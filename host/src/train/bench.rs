@@ -72,8 +72,9 @@ pub struct BenchResult {
 /// predictors (student, 3x) and projections (teacher: no matmul), and the
 /// relation products (logits forward for teacher and student, backward 2x
 /// for the student): spatial `2 P^2 D` per overlapping pair, channel
-/// `2 N D^2` per view. Element-wise work (norms, softmax, GELU, optimizer)
-/// is not counted.
+/// `2 N D^2` per view; with `mim`, the patch head on every global patch
+/// (student 3x, teacher 1x). Element-wise work (norms, softmax, GELU,
+/// optimizer) is not counted.
 pub fn step_flops(cfg: &TrainConfig) -> f64 {
     let (d, hid, p) = (cfg.dim as f64, cfg.mlp_hidden() as f64, cfg.patch as f64);
     let vit_fwd = |img: usize| {
@@ -107,7 +108,17 @@ pub fn step_flops(cfg: &TrainConfig) -> f64 {
     let spatial =
         b * (2.0 * 2.0 * pg * pg * d * 4.0 + 2.0 * cfg.locals as f64 * 2.0 * pl * pl * d * 4.0);
     let channel = 2.0 * d * d * (g * ng * 3.0 + l * nl * 3.0 + g * ng);
-    student + teacher + dino + predictors + spatial + channel
+    // iBOT: the patch head on every patch of the global crops (student
+    // forward and backward, teacher forward), and the mask token's rank-1
+    // products (forward and backward).
+    let mim = if cfg.mim {
+        let kp = cfg.patch_head_dim() as f64;
+        let row = 2.0 * (d * hh + hh * hh + hh * bot + bot * kp);
+        g * ng * (4.0 * row + 2.0 * 2.0 * d)
+    } else {
+        0.0
+    };
+    student + teacher + dino + predictors + spatial + channel + mim
 }
 
 /// Peak resident set size in MiB (Linux `VmHWM`; 0 elsewhere).
@@ -144,6 +155,7 @@ pub struct BenchInputs {
     globals: Vec<f32>,
     local_crops: Vec<f32>,
     grids: Vec<crate::augment::BatchPairGrids>,
+    masks: Vec<bool>,
 }
 
 impl BenchInputs {
@@ -169,12 +181,22 @@ impl BenchInputs {
             })
             .collect();
         let grids = batch_pair_grids(&crops, views, grid_sizes(cfg));
+        // iBOT's masks of the global crops, drawn as the loader does.
+        let masks = cfg.mask_config().map_or_else(Vec::new, |m| {
+            let n = m.patches();
+            let mut masks = vec![false; 2 * b * n];
+            for crop in masks.chunks_mut(n) {
+                crate::augment::mask::draw_mask(&m, &mut rng, crop);
+            }
+            masks
+        });
         BenchInputs {
             batch: b,
             locals: l,
             globals,
             local_crops,
             grids,
+            masks,
         }
     }
 
@@ -186,6 +208,7 @@ impl BenchInputs {
             globals: &self.globals,
             local_crops: &self.local_crops,
             grids: &self.grids,
+            masks: &self.masks,
         }
     }
 }

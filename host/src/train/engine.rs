@@ -17,13 +17,13 @@ use super::state::{restore_state, snapshot_state, HostBnStates, RunState, RunVie
 use crate::augment::BatchPairGrids;
 use crate::backend::relation::{SereLossConfig, ViewShapes};
 use crate::backend::{
-    cuda_unavailable, Backend, Blocks, BnMode, Cpu, Cuda, DinoLossArgs, OpError, RelationArgs,
-    StudentFeatureGrads, StudentFeatures,
+    cuda_unavailable, Backend, Blocks, BnMode, Cpu, Cuda, DinoLossArgs, MimLossArgs, OpError,
+    RelationArgs, StudentFeatureGrads, StudentFeatures,
 };
 use crate::checkpoint::Checkpoint;
-use crate::config::TrainConfig;
+use crate::config::{NonOverlapping, TrainConfig};
 use crate::error::SereError;
-use crate::model::heads::{BnRunning, DinoHeadActs, SereActs, SereHeadState};
+use crate::model::heads::{BnRunning, DinoHeadActs, SereActs, SereHeadState, SereSide};
 use crate::model::vit::VitActs;
 use rand::SeedableRng;
 use sere_core::optim::AdamW;
@@ -41,6 +41,9 @@ pub struct StepInput<'a> {
     pub local_crops: &'a [f32],
     /// Pair grids in `view_pairs` order.
     pub grids: &'a [BatchPairGrids],
+    /// `[2][B][N]` iBOT masks of the student's global crops (empty without
+    /// `mim`).
+    pub masks: &'a [bool],
 }
 
 /// Scheduled values for one step.
@@ -54,6 +57,8 @@ pub struct StepSchedule {
     pub momentum: f32,
     /// DINO teacher temperature.
     pub teacher_temp: f32,
+    /// iBOT patch teacher temperature (unused without `mim`).
+    pub patch_teacher_temp: f32,
     /// Whether the DINO head's last layer stays frozen this step.
     pub freeze_last_layer: bool,
     /// Global step index (seeds drop-path).
@@ -65,8 +70,10 @@ pub struct StepSchedule {
 pub struct StepStats {
     /// Weighted total.
     pub loss: f32,
-    /// Image-level DINO loss.
+    /// Image-level DINO loss (the CLS term).
     pub dino: f32,
+    /// iBOT's masked-patch loss (0 without `mim`).
+    pub mim: f32,
     /// Spatial relation loss (0 when no pair overlapped).
     pub spatial: f32,
     /// Channel relation loss.
@@ -127,29 +134,41 @@ const SLOT_DINO: usize = 0;
 const SLOT_SPATIAL: usize = 1;
 const SLOT_CHANNEL: usize = 2;
 const SLOT_GRAD_NORM: usize = 3;
-const STATS_LEN: usize = 4;
+const SLOT_MIM: usize = 4;
+const STATS_LEN: usize = 5;
 
 /// Activations of one network pass over one crop size.
 struct Pass<B: Backend> {
     /// Images in the pass (views x B).
     images: usize,
     vit: VitActs<B>,
-    /// Patch tokens `[views][B][N][D]` gathered from the ViT output.
+    /// Patch tokens `[views][B][N][D]` gathered from the last block's
+    /// output before the final norm (what the SERE heads read).
     patches: B::Buf,
     spatial: SereActs<B>,
     channel: SereActs<B>,
 }
 
 impl<B: Backend> Pass<B> {
-    fn new(be: &B, net: &SereNet, images: usize, img: usize) -> Result<Self, OpError> {
-        let vit = net.vit.workspace(be, images, img)?;
+    fn new(
+        be: &B,
+        net: &SereNet,
+        images: usize,
+        img: usize,
+        side: SereSide,
+    ) -> Result<Self, OpError> {
+        // The teacher gets no gradient: no backward scratch for it.
+        let vit = match side {
+            SereSide::Teacher => net.vit.forward_workspace(be, images, img)?,
+            SereSide::Student => net.vit.workspace(be, images, img)?,
+        };
         let rows = images * vit.n;
         let head = &net.sere.spatial_global;
         Ok(Pass {
             images,
             patches: be.zeros(rows * net.vit.config().dim)?,
-            spatial: head.workspace(be, rows)?,
-            channel: head.workspace(be, rows)?,
+            spatial: head.workspace(be, rows, side)?,
+            channel: head.workspace(be, rows, side)?,
             vit,
         })
     }
@@ -159,7 +178,8 @@ impl<B: Backend> Pass<B> {
         self.images * self.vit.n
     }
 
-    /// The patch rows (all but each image's CLS row) of the ViT output.
+    /// The patch rows (all but each image's CLS row) of the last block's
+    /// output before the final norm.
     fn gather_patches(&mut self, be: &B, d: usize) -> Result<(), OpError> {
         let (n, t) = (self.vit.n, self.vit.t);
         let rows = Blocks {
@@ -170,7 +190,7 @@ impl<B: Backend> Pass<B> {
             dst_start: 0,
             dst_stride: n * d,
         };
-        be.copy_blocks(self.vit.out(), &mut self.patches, rows, false)
+        be.copy_blocks(self.vit.pre_norm(), &mut self.patches, rows, false)
     }
 
     /// Copies each image's CLS row of the ViT output into `cls` from row
@@ -224,6 +244,142 @@ impl<B: Backend> PassGrads<B> {
     }
 }
 
+/// iBOT's patch path of one batch shape: the final-normed patch tokens of
+/// the global crops through the patch head, in both networks.
+struct MimWorkspace<B: Backend> {
+    /// Patch rows `2 B N`.
+    rows: usize,
+    /// Patch tokens (final norm) `[2][B][N][D]` of the teacher and student.
+    teacher_tokens: B::Buf,
+    student_tokens: B::Buf,
+    teacher_head: DinoHeadActs<B>,
+    student_head: DinoHeadActs<B>,
+    /// Gradient of the student's patch logits and patch tokens.
+    dlogits: B::Buf,
+    dtokens: B::Buf,
+    /// Per patch row: its weight in the masked-patch loss.
+    weights: B::Buf,
+    weights_host: Vec<f32>,
+}
+
+impl<B: Backend> MimWorkspace<B> {
+    fn new(be: &B, net: &SereNet, pass: &Pass<B>, cfg: &TrainConfig) -> Result<Self, OpError> {
+        let rows = pass.rows();
+        let (head, d) = (net.patch_head(), cfg.dim);
+        Ok(MimWorkspace {
+            rows,
+            teacher_tokens: be.zeros(rows * d)?,
+            student_tokens: be.zeros(rows * d)?,
+            teacher_head: head.workspace(be, rows)?,
+            student_head: head.workspace(be, rows)?,
+            dlogits: be.zeros(rows * cfg.patch_head_dim())?,
+            dtokens: be.zeros(rows * d)?,
+            weights: be.zeros(rows)?,
+            weights_host: vec![0.0; rows],
+        })
+    }
+}
+
+/// The patch rows of a pass's final-norm output as blocks, to the packed
+/// `[images][N][D]` layout (`to_packed`) or back.
+fn patch_rows<B: Backend>(pass: &Pass<B>, d: usize, to_packed: bool) -> Blocks {
+    let (n, t) = (pass.vit.n, pass.vit.t);
+    let (tokens, packed) = ((d, t * d), (0, n * d));
+    let ((src_start, src_stride), (dst_start, dst_stride)) = if to_packed {
+        (tokens, packed)
+    } else {
+        (packed, tokens)
+    };
+    Blocks {
+        count: pass.images,
+        len: n * d,
+        src_start,
+        src_stride,
+        dst_start,
+        dst_stride,
+    }
+}
+
+/// How the backend's mean over overlapping spatial terms becomes the
+/// step's spatial loss: unchanged (pairs without overlap dropped), or with
+/// those pairs counted as uniform relation rows (the authors' code), which
+/// add `ln P` each to the mean and nothing to the gradient.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct SpatialMean {
+    /// Overlapping terms over all terms (scales the gradient too).
+    scale: f32,
+    /// The uniform rows' `sum ln P` over all terms.
+    offset: f32,
+}
+
+impl SpatialMean {
+    fn new(rule: NonOverlapping, grids: &[BatchPairGrids]) -> Self {
+        let (mut all, mut valid, mut ln_p) = (0usize, 0usize, 0.0f64);
+        for g in grids {
+            for &v in &g.valid {
+                all += 1;
+                if v {
+                    valid += 1;
+                } else {
+                    ln_p += ((g.hs * g.ws) as f64).ln();
+                }
+            }
+        }
+        match rule {
+            NonOverlapping::Uniform if all > 0 => SpatialMean {
+                scale: (valid as f64 / all as f64) as f32,
+                offset: (ln_p / all as f64) as f32,
+            },
+            _ => SpatialMean {
+                scale: 1.0,
+                offset: 0.0,
+            },
+        }
+    }
+
+    /// The step's spatial loss from the mean over overlapping terms.
+    fn apply(self, mean_over_overlapping: f32) -> f32 {
+        self.scale * mean_over_overlapping + self.offset
+    }
+}
+
+/// iBOT's masked-patch loss of the step (same-view pairs, each image's
+/// masked positions averaged) with its gradient into `m.dlogits`, weighted
+/// like the CLS term, and the patch-centre update.
+fn mim_loss<B: Backend>(
+    be: &B,
+    cfg: &TrainConfig,
+    sched: &StepSchedule,
+    input: &StepInput,
+    m: &mut MimWorkspace<B>,
+    centre: &mut B::Buf,
+    stats: &mut B::Buf,
+) -> Result<(), OpError> {
+    let patches = m.rows / (2 * input.batch);
+    sere_core::loss::masked_patch_weights(input.masks, patches, &mut m.weights_host)?;
+    be.upload_into(&m.weights_host, &mut m.weights)?;
+    be.zero(&mut m.dlogits)?;
+    let args = MimLossArgs {
+        rows: m.rows,
+        dim: cfg.patch_head_dim(),
+        tau_student: cfg.student_temp as f32,
+        tau_teacher: sched.patch_teacher_temp,
+        weight: cfg.image_loss_weight() as f32,
+        centre_momentum: cfg.center_momentum as f32,
+    };
+    let (st, te) = (m.student_head.logits(), m.teacher_head.logits());
+    be.mim_loss(
+        st,
+        te,
+        &m.weights,
+        centre,
+        args,
+        &mut m.dlogits,
+        stats,
+        SLOT_MIM,
+    )
+}
+
 /// Every workspace of one batch shape `(batch, locals)`.
 struct Workspace<B: Backend> {
     batch: usize,
@@ -245,6 +401,8 @@ struct Workspace<B: Backend> {
     dcls: B::Buf,
     dlogits: B::Buf,
     relation: B::RelationWorkspace,
+    /// iBOT's patch path (None without `mim`).
+    mim: Option<MimWorkspace<B>>,
     /// The step's scalars, read once per step.
     stats: B::Buf,
 }
@@ -258,11 +416,20 @@ impl<B: Backend> Workspace<B> {
         locals: usize,
     ) -> Result<Self, OpError> {
         let (d, views) = (cfg.dim, 2 + locals);
-        let teacher = Pass::new(be, net, 2 * batch, cfg.img)?;
-        let global = Pass::new(be, net, 2 * batch, cfg.img)?;
+        let teacher = Pass::new(be, net, 2 * batch, cfg.img, SereSide::Teacher)?;
+        let mut global = Pass::new(be, net, 2 * batch, cfg.img, SereSide::Student)?;
         let global_grads = PassGrads::new(be, &global, d)?;
+        let mim = if cfg.mim {
+            // Allocated once here, so the step's set_masks uploads only.
+            global
+                .vit
+                .set_masks(be, Some(&vec![false; global.rows()]))?;
+            Some(MimWorkspace::new(be, net, &global, cfg)?)
+        } else {
+            None
+        };
         let local = if locals > 0 {
-            let pass = Pass::new(be, net, locals * batch, cfg.local_img)?;
+            let pass = Pass::new(be, net, locals * batch, cfg.local_img, SereSide::Student)?;
             let grads = PassGrads::new(be, &pass, d)?;
             Some((pass, grads))
         } else {
@@ -283,6 +450,7 @@ impl<B: Backend> Workspace<B> {
             dcls: be.zeros(views * batch * d)?,
             dlogits: be.zeros(views * batch * cfg.out_dim)?,
             relation: B::RelationWorkspace::default(),
+            mim,
             stats: be.zeros(STATS_LEN)?,
         })
     }
@@ -321,6 +489,8 @@ pub struct Engine<B: Backend> {
     pub last_layer_steps: u32,
     /// DINO centre (K).
     pub centre: B::Buf,
+    /// iBOT's patch centre (the patch head's K; empty without `mim`).
+    pub patch_centre: B::Buf,
     /// Student SERE heads' batch-norm running statistics.
     pub student_bn: SereHeads<SereHeadState<B>>,
     /// Teacher SERE heads' batch-norm running statistics.
@@ -353,13 +523,22 @@ impl<B: Backend> Engine<B> {
             &mut init,
             &mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed),
         );
-        let last = net.dino.last_layer_range();
+        // The last layers frozen at first: the CLS head's and a separate
+        // patch head's (iBOT freezes both).
+        let lasts: Vec<Range<usize>> = std::iter::once(&net.dino)
+            .chain(&net.separate_patch_head)
+            .map(|h| h.last_layer_range())
+            .collect();
         let mut adam_groups: Vec<AdamGroup> = Vec::new();
+        let rule = cfg.weight_decay_rule;
         for e in net.layout.entries() {
-            let last_layer = e.range.start >= last.start && e.range.end <= last.end;
+            let decay = rule.decays(&e.name, &e.shape, e.decay);
+            let last_layer = lasts
+                .iter()
+                .any(|l| e.range.start >= l.start && e.range.end <= l.end);
             match adam_groups.last_mut() {
                 Some(g)
-                    if g.decay == e.decay
+                    if g.decay == decay
                         && g.last_layer == last_layer
                         && g.range.end == e.range.start =>
                 {
@@ -367,7 +546,7 @@ impl<B: Backend> Engine<B> {
                 }
                 _ => adam_groups.push(AdamGroup {
                     range: e.range.clone(),
-                    decay: e.decay,
+                    decay,
                     last_layer,
                 }),
             }
@@ -386,6 +565,7 @@ impl<B: Backend> Engine<B> {
             adam_steps: 0,
             last_layer_steps: 0,
             centre: be.zeros(cfg.out_dim)?,
+            patch_centre: be.zeros(if cfg.mim { cfg.patch_head_dim() } else { 0 })?,
             student_bn: net.new_bn_states(&be)?,
             teacher_bn: net.new_bn_states(&be)?,
             grads: be.zeros(n)?,
@@ -441,9 +621,9 @@ impl<B: Backend> Engine<B> {
             .map_err(&err)?;
         self.teacher_pass(input).map_err(&err)?;
         self.student_pass(input, step).map_err(&err)?;
-        let spatial_terms = self.losses(input, sched).map_err(&err)?;
+        let (spatial_terms, spatial_mean) = self.losses(input, sched).map_err(&err)?;
         self.backward().map_err(&err)?;
-        let stats = self.read_stats(spatial_terms, step)?;
+        let stats = self.read_stats(spatial_terms, spatial_mean, step)?;
         if self.cfg.clip_grad > 0.0 {
             let max = self.cfg.clip_grad as f32;
             self.be
@@ -467,8 +647,9 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Teacher on the global crops, no drop path: patch tokens through the
-    /// projections, CLS tokens through the DINO head.
+    /// Teacher on the global crops, no drop path: patch tokens (before the
+    /// final norm) through the SERE projections, CLS tokens through the
+    /// DINO head.
     fn teacher_pass(&mut self, input: &StepInput) -> Result<(), OpError> {
         let (be, net, params) = (&self.be, &self.net, &self.teacher);
         let ws = self.ws.as_mut().expect("shaped");
@@ -485,7 +666,7 @@ impl<B: Backend> Engine<B> {
         tp.gather_patches(be, d)?;
         let bn = &mut self.teacher_bn;
         let (sp, ch) = (&net.sere.spatial_global, &net.sere.channel_global);
-        sp.forward_projection(
+        sp.forward(
             be,
             params,
             &mut bn.spatial_global,
@@ -493,7 +674,7 @@ impl<B: Backend> Engine<B> {
             &tp.patches,
             &mut tp.spatial,
         )?;
-        ch.forward_projection(
+        ch.forward(
             be,
             params,
             &mut bn.channel_global,
@@ -502,12 +683,23 @@ impl<B: Backend> Engine<B> {
             &mut tp.channel,
         )?;
         tp.gather_cls(be, d, &mut ws.cls_teacher, 0)?;
+        if let Some(m) = ws.mim.as_mut() {
+            be.copy_blocks(
+                tp.vit.out(),
+                &mut m.teacher_tokens,
+                patch_rows(tp, d, true),
+                false,
+            )?;
+            let head = net.patch_head();
+            head.forward(be, params, &m.teacher_tokens, &mut m.teacher_head)?;
+        }
         net.dino
             .forward(be, params, &ws.cls_teacher, &mut ws.dino_teacher)
     }
 
     /// Student on the global and the local crops, drop path on: patch
-    /// tokens through the predictors, every view's CLS token (view-major,
+    /// tokens (before the final norm) through the SERE projections and the
+    /// predictors stacked on them, every view's CLS token (view-major,
     /// `[views][B][D]`) through the DINO head.
     fn student_pass(&mut self, input: &StepInput, step: u64) -> Result<(), OpError> {
         let (be, net, params, cfg) = (&self.be, &self.net, &self.student, &self.cfg);
@@ -541,6 +733,18 @@ impl<B: Backend> Engine<B> {
         });
         let mut first_cls = 0;
         for (images, img, pass, (sp, bs), (ch, bc)) in [global].into_iter().chain(local) {
+            // iBOT masks the student's global crops (this first pass) only;
+            // everything the student computes from them sees the masks.
+            let mim = ws.mim.as_mut().filter(|_| first_cls == 0);
+            if mim.is_some() {
+                if input.masks.len() != pass.rows() {
+                    return Err(OpError::Kernel(sere_core::Error::InvalidArgument {
+                        what: "step masks",
+                        requirement: "need one entry per patch of the global crops ([2][B][N])",
+                    }));
+                }
+                pass.vit.set_masks(be, Some(input.masks))?;
+            }
             net.vit.forward(
                 be,
                 params,
@@ -550,8 +754,14 @@ impl<B: Backend> Engine<B> {
                 &mut pass.vit,
                 Some(&mut rng),
             )?;
+            if let Some(m) = mim {
+                let rows = patch_rows(pass, d, true);
+                be.copy_blocks(pass.vit.out(), &mut m.student_tokens, rows, false)?;
+                let head = net.patch_head();
+                head.forward(be, params, &m.student_tokens, &mut m.student_head)?;
+            }
             pass.gather_patches(be, d)?;
-            sp.forward_predictor(
+            sp.forward(
                 be,
                 params,
                 bs,
@@ -559,7 +769,7 @@ impl<B: Backend> Engine<B> {
                 &pass.patches,
                 &mut pass.spatial,
             )?;
-            ch.forward_predictor(
+            ch.forward(
                 be,
                 params,
                 bc,
@@ -577,10 +787,15 @@ impl<B: Backend> Engine<B> {
     /// The DINO loss (and centre update) and both relation losses, with
     /// their gradients w.r.t. the heads' outputs; returns the number of
     /// spatial terms.
-    fn losses(&mut self, input: &StepInput, sched: &StepSchedule) -> Result<usize, OpError> {
+    fn losses(
+        &mut self,
+        input: &StepInput,
+        sched: &StepSchedule,
+    ) -> Result<(usize, SpatialMean), OpError> {
         let (be, cfg) = (&self.be, &self.cfg);
         let ws = self.ws.as_mut().expect("shaped");
         let (b, l) = (input.batch, input.locals);
+        let spatial_mean = SpatialMean::new(cfg.non_overlapping, input.grids);
         be.zero(&mut ws.dlogits)?;
         let dino = DinoLossArgs {
             views: 2 + l,
@@ -601,6 +816,17 @@ impl<B: Backend> Engine<B> {
             &mut ws.stats,
             SLOT_DINO,
         )?;
+        if let Some(m) = ws.mim.as_mut() {
+            mim_loss(
+                be,
+                cfg,
+                sched,
+                input,
+                m,
+                &mut self.patch_centre,
+                &mut ws.stats,
+            )?;
+        }
 
         let shapes = ViewShapes {
             batch: b,
@@ -648,7 +874,7 @@ impl<B: Backend> Engine<B> {
                 globals: gp.channel.output(),
                 locals: lch,
             },
-            weights: (cfg.alpha as f32, cfg.beta as f32),
+            weights: (cfg.alpha as f32 * spatial_mean.scale, cfg.beta as f32),
             dspatial: StudentFeatureGrads {
                 globals: &mut gg.dspatial,
                 locals: ldsp,
@@ -658,11 +884,13 @@ impl<B: Backend> Engine<B> {
                 locals: ldch,
             },
         };
-        be.relation_losses(&mut ws.relation, args, &mut ws.stats, SLOT_SPATIAL)
+        let terms = be.relation_losses(&mut ws.relation, args, &mut ws.stats, SLOT_SPATIAL)?;
+        Ok((terms, spatial_mean))
     }
 
     /// Backward from the heads' output gradients: DINO head to the CLS
-    /// tokens, SERE predictors to the patch tokens, both through the
+    /// tokens (through the final norm), SERE heads (predictor, then
+    /// projection) to the patch tokens before it, both through the
     /// backbone; the gradient's norm into the step's scalars.
     fn backward(&mut self) -> Result<(), OpError> {
         let (be, net, params, d) = (&self.be, &self.net, &self.student, self.cfg.dim);
@@ -678,6 +906,18 @@ impl<B: Backend> Engine<B> {
             grads,
             &mut ws.dcls,
         )?;
+        if let Some(m) = ws.mim.as_mut() {
+            be.zero(&mut m.dtokens)?;
+            let head = net.patch_head();
+            head.backward(
+                be,
+                params,
+                &mut m.student_head,
+                &m.dlogits,
+                grads,
+                &mut m.dtokens,
+            )?;
+        }
         let global = (
             &mut ws.global,
             &mut ws.global_grads,
@@ -691,7 +931,7 @@ impl<B: Backend> Engine<B> {
         let mut first_cls = 0;
         for (pass, pg, sp, ch) in [global].into_iter().chain(local) {
             be.zero(&mut pg.dpatches)?;
-            sp.backward_predictor(
+            sp.backward(
                 be,
                 params,
                 &pass.patches,
@@ -700,7 +940,7 @@ impl<B: Backend> Engine<B> {
                 grads,
                 &mut pg.dpatches,
             )?;
-            ch.backward_predictor(
+            ch.backward(
                 be,
                 params,
                 &pass.patches,
@@ -710,24 +950,23 @@ impl<B: Backend> Engine<B> {
                 &mut pg.dpatches,
             )?;
             be.zero(&mut pg.dout)?;
-            let (n, t) = (pass.vit.n, pass.vit.t);
+            let t = pass.vit.t;
             be.copy_blocks(
                 &ws.dcls,
                 &mut pg.dout,
                 cls_rows(pass.images, t, d, first_cls, false),
                 false,
             )?;
-            let patches = Blocks {
-                count: pass.images,
-                len: n * d,
-                src_start: 0,
-                src_stride: n * d,
-                dst_start: d,
-                dst_stride: t * d,
-            };
-            be.copy_blocks(&pg.dpatches, &mut pg.dout, patches, true)?;
+            if let Some(m) = ws.mim.as_ref().filter(|_| first_cls == 0) {
+                // The patch head's gradient of the global crops' patch rows.
+                let rows = patch_rows(pass, d, false);
+                be.copy_blocks(&m.dtokens, &mut pg.dout, rows, false)?;
+            }
+            // The CLS and patch rows' gradient enters through the final
+            // norm, the SERE heads' before it.
+            let dpatches = Some(&pg.dpatches);
             net.vit
-                .backward(be, params, &mut pass.vit, &pg.dout, grads)?;
+                .backward(be, params, &mut pass.vit, &pg.dout, dpatches, grads)?;
             first_cls += pass.images;
         }
         be.l2_norm(grads, &mut ws.stats, SLOT_GRAD_NORM)
@@ -735,7 +974,12 @@ impl<B: Backend> Engine<B> {
 
     /// Reads the step's scalars (the one synchronisation of a step) and
     /// refuses a non-finite loss or gradient.
-    fn read_stats(&self, spatial_terms: usize, step: u64) -> Result<StepStats, StepError> {
+    fn read_stats(
+        &self,
+        spatial_terms: usize,
+        spatial_mean: SpatialMean,
+        step: u64,
+    ) -> Result<StepStats, StepError> {
         let ws = self.ws.as_ref().expect("shaped");
         let s = self.be.download(&ws.stats).map_err(StepError::at(step))?;
         let cfg = &self.cfg;
@@ -744,7 +988,9 @@ impl<B: Backend> Engine<B> {
             cfg.alpha as f32,
             cfg.beta as f32,
         );
-        let loss = w_img * s[SLOT_DINO] + alpha * s[SLOT_SPATIAL] + beta * s[SLOT_CHANNEL];
+        let image = s[SLOT_DINO] + s[SLOT_MIM];
+        let spatial = spatial_mean.apply(s[SLOT_SPATIAL]);
+        let loss = w_img * image + alpha * spatial + beta * s[SLOT_CHANNEL];
         let non_finite = |what: &str| StepError::NonFinite {
             step,
             what: what.into(),
@@ -758,7 +1004,8 @@ impl<B: Backend> Engine<B> {
         Ok(StepStats {
             loss,
             dino: s[SLOT_DINO],
-            spatial: s[SLOT_SPATIAL],
+            mim: s[SLOT_MIM],
+            spatial,
             channel: s[SLOT_CHANNEL],
             grad_norm: s[SLOT_GRAD_NORM],
             spatial_terms,
@@ -823,6 +1070,13 @@ impl<B: Backend> Engine<B> {
         let (student, teacher) = (be.download(&self.student)?, be.download(&self.teacher)?);
         let (adam_m, adam_v) = (be.download(&self.adam_m)?, be.download(&self.adam_v)?);
         let centre = be.download(&self.centre)?;
+        // A device may round an empty buffer up to one element: ask the
+        // config, not the buffer, whether there is a patch centre.
+        let patch_centre = if self.cfg.mim {
+            be.download(&self.patch_centre)?
+        } else {
+            Vec::new()
+        };
         let (student_bn, teacher_bn) = (host_bn(&self.student_bn)?, host_bn(&self.teacher_bn)?);
         let view = RunView {
             layout: &self.net.layout,
@@ -831,6 +1085,7 @@ impl<B: Backend> Engine<B> {
             adam_m: &adam_m,
             adam_v: &adam_v,
             centre: &centre,
+            patch_centre: &patch_centre,
             student_bn: &student_bn,
             teacher_bn: &teacher_bn,
             adam_steps: self.adam_steps,
@@ -845,6 +1100,12 @@ impl<B: Backend> Engine<B> {
         let n = self.net.layout.len();
         let mut host = [(); 4].map(|_| vec![0.0f32; n]);
         let mut centre = vec![0.0f32; self.cfg.out_dim];
+        let patch_len = if self.cfg.mim {
+            self.cfg.patch_head_dim()
+        } else {
+            0
+        };
+        let mut patch_centre = vec![0.0f32; patch_len];
         let fresh = || self.net.new_bn_states(&Cpu).expect("host buffers");
         let (mut student_bn, mut teacher_bn) = (fresh(), fresh());
         let [student, teacher, adam_m, adam_v] = &mut host;
@@ -856,6 +1117,7 @@ impl<B: Backend> Engine<B> {
                 adam_m,
                 adam_v,
                 centre: &mut centre,
+                patch_centre: &mut patch_centre,
                 student_bn: &mut student_bn,
                 teacher_bn: &mut teacher_bn,
                 adam_steps: &mut self.adam_steps,
@@ -863,7 +1125,7 @@ impl<B: Backend> Engine<B> {
             },
             ck,
         )?;
-        self.upload_state(&host, &centre, (&student_bn, &teacher_bn))
+        self.upload_state(&host, (&centre, &patch_centre), (&student_bn, &teacher_bn))
             .map_err(|e| SereError::Device(e.to_string()))?;
         Ok(step)
     }
@@ -871,7 +1133,7 @@ impl<B: Backend> Engine<B> {
     fn upload_state(
         &mut self,
         [student, teacher, adam_m, adam_v]: &[Vec<f32>; 4],
-        centre: &[f32],
+        (centre, patch_centre): (&[f32], &[f32]),
         (student_bn, teacher_bn): (&HostBnStates, &HostBnStates),
     ) -> Result<(), OpError> {
         let be = &self.be;
@@ -880,6 +1142,9 @@ impl<B: Backend> Engine<B> {
         be.upload_into(adam_m, &mut self.adam_m)?;
         be.upload_into(adam_v, &mut self.adam_v)?;
         be.upload_into(centre, &mut self.centre)?;
+        if !patch_centre.is_empty() {
+            be.upload_into(patch_centre, &mut self.patch_centre)?;
+        }
         for (dev, host) in [
             (&mut self.student_bn, student_bn),
             (&mut self.teacher_bn, teacher_bn),
@@ -968,4 +1233,49 @@ pub fn open_cuda() -> Result<Cuda, SereError> {
             .map_err(|e| SereError::Device(format!("CUDA: {e}")))?;
     }
     Ok(cuda)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DecayRule;
+
+    /// The decayed parameters under each rule, by name.
+    fn decayed(rule: DecayRule) -> Vec<String> {
+        let cfg = TrainConfig {
+            weight_decay_rule: rule,
+            ..TrainConfig::default()
+        };
+        let e = Engine::cpu(&cfg);
+        e.net
+            .layout
+            .entries()
+            .iter()
+            .filter(|p| {
+                e.adam_groups.iter().any(|g| {
+                    g.decay && g.range.start <= p.range.start && p.range.end <= g.range.end
+                })
+            })
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn adam_groups_follow_the_weight_decay_rule() {
+        let (dino, authors) = (decayed(DecayRule::Dino), decayed(DecayRule::Authors));
+        let has = |v: &[String], n: &str| v.iter().any(|x| x == n);
+        for v in [&dino, &authors] {
+            assert!(has(v, "backbone.blocks.0.attn.qkv.weight"));
+            assert!(has(v, "dino_head.last_layer.weight_v"));
+            assert!(!has(v, "backbone.blocks.0.norm1.weight"));
+            assert!(!has(v, "spatial_global.predictor.bn.weight"));
+        }
+        for bias in [
+            "backbone.blocks.0.attn.qkv.bias",
+            "dino_head.mlp.0.bias",
+            "backbone.norm.bias",
+        ] {
+            assert!(!has(&dino, bias) && has(&authors, bias), "{bias}");
+        }
+    }
 }

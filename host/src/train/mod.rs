@@ -84,11 +84,19 @@ impl Schedules {
             c.warmup_teacher_temp as f32,
             c.teacher_temp as f32,
         );
+        // iBOT warms the patch temperature up over the same epochs.
+        let patch_teacher_temp = linear_warmup(
+            epoch,
+            c.warmup_teacher_temp_epochs,
+            c.warmup_patch_teacher_temp as f32,
+            c.patch_teacher_temp as f32,
+        );
         StepSchedule {
             lr,
             weight_decay,
             momentum,
             teacher_temp,
+            patch_teacher_temp,
             freeze_last_layer: epoch < c.freeze_last_layer,
             step,
         }
@@ -131,6 +139,7 @@ pub fn grid_sizes(cfg: &TrainConfig) -> GridSizes {
     GridSizes {
         global: (cfg.overlap, cfg.overlap),
         local: (cfg.local_overlap, cfg.local_overlap),
+        placement: cfg.overlap_grid.placement(),
     }
 }
 
@@ -523,6 +532,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
         prefetch: 3,
         grids: grid_sizes(&cfg),
         epochs: None,
+        masks: cfg.mask_config(),
     };
     let mut loader =
         Loader::new(split, multi_crop(&cfg), loader_cfg, start).map_err(SereError::data)?;
@@ -543,6 +553,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
             globals: &batch.globals,
             local_crops: &batch.locals,
             grids: &batch.grids,
+            masks: &batch.masks,
         };
         let stats = engine.step(&input, &s).map_err(|e| match e {
             StepError::NonFinite { step, .. } => SereError::Diverged {
@@ -561,6 +572,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
                 epoch,
                 loss: stats.loss as f64,
                 loss_dino: stats.dino as f64,
+                loss_mim: stats.mim as f64,
                 loss_spatial: stats.spatial as f64,
                 loss_channel: stats.channel as f64,
                 lr: s.lr as f64,

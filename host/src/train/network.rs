@@ -85,6 +85,9 @@ pub struct SereNet {
     pub dino: DinoHead,
     /// Relation heads.
     pub sere: SereHeads<SereHead>,
+    /// iBOT's patch head when it has its own parameters (`mim` without
+    /// `shared_head`); see [`SereNet::patch_head`].
+    pub separate_patch_head: Option<DinoHead>,
 }
 
 impl SereNet {
@@ -92,24 +95,31 @@ impl SereNet {
     pub fn new(cfg: &TrainConfig) -> Self {
         let mut layout = ParamLayout::new();
         let vit = Vit::new(&mut layout, BACKBONE_PREFIX, vit_config(cfg));
-        let dino = DinoHead::new(
-            &mut layout,
-            "dino_head",
-            DinoHeadConfig {
-                in_dim: cfg.dim,
-                out_dim: cfg.out_dim,
-                hidden_dim: cfg.head_hidden,
-                bottleneck_dim: cfg.bottleneck,
-                nlayers: 3,
-            },
-        );
+        let head = |out_dim| DinoHeadConfig {
+            in_dim: cfg.dim,
+            out_dim,
+            hidden_dim: cfg.head_hidden,
+            bottleneck_dim: cfg.bottleneck,
+            nlayers: 3,
+        };
+        let dino = DinoHead::new(&mut layout, "dino_head", head(cfg.out_dim));
         let sere = SereHeads::from_fn(|n| SereHead::new(&mut layout, n, cfg.dim));
+        // After every other tensor, so a run without it keeps its layout.
+        let separate_patch_head = (cfg.mim && !cfg.shared_head)
+            .then(|| DinoHead::new(&mut layout, "patch_head", head(cfg.patch_out_dim)));
         SereNet {
             layout,
             vit,
             dino,
             sere,
+            separate_patch_head,
         }
+    }
+
+    /// iBOT's patch head: its own when it has one, else the CLS head
+    /// (`shared_head`, as the authors' recipes).
+    pub fn patch_head(&self) -> &DinoHead {
+        self.separate_patch_head.as_ref().unwrap_or(&self.dino)
     }
 
     /// Fresh batch-norm running statistics of the four SERE heads.
@@ -133,5 +143,6 @@ pub fn vit_config(cfg: &TrainConfig) -> VitConfig {
         mlp_ratio: cfg.mlp_ratio as f32,
         drop_path: cfg.drop_path as f32,
         in_chans: 3,
+        mask_token: cfg.mim,
     }
 }

@@ -36,6 +36,8 @@ pub struct RunState<'a> {
     pub adam_v: &'a mut [f32],
     /// DINO centre.
     pub centre: &'a mut [f32],
+    /// iBOT's patch centre (empty without masked image modelling).
+    pub patch_centre: &'a mut [f32],
     /// Student SERE heads' batch-norm statistics.
     pub student_bn: &'a mut HostBnStates,
     /// Teacher SERE heads' batch-norm statistics.
@@ -60,6 +62,8 @@ pub struct RunView<'a> {
     pub adam_v: &'a [f32],
     /// DINO centre.
     pub centre: &'a [f32],
+    /// iBOT's patch centre (empty without masked image modelling).
+    pub patch_centre: &'a [f32],
     /// Student SERE heads' batch-norm statistics.
     pub student_bn: &'a HostBnStates,
     /// Teacher SERE heads' batch-norm statistics.
@@ -79,6 +83,10 @@ pub fn snapshot_state(s: &RunView, cfg: &TrainConfig, step: u64) -> Checkpoint {
     ck.insert_params(keys::OPTIM_M, layout, s.adam_m);
     ck.insert_params(keys::OPTIM_V, layout, s.adam_v);
     ck.insert(keys::CENTRE, &[s.centre.len()], s.centre.to_vec());
+    if !s.patch_centre.is_empty() {
+        let c = s.patch_centre;
+        ck.insert(keys::PATCH_CENTRE, &[c.len()], c.to_vec());
+    }
     for (net, states) in [("student", s.student_bn), ("teacher", s.teacher_bn)] {
         for (name, st) in states.iter() {
             for (bn, r) in [("projection", &st.projection), ("predictor", &st.predictor)] {
@@ -101,6 +109,18 @@ pub fn snapshot_state(s: &RunView, cfg: &TrainConfig, step: u64) -> Checkpoint {
 pub fn restore_state(s: RunState, ck: &Checkpoint) -> Result<u64, SereError> {
     match ck.meta(meta::FORMAT) {
         Some(FORMAT) => {}
+        Some(formats::TRAINING_V1) => {
+            return Err(CheckpointError::BadMeta {
+                key: meta::FORMAT.into(),
+                detail: format!(
+                    "{:?} was written before the SERE heads were stacked on the projection \
+                     and moved before the final norm ({FORMAT}); it cannot be resumed: start \
+                     a new run (`sere eval` and `sere export` still read its backbone)",
+                    formats::TRAINING_V1
+                ),
+            }
+            .into())
+        }
         other => {
             return Err(CheckpointError::BadMeta {
                 key: meta::FORMAT.into(),
@@ -116,6 +136,10 @@ pub fn restore_state(s: RunState, ck: &Checkpoint) -> Result<u64, SereError> {
     ck.read_params(keys::OPTIM_V, layout, s.adam_v)?;
     let k = s.centre.len();
     ck.read_tensor(keys::CENTRE, &[k], s.centre)?;
+    if !s.patch_centre.is_empty() {
+        let k = s.patch_centre.len();
+        ck.read_tensor(keys::PATCH_CENTRE, &[k], s.patch_centre)?;
+    }
     for (net, states) in [("student", s.student_bn), ("teacher", s.teacher_bn)] {
         for (name, st) in states.iter_mut() {
             for (bn, r) in [

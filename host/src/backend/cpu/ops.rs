@@ -9,11 +9,12 @@ use crate::backend::cpu::relation_loss::{
     dino_loss_step, SereGrads, SereInputs, SereLoss, StudentGrads, StudentViews,
 };
 use crate::backend::{
-    AttentionShape, Backend, Blocks, BnMode, BnStats, DinoLossArgs, LinearShape, OpResult,
-    RelationArgs, StudentFeatureGrads, StudentFeatures,
+    AttentionShape, Backend, Blocks, BnMode, BnStats, DinoLossArgs, LinearShape, MimLossArgs,
+    OpResult, RelationArgs, StudentFeatureGrads, StudentFeatures,
 };
 use rayon::prelude::*;
 use sere_core::linalg::MatRef;
+use sere_core::loss;
 use sere_core::optim::{adamw_step, clip_grad_norm, ema_update, AdamW};
 
 /// The host CPU: buffers are `Vec<f32>`, work runs on rayon's global pool
@@ -487,6 +488,34 @@ impl Backend for Cpu {
             a.centre_momentum,
             &mut dstudent[..ns],
         )?;
+        Ok(())
+    }
+
+    fn mim_loss(
+        &self,
+        student: &Vec<f32>,
+        teacher: &Vec<f32>,
+        weights: &Vec<f32>,
+        centre: &mut Vec<f32>,
+        a: MimLossArgs,
+        dstudent: &mut Vec<f32>,
+        stats: &mut Vec<f32>,
+        slot: usize,
+    ) -> OpResult {
+        let n = a.rows * a.dim;
+        let (s, t) = (&student[..n], &teacher[..n]);
+        stats[slot] = loss::weighted_cross_entropy(
+            s,
+            t,
+            &centre[..a.dim],
+            &weights[..a.rows],
+            a.rows,
+            a.dim,
+            a.tau_student,
+            a.tau_teacher,
+            Some((&mut dstudent[..n], a.weight)),
+        )?;
+        loss::dino_centre_update(t, a.rows, a.dim, a.centre_momentum, &mut centre[..a.dim])?;
         Ok(())
     }
 

@@ -25,8 +25,8 @@ use std::sync::Mutex;
 use crate::augment::BatchPairGrids;
 use crate::backend::relation::{ViewShapes, GLOBAL_VIEWS};
 use crate::backend::{
-    AttentionShape, Backend, Blocks, BnMode, BnStats, DinoLossArgs, LinearShape, OpError, OpResult,
-    RelationArgs, StudentFeatureGrads, StudentFeatures,
+    AttentionShape, Backend, Blocks, BnMode, BnStats, DinoLossArgs, LinearShape, MimLossArgs,
+    OpError, OpResult, RelationArgs, StudentFeatureGrads, StudentFeatures,
 };
 use crate::backend::{BN_EPS, BN_MOMENTUM, LN_EPS};
 use sere_core::bilinear::SampleShape;
@@ -1240,6 +1240,43 @@ impl Backend for Cuda {
         )?)
     }
 
+    fn mim_loss(
+        &self,
+        student: &Buf,
+        teacher: &Buf,
+        weights: &Buf,
+        centre: &mut Buf,
+        a: MimLossArgs,
+        dstudent: &mut Buf,
+        stats: &mut Buf,
+        slot: usize,
+    ) -> OpResult {
+        let g = &self.gpu;
+        let n = a.rows * a.dim;
+        let t = lead(teacher, n, "teacher")?;
+        g.weighted_cross_entropy_backward(
+            &lead(student, n, "student")?,
+            &t,
+            &lead(centre, a.dim, "centre")?,
+            &lead(weights, a.rows, "weights")?,
+            a.rows,
+            a.dim,
+            a.tau_student,
+            a.tau_teacher,
+            a.weight,
+            &mut lead_mut(dstudent, n, "dstudent")?,
+            &mut part_mut(stats, slot..slot + 1, "stats")?,
+        )?;
+        // The loss used the centre from before this update, as iBOT does.
+        Ok(g.dino_centre_update(
+            &t,
+            a.rows,
+            a.dim,
+            a.centre_momentum,
+            &mut lead_mut(centre, a.dim, "centre")?,
+        )?)
+    }
+
     /// The mirror's batched kernels over compacted pair grids (two uploads
     /// per call); each cross-entropy's mean is added into its slot with the
     /// weight that makes the slot the mean over terms.
@@ -1809,6 +1846,49 @@ mod tests {
         )
         .unwrap();
         close("stats", &down(&dev, &stats), &[5.0, loss, 5.0], 1e-5);
+        close("dstudent", &down(&dev, &gd), &g_cpu, 1e-5);
+        close("centre", &down(&dev, &cd), &c_cpu, 1e-6);
+    }
+
+    #[test]
+    fn mim_loss_matches_the_cpu() {
+        let Some(dev) = device() else { return };
+        let (images, patches, dim) = (4, 9, 6);
+        let rows = images * patches;
+        let a = MimLossArgs {
+            rows,
+            dim,
+            tau_student: 0.1,
+            tau_teacher: 0.04,
+            weight: 0.7,
+            centre_momentum: 0.9,
+        };
+        let masks: Vec<bool> = (0..rows).map(|r| r % 4 == 1 && r >= patches).collect();
+        let mut w = vec![0.0; rows];
+        sere_core::loss::masked_patch_weights(&masks, patches, &mut w).unwrap();
+        let (s, t) = (data(rows * dim, 31), data(rows * dim, 32));
+        let (c0, g0) = (data(dim, 33), data(rows * dim, 34));
+        let run = |be_c: &mut Vec<f32>, be_g: &mut Vec<f32>, stats: &mut Vec<f32>| {
+            crate::backend::Cpu
+                .mim_loss(&s, &t, &w, be_c, a, be_g, stats, 1)
+                .unwrap()
+        };
+        let (mut c_cpu, mut g_cpu, mut st_cpu) = (c0.clone(), g0.clone(), vec![5.0; 3]);
+        run(&mut c_cpu, &mut g_cpu, &mut st_cpu);
+        let (mut cd, mut gd) = (up(&dev, &c0), up(&dev, &g0));
+        let mut stats = up(&dev, &[5.0; 3]);
+        dev.mim_loss(
+            &up(&dev, &s),
+            &up(&dev, &t),
+            &up(&dev, &w),
+            &mut cd,
+            a,
+            &mut gd,
+            &mut stats,
+            1,
+        )
+        .unwrap();
+        close("stats", &down(&dev, &stats), &st_cpu, 1e-5);
         close("dstudent", &down(&dev, &gd), &g_cpu, 1e-5);
         close("centre", &down(&dev, &cd), &c_cpu, 1e-6);
     }
