@@ -712,7 +712,10 @@ mod tests {
         .command
         {
             Command::Eval(EvalCommand::Knn(k)) => {
-                assert_eq!((k.k, k.temperature, k.data.as_deref()), (20, 0.07, Some("d")));
+                assert_eq!(
+                    (k.k, k.temperature, k.data.as_deref()),
+                    (20, 0.07, Some("d"))
+                );
             }
             c => panic!("{c:?}"),
         }

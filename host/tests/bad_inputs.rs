@@ -539,7 +539,11 @@ fn eval_without_data_names_the_missing_training_data() {
     let d = tmp("gone");
     for (i, class) in ["a", "b"].iter().enumerate() {
         for k in 0..4u8 {
-            write_image(&d.join(format!("{class}/{k}.png")), i as u8 * 100 + k * 10, false);
+            write_image(
+                &d.join(format!("{class}/{k}.png")),
+                i as u8 * 100 + k * 10,
+                false,
+            );
         }
     }
     let o = train_on(&d);

@@ -613,10 +613,18 @@ fn train_ends_with_the_evaluation_and_eval_defaults_to_the_training_data() {
         serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     assert_eq!(report["step"], 3);
     assert_eq!(report["checkpoint"], "checkpoint-00000003.safetensors");
-    assert_eq!((report["train"].as_u64(), report["test"].as_u64()), (Some(64), Some(32)));
-    assert_eq!((report["k"].as_u64(), report["features"].as_str()), (Some(20), Some("teacher_cls")));
+    assert_eq!(
+        (report["train"].as_u64(), report["test"].as_u64()),
+        (Some(64), Some(32))
+    );
+    assert_eq!(
+        (report["k"].as_u64(), report["features"].as_str()),
+        (Some(20), Some("teacher_cls"))
+    );
     let acc = |key: &str| {
-        let v = report[key].as_f64().unwrap_or_else(|| panic!("{key}: {report}"));
+        let v = report[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}: {report}"));
         assert!((0.0..=1.0).contains(&v), "{key}: {v}");
         v
     };
@@ -631,17 +639,36 @@ fn train_ends_with_the_evaluation_and_eval_defaults_to_the_training_data() {
     assert!(o.status.success(), "{}", stderr(&o));
     let lines = json_lines(&o);
     assert_eq!(lines.len(), 2, "{lines:?}");
-    assert_eq!((lines[0]["train"].as_u64(), lines[0]["test"].as_u64()), (Some(64), Some(32)));
+    assert_eq!(
+        (lines[0]["train"].as_u64(), lines[0]["test"].as_u64()),
+        (Some(64), Some(32))
+    );
     let close = |a: f64, b: f64| (a - b).abs() < 1e-4;
-    assert!(close(lines[0]["top1"].as_f64().unwrap(), acc("knn_teacher")), "{lines:?} {report}");
-    assert!(close(lines[1]["top1"].as_f64().unwrap(), acc("knn_pixels")), "{lines:?} {report}");
+    assert!(
+        close(lines[0]["top1"].as_f64().unwrap(), acc("knn_teacher")),
+        "{lines:?} {report}"
+    );
+    assert!(
+        close(lines[1]["top1"].as_f64().unwrap(), acc("knn_pixels")),
+        "{lines:?} {report}"
+    );
     let o = sere(&["eval", "linear", "--checkpoint", ck]);
     assert!(o.status.success(), "{}", stderr(&o));
     let line = &json_lines(&o)[0];
     assert_eq!(line["test"].as_u64(), Some(32));
-    assert!(close(line["top1"].as_f64().unwrap(), acc("linear_teacher")), "{line} {report}");
+    assert!(
+        close(line["top1"].as_f64().unwrap(), acc("linear_teacher")),
+        "{line} {report}"
+    );
     // --data still wins over the stored data.
-    let o = sere(&["eval", "knn", "--checkpoint", ck, "--data", "synthetic:size=16,train=40,test=20"]);
+    let o = sere(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        ck,
+        "--data",
+        "synthetic:size=16,train=40,test=20",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(json_lines(&o)[0]["test"].as_u64(), Some(20));
 
@@ -674,6 +701,11 @@ fn train_ends_with_the_evaluation_and_eval_defaults_to_the_training_data() {
     );
     assert!(!d.join("no-test/eval.json").exists());
     // Evaluating that run without --data: its data has no test split.
-    let o = sere(&["eval", "knn", "--checkpoint", d.join("no-test").to_str().unwrap()]);
+    let o = sere(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        d.join("no-test").to_str().unwrap(),
+    ]);
     assert_fails_with(&o, "has no test split");
 }

@@ -20,9 +20,9 @@ use std::f32::consts::PI;
 use rand::RngExt;
 use rayon::prelude::*;
 
-use super::dataset::{Dataset, Split};
 #[cfg(test)]
 use super::dataset::Raster;
+use super::dataset::{Dataset, Split};
 use super::error::{DataError, Result};
 use super::rng::{stream, Purpose};
 
@@ -140,7 +140,11 @@ pub fn render(seed: u64, which: u64, index: usize, size: usize, out: &mut [u8]) 
         let mut r = stream(colour_key, Purpose::Synthetic, a as u64, b as u64);
         let c = random_colour(&mut r);
         let step = r.random_range(0.3..0.6f32);
-        let target = if r.random_bool(0.5) { bg + step } else { bg - step };
+        let target = if r.random_bool(0.5) {
+            bg + step
+        } else {
+            bg - step
+        };
         let shift = target.clamp(0.0, 1.0) - luma(c);
         c.map(|v| (v + shift).clamp(0.0, 1.0))
     };
@@ -464,9 +468,15 @@ mod tests {
             .collect();
         // Each covers about the same area (1.3 - 1.6 of the 2.4 x 2.4
         // square, i.e. 22-28%), and any two differ on more than a sixth of it.
-        let areas: Vec<usize> = masks.iter().map(|m| m.iter().filter(|&&v| v).count()).collect();
+        let areas: Vec<usize> = masks
+            .iter()
+            .map(|m| m.iter().filter(|&&v| v).count())
+            .collect();
         for (a, &area) in areas.iter().enumerate() {
-            assert!(area > n * n * 22 / 100 && area < n * n * 28 / 100, "{a}: {area}");
+            assert!(
+                area > n * n * 22 / 100 && area < n * n * 28 / 100,
+                "{a}: {area}"
+            );
         }
         for (a, mask) in masks.iter().enumerate() {
             for b in a + 1..5 {
@@ -483,13 +493,18 @@ mod tests {
 
     /// Features of every image of a split: `(features, labels)`.
     fn features(split: &Split, f: impl Fn(&Raster) -> Vec<f32>) -> (Vec<Vec<f32>>, Vec<u32>) {
-        let x = (0..split.len()).map(|i| f(&split.image(i).unwrap())).collect();
+        let x = (0..split.len())
+            .map(|i| f(&split.image(i).unwrap()))
+            .collect();
         (x, split.labels().to_vec())
     }
 
     /// Top-1 accuracy of a nearest-class-centroid classifier (Euclidean)
     /// fitted on `train` and scored on `test`.
-    fn nearest_centroid(train: &(Vec<Vec<f32>>, Vec<u32>), test: &(Vec<Vec<f32>>, Vec<u32>)) -> f32 {
+    fn nearest_centroid(
+        train: &(Vec<Vec<f32>>, Vec<u32>),
+        test: &(Vec<Vec<f32>>, Vec<u32>),
+    ) -> f32 {
         let d = train.0[0].len();
         let mut centroids = vec![vec![0.0f64; d]; 10];
         let mut counts = [0usize; 10];
@@ -508,7 +523,10 @@ mod tests {
             .zip(&test.1)
             .filter(|(x, &y)| {
                 let dist = |c: &Vec<f64>| -> f64 {
-                    c.iter().zip(x.iter()).map(|(a, &b)| (a - b as f64).powi(2)).sum()
+                    c.iter()
+                        .zip(x.iter())
+                        .map(|(a, &b)| (a - b as f64).powi(2))
+                        .sum()
                 };
                 let best = (0..10)
                     .min_by(|&a, &b| dist(&centroids[a]).total_cmp(&dist(&centroids[b])))
@@ -602,9 +620,14 @@ mod tests {
         let colour = score(&|img| block_means(img, 1));
         let layout = score(&|img| block_means(img, 4));
         let texture = score(&orientation);
-        eprintln!("nearest centroid: colour {colour}, 4x4 colour layout {layout}, orientation {texture}");
+        eprintln!(
+            "nearest centroid: colour {colour}, 4x4 colour layout {layout}, orientation {texture}"
+        );
         assert!(colour < 0.16, "mean colour predicts the class: {colour}");
         assert!(layout < 0.16, "colour layout predicts the class: {layout}");
-        assert!(texture > 0.3, "orientation should predict textures: {texture}");
+        assert!(
+            texture > 0.3,
+            "orientation should predict textures: {texture}"
+        );
     }
 }

@@ -109,8 +109,12 @@ impl FinalEval {
         let path = dir.join(EVAL_FILE);
         let text =
             std::fs::read_to_string(&path).map_err(|e| SereError::io("cannot read", &path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| SereError::Other(format!("{} is not an evaluation report: {e}", path.display())))
+        serde_json::from_str(&text).map_err(|e| {
+            SereError::Other(format!(
+                "{} is not an evaluation report: {e}",
+                path.display()
+            ))
+        })
     }
 }
 
