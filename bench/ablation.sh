@@ -47,8 +47,11 @@ mkdir -p "$OUT"
 # heads 4), patch 4 on 28 px globals (7x7 tokens, 7x7 global overlap grid) and
 # 4 locals of 12 px (3x3 global-local grid), batch 32, K 1024, lr 5e-3 per 256
 # images (peak 6.25e-4), teacher momentum 0.99 -> 1, no warm-up, last layer
-# trained from the start (runs are shorter than one epoch).
+# trained from the start (runs are shorter than one epoch). The sizes the
+# defaults had when these runs were made are pinned (the defaults have since
+# become the recipe of the default synthetic run).
 COMMON=(--data "$DATA" --img 28 --local-img 12 --patch 4 --local-overlap 3
+        --preset micro --batch 32 --locals 4 --set head_hidden=2048 --set bottleneck=256
         --out-dim 1024 --threads "$THREADS"
         --set momentum_teacher=0.99 --set warmup_epochs=0 --set freeze_last_layer=0
         --set checkpoint_every=$((STEPS / 2)))

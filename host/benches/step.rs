@@ -62,6 +62,8 @@ fn step_benches(c: &mut Criterion) {
         "batch=32",
         "locals=4",
         "out_dim=4096",
+        "head_hidden=2048",
+        "bottleneck=256",
         "overlap=7",
         "local_overlap=4",
     ]);
@@ -76,6 +78,8 @@ fn step_benches(c: &mut Criterion) {
         "batch=2",
         "locals=10",
         "out_dim=8192",
+        "head_hidden=2048",
+        "bottleneck=256",
         "overlap=13",
         "local_overlap=6",
     ]);

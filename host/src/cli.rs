@@ -225,6 +225,11 @@ pub struct TrainArgs {
     /// Set any config key, value in TOML syntax (repeatable): --set lr=1e-3.
     #[arg(long = "set", short = 's', value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Skip the evaluation on the data's test split at the end of the run
+    /// (the `final_eval` key; k-NN of the teacher, the random
+    /// initialisation and raw pixels, and the teacher's linear probe).
+    #[arg(long)]
+    pub no_eval: bool,
 }
 
 /// Where `--resume` points.
@@ -255,6 +260,9 @@ impl TrainArgs {
         }
         if let Some(o) = &self.out {
             cfg.out = Some(o.clone());
+        }
+        if self.no_eval {
+            cfg.final_eval = false;
         }
     }
 
@@ -336,9 +344,10 @@ pub struct KnnArgs {
     /// is used, as DINO evaluates.
     #[arg(long, value_name = "FILE")]
     pub checkpoint: PathBuf,
-    /// Labelled dataset (train and test splits) or "synthetic".
+    /// Labelled dataset (train and test splits) or "synthetic" (default:
+    /// the data the checkpoint was trained on).
     #[arg(long, value_name = "PATH")]
-    pub data: String,
+    pub data: Option<String>,
     /// Neighbours voting per test image.
     #[arg(long, default_value_t = 20)]
     pub k: usize,
@@ -370,9 +379,10 @@ pub struct LinearArgs {
     /// teacher backbone is used.
     #[arg(long, value_name = "FILE|DIR")]
     pub checkpoint: PathBuf,
-    /// Labelled dataset (train and test splits) or "synthetic".
+    /// Labelled dataset (train and test splits) or "synthetic" (default:
+    /// the data the checkpoint was trained on).
     #[arg(long, value_name = "PATH")]
-    pub data: String,
+    pub data: Option<String>,
     /// Optimiser of the probe.
     #[arg(long, value_enum, default_value_t = Optimizer::Lbfgs)]
     pub optimizer: Optimizer,
@@ -702,7 +712,10 @@ mod tests {
         .command
         {
             Command::Eval(EvalCommand::Knn(k)) => {
-                assert_eq!((k.k, k.temperature, k.data.as_str()), (20, 0.07, "d"));
+                assert_eq!(
+                    (k.k, k.temperature, k.data.as_deref()),
+                    (20, 0.07, Some("d"))
+                );
             }
             c => panic!("{c:?}"),
         }
@@ -726,6 +739,15 @@ mod tests {
         let cfg = b.to_config().unwrap();
         assert_eq!((cfg.dim, cfg.heads, cfg.out_dim), (64, 2, 128));
         assert!(Cli::try_parse_from(["sere", "eval", "knn", "--data", "d"]).is_err());
+        // Without --data, eval uses the checkpoint's own data.
+        match parse(&["eval", "knn", "--checkpoint", "c"]).command {
+            Command::Eval(EvalCommand::Knn(k)) => assert_eq!(k.data, None),
+            c => panic!("{c:?}"),
+        }
+        match parse(&["eval", "linear", "--checkpoint", "c"]).command {
+            Command::Eval(EvalCommand::Linear(l)) => assert_eq!(l.data, None),
+            c => panic!("{c:?}"),
+        }
     }
 
     #[test]

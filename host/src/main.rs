@@ -15,7 +15,7 @@ use sere_host::cli::{
 use sere_host::config::Device;
 use sere_host::data::DataSpec;
 use sere_host::error::{report, SereError};
-use sere_host::eval::{features, features::Embedder, knn, linear};
+use sere_host::eval::{features, features::Embedder, knn, linear, report};
 use sere_host::export;
 use sere_host::metrics;
 use sere_host::train;
@@ -162,6 +162,43 @@ fn run_train(args: &TrainArgs) -> Result<(), SereError> {
         summary.out_dir.join(metrics::METRICS_FILE).display()
     );
     println!("output in   {}", summary.out_dir.display());
+    if summary.config.final_eval {
+        final_eval(&summary)?;
+    }
+    Ok(())
+}
+
+/// The end-of-training evaluation of the run's last checkpoint, on the
+/// device it trained on: printed, and written to `eval.json` in the run
+/// folder.
+fn final_eval(summary: &train::TrainSummary) -> Result<(), SereError> {
+    let path = &summary.checkpoint;
+    let ck = Checkpoint::load(path)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    eprintln!("evaluating {name} on the test split ...");
+    let report = match summary.config.device {
+        Device::Cpu => report::final_eval(Cpu, &ck, &name)?,
+        Device::Cuda => report::final_eval(open_cuda()?, &ck, &name)?,
+    };
+    match report {
+        Some(r) => {
+            for line in r.lines() {
+                println!("{line}");
+            }
+            r.write(&summary.out_dir)?;
+            println!(
+                "evaluation: {}",
+                summary.out_dir.join(report::EVAL_FILE).display()
+            );
+        }
+        None => println!(
+            "evaluation skipped: {} has no test split (evaluate with `sere eval knn --data ...`)",
+            summary.config.data
+        ),
+    }
     Ok(())
 }
 
@@ -180,17 +217,28 @@ fn run_bench(args: &BenchStepArgs) -> Result<(), SereError> {
     Ok(())
 }
 
-fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
-    knn::check_params(args.k, args.temperature)?;
-    train::check_data_memory(&args.data)?;
-    let path = checkpoint_in(&args.checkpoint)?;
-    let ck = Checkpoint::load(&path)?;
-    on_device!(args.device, &ck, emb => knn_on(&emb, args))
+/// The data an evaluation runs on: `--data`, else the data the checkpoint
+/// was trained on (its stored config), checked to fit in memory.
+fn eval_data(given: Option<&str>, ck: &Checkpoint) -> Result<String, SereError> {
+    let data = match given {
+        Some(d) => d.to_string(),
+        None => ck.training_config()?.data,
+    };
+    train::check_data_memory(&data)?;
+    Ok(data)
 }
 
-fn knn_on<B: Backend>(emb: &Embedder<B>, args: &KnnArgs) -> Result<(), SereError> {
+fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
+    knn::check_params(args.k, args.temperature)?;
+    let path = checkpoint_in(&args.checkpoint)?;
+    let ck = Checkpoint::load(&path)?;
+    let data = eval_data(args.data.as_deref(), &ck)?;
+    on_device!(args.device, &ck, emb => knn_on(&emb, args, &data))
+}
+
+fn knn_on<B: Backend>(emb: &Embedder<B>, args: &KnnArgs, data: &str) -> Result<(), SereError> {
     train::set_threads(args.threads.or(emb.config().threads));
-    let data = DataSpec::parse(&args.data)
+    let data = DataSpec::parse(data)
         .and_then(|s| s.open())
         .map_err(SereError::data)?;
     let test = data.test_split().map_err(SereError::data)?;
@@ -216,13 +264,8 @@ fn knn_on<B: Backend>(emb: &Embedder<B>, args: &KnnArgs) -> Result<(), SereError
         acc,
     );
     if args.pixels {
-        let img = emb.config().img;
-        let (mut tr, trl) = features::pixel_features(&data.train, img, batch)?;
-        let (mut te, tel) = features::pixel_features(test, img, batch)?;
-        let d = 3 * img * img;
-        let mean = features::column_mean(&tr, d);
-        features::centre_and_normalize(&mut tr, &mean);
-        features::centre_and_normalize(&mut te, &mean);
+        let (tr, trl, te, tel, d) =
+            features::pixel_baseline(&data.train, test, emb.config().img, batch)?;
         let acc = knn::weighted_knn_accuracy(
             &tr,
             &trl,
@@ -252,18 +295,22 @@ fn print_knn(features: &str, k: usize, temperature: f64, (train, test): (usize, 
 }
 
 fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
-    train::check_data_memory(&args.data)?;
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
-    on_device!(args.device, &ck, emb => linear_on(&emb, args))
+    let data = eval_data(args.data.as_deref(), &ck)?;
+    on_device!(args.device, &ck, emb => linear_on(&emb, args, &data))
 }
 
 /// The linear probe on `emb`'s features; the probe itself is fitted on the
 /// CPU (L-BFGS on frozen features), the features come from the device.
-fn linear_on<B: Backend>(emb: &Embedder<B>, args: &LinearArgs) -> Result<(), SereError> {
+fn linear_on<B: Backend>(
+    emb: &Embedder<B>,
+    args: &LinearArgs,
+    data: &str,
+) -> Result<(), SereError> {
     let cfg = args.probe_config();
     train::set_threads(args.threads.or(emb.config().threads));
-    let data = DataSpec::parse(&args.data)
+    let data = DataSpec::parse(data)
         .and_then(|s| s.open())
         .map_err(SereError::data)?;
     let test = data.test_split().map_err(SereError::data)?;
@@ -308,14 +355,9 @@ fn linear_on<B: Backend>(emb: &Embedder<B>, args: &LinearArgs) -> Result<(), Ser
         started,
     );
     if args.pixels {
-        let img = emb.config().img;
         let started = Instant::now();
-        let (mut tr, trl) = features::pixel_features(&data.train, img, batch)?;
-        let (mut te, tel) = features::pixel_features(test, img, batch)?;
-        let d = 3 * img * img;
-        let mean = features::column_mean(&tr, d);
-        features::centre_and_normalize(&mut tr, &mean);
-        features::centre_and_normalize(&mut te, &mean);
+        let (mut tr, trl, mut te, tel, d) =
+            features::pixel_baseline(&data.train, test, emb.config().img, batch)?;
         let embed_s = started.elapsed().as_secs_f64();
         let started = Instant::now();
         let r = linear::evaluate(&mut tr, &trl, &mut te, &tel, d, classes, &cfg)?;

@@ -531,3 +531,27 @@ fn knn_on(data: &str) -> Output {
         Duration::from_secs(60),
     )
 }
+
+/// `eval` without `--data` opens the data the checkpoint was trained on;
+/// when that is gone, the error names it.
+#[test]
+fn eval_without_data_names_the_missing_training_data() {
+    let d = tmp("gone");
+    for (i, class) in ["a", "b"].iter().enumerate() {
+        for k in 0..4u8 {
+            write_image(
+                &d.join(format!("{class}/{k}.png")),
+                i as u8 * 100 + k * 10,
+                false,
+            );
+        }
+    }
+    let o = train_on(&d);
+    assert_ok(&o);
+    let out = d.with_extension("out");
+    std::fs::remove_dir_all(&d).unwrap();
+    for cmd in ["knn", "linear"] {
+        let o = sere(&["eval", cmd, "--checkpoint", s(&out)]);
+        assert_refused(&o, s(&d));
+    }
+}

@@ -577,3 +577,135 @@ fn export_refuses_to_overwrite_its_checkpoint_or_a_missing_one() {
     ]);
     assert_fails_with(&o, "/nonexistent/ck.safetensors");
 }
+
+/// `sere train` ends with the evaluation on the data's test split: k-NN of
+/// the trained teacher, the random initialisation and raw pixels, and the
+/// linear probe, printed and written to `eval.json`; the numbers are the
+/// ones `sere eval` prints for the same checkpoint, and `eval` without
+/// `--data` takes the data the checkpoint was trained on.
+#[test]
+fn train_ends_with_the_evaluation_and_eval_defaults_to_the_training_data() {
+    let d = tmp("final-eval");
+    let out = d.join("run");
+    let o = sere(&train_args(&[
+        "--steps",
+        "3",
+        "--data",
+        TINY_DATA,
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    for needle in [
+        "evaluation on the test split of synthetic:size=16,train=64,test=32",
+        "64 train / 32 test images",
+        "weighted 20-NN top-1:  random init",
+        "trained teacher",
+        "raw pixels",
+        "linear probe top-1:",
+        "points from raw pixels",
+        "eval.json",
+    ] {
+        assert!(stdout.contains(needle), "{needle:?} missing in: {stdout}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(report["step"], 3);
+    assert_eq!(report["checkpoint"], "checkpoint-00000003.safetensors");
+    assert_eq!(
+        (report["train"].as_u64(), report["test"].as_u64()),
+        (Some(64), Some(32))
+    );
+    assert_eq!(
+        (report["k"].as_u64(), report["features"].as_str()),
+        (Some(20), Some("teacher_cls"))
+    );
+    let acc = |key: &str| {
+        let v = report[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}: {report}"));
+        assert!((0.0..=1.0).contains(&v), "{key}: {v}");
+        v
+    };
+    for key in ["knn_random_init", "linear_random_init"] {
+        acc(key);
+    }
+
+    // `eval knn --pixels` and `eval linear`, both without --data, on the
+    // run folder: the same data, the same numbers.
+    let ck = out.to_str().unwrap();
+    let o = sere(&["eval", "knn", "--checkpoint", ck, "--pixels"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = json_lines(&o);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(
+        (lines[0]["train"].as_u64(), lines[0]["test"].as_u64()),
+        (Some(64), Some(32))
+    );
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-4;
+    assert!(
+        close(lines[0]["top1"].as_f64().unwrap(), acc("knn_teacher")),
+        "{lines:?} {report}"
+    );
+    assert!(
+        close(lines[1]["top1"].as_f64().unwrap(), acc("knn_pixels")),
+        "{lines:?} {report}"
+    );
+    let o = sere(&["eval", "linear", "--checkpoint", ck]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = &json_lines(&o)[0];
+    assert_eq!(line["test"].as_u64(), Some(32));
+    assert!(
+        close(line["top1"].as_f64().unwrap(), acc("linear_teacher")),
+        "{line} {report}"
+    );
+    // --data still wins over the stored data.
+    let o = sere(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        ck,
+        "--data",
+        "synthetic:size=16,train=40,test=20",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json_lines(&o)[0]["test"].as_u64(), Some(20));
+
+    // --no-eval skips it; data without a test split says it was skipped.
+    let o = sere(&train_args(&[
+        "--steps",
+        "1",
+        "--data",
+        TINY_DATA,
+        "--no-eval",
+        "--out",
+        d.join("no-eval").to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("evaluation"));
+    assert!(!d.join("no-eval/eval.json").exists());
+    let o = sere(&train_args(&[
+        "--steps",
+        "1",
+        "--data",
+        "synthetic:size=16,train=64,test=0",
+        "--out",
+        d.join("no-test").to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("evaluation skipped"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(!d.join("no-test/eval.json").exists());
+    // Evaluating that run without --data: its data has no test split.
+    let o = sere(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        d.join("no-test").to_str().unwrap(),
+    ]);
+    assert_fails_with(&o, "has no test split");
+}

@@ -43,6 +43,7 @@ fn tiny(out: &Path) -> TrainConfig {
         drop_path = 0.2
         steps = 3
         warmup_epochs = 1
+        freeze_last_layer = 1
         checkpoint_every = 3
         log_every = 1
         seed = 7

@@ -34,6 +34,7 @@ fn tiny_with(out: &Path, steps: u64, extra: &str) -> TrainConfig {
         local_overlap = 2
         steps = {steps}
         warmup_epochs = 1
+        freeze_last_layer = 1
         warmup_teacher_temp_epochs = 2
         warmup_teacher_temp = 0.04
         teacher_temp = 0.07

@@ -92,13 +92,37 @@ impl<B: Backend> Embedder<B> {
         let net = SereNet::new(&cfg);
         let mut host = vec![0.0; net.layout.len()];
         ck.read_params(crate::checkpoint::keys::TEACHER, &net.layout, &mut host)?;
-        let params = be.upload(&host).map_err(device_error)?;
+        Self::from_params(be, cfg, net, &host)
+    }
+
+    /// The network a run of `cfg` starts from (student and teacher are
+    /// both this at step 0: the layout's initialisation drawn from
+    /// `cfg.seed`, as [`crate::train::engine::Engine::new`] draws it): the
+    /// "random initialisation" baseline of a trained teacher.
+    pub fn random_init(be: B, cfg: &TrainConfig) -> Result<Self, SereError> {
+        use rand::SeedableRng;
+        let net = SereNet::new(cfg);
+        let mut host = vec![0.0; net.layout.len()];
+        net.layout.init(
+            &mut host,
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed),
+        );
+        Self::from_params(be, cfg.clone(), net, &host)
+    }
+
+    fn from_params(be: B, cfg: TrainConfig, net: SereNet, host: &[f32]) -> Result<Self, SereError> {
+        let params = be.upload(host).map_err(device_error)?;
         Ok(Embedder {
             be,
             net,
             params,
             cfg,
         })
+    }
+
+    /// Gives the backend back (to load another network onto it).
+    pub fn into_backend(self) -> B {
+        self.be
     }
 
     /// The run's configuration.
@@ -190,6 +214,26 @@ pub fn pixel_features(
     Ok((feats, labels))
 }
 
+/// Raw-pixel features of a training and a test split at `img` px, centred
+/// with the training mean and L2-normalised: `(train, train labels, test,
+/// test labels, width)`, the baseline `eval knn --pixels` and
+/// `eval linear --pixels` report.
+#[allow(clippy::type_complexity)]
+pub fn pixel_baseline(
+    train: &Split,
+    test: &Split,
+    img: usize,
+    batch: usize,
+) -> Result<(Vec<f32>, Vec<u32>, Vec<f32>, Vec<u32>, usize), SereError> {
+    let (mut tr, trl) = pixel_features(train, img, batch)?;
+    let (mut te, tel) = pixel_features(test, img, batch)?;
+    let d = 3 * img * img;
+    let mean = column_mean(&tr, d);
+    centre_and_normalize(&mut tr, &mean);
+    centre_and_normalize(&mut te, &mean);
+    Ok((tr, trl, te, tel, d))
+}
+
 /// Subtracts `mean` (one row) from every row of `feats`, then L2-normalises
 /// the rows.
 pub fn centre_and_normalize(feats: &mut [f32], mean: &[f32]) {
@@ -214,4 +258,34 @@ pub fn column_mean(feats: &[f32], d: usize) -> Vec<f32> {
     mean.into_iter()
         .map(|m| (m / rows.max(1) as f64) as f32)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+    use crate::train::engine::CpuEngine;
+
+    /// The random-initialisation baseline is the network a run starts
+    /// from: the engine's step-0 teacher, bit for bit, for its seed.
+    #[test]
+    fn random_init_is_the_runs_starting_teacher() {
+        let cfg = TrainConfig {
+            preset: crate::config::Preset::Custom,
+            dim: 16,
+            depth: 1,
+            heads: 2,
+            img: 16,
+            local_img: 8,
+            out_dim: 32,
+            head_hidden: 16,
+            bottleneck: 8,
+            seed: 5,
+            ..TrainConfig::default()
+        };
+        let emb = Embedder::random_init(Cpu, &cfg).unwrap();
+        assert_eq!(emb.params, CpuEngine::cpu(&cfg).teacher);
+        let other = Embedder::random_init(Cpu, &TrainConfig { seed: 6, ..cfg }).unwrap();
+        assert_ne!(other.params, emb.params);
+    }
 }

@@ -3,3 +3,4 @@
 pub mod features;
 pub mod knn;
 pub mod linear;
+pub mod report;

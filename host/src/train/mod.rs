@@ -30,6 +30,8 @@ pub struct TrainSummary {
     pub steps: u64,
     /// Last logged metrics.
     pub last: StepMetrics,
+    /// The configuration the run trained with.
+    pub config: TrainConfig,
 }
 
 /// The per-step schedules of a run (DINO's: cosine learning rate with
@@ -597,6 +599,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
         checkpoint: last_ck.expect("the last step saves"),
         steps: done,
         last,
+        config: cfg,
     })
 }
 
