@@ -514,6 +514,73 @@ pub fn dino_centre_update(
     Ok(())
 }
 
+/// Mean entropy, in nats, of the centred and sharpened teacher distribution
+/// `q = softmax((t - c) / tau_t)` over the `rows` rows of `teacher`
+/// (`rows x dim`): DINO's collapse monitor. A uniform collapse drives it to
+/// `ln dim`, a collapse onto one prototype to 0; the DINO loss (the
+/// cross-entropy `H(q, p)`, averaged over the same teacher rows) minus this
+/// entropy is the mean `KL(q || p)`, which goes to 0 in both collapses
+/// (Caron et al., 2021, section 5.3).
+///
+/// Evaluated per row as `ln Z + sum_k q_k (m - z_k)` with `z = (t - c) /
+/// tau_t` and `m = max z`: every term is non-negative, so there is no
+/// cancellation.
+///
+/// ```
+/// use sere_core::loss::teacher_entropy;
+/// // A flat row: ln 4. A row with one dominant logit: about 0.
+/// let t = [1.0f32, 1.0, 1.0, 1.0, 9.0, 0.0, 0.0, 0.0];
+/// let h = teacher_entropy(&t, &[0.0; 4], 1, 4, 0.04).unwrap();
+/// assert!((h - 4.0f32.ln()).abs() < 1e-6);
+/// let h = teacher_entropy(&t, &[0.0; 4], 2, 4, 0.04).unwrap();
+/// assert!((h - 4.0f32.ln() / 2.0).abs() < 1e-6);
+/// ```
+pub fn teacher_entropy(
+    teacher: &[f32],
+    centre: &[f32],
+    rows: usize,
+    dim: usize,
+    tau_t: f32,
+) -> Result<f32> {
+    check_nonzero("rows", rows)?;
+    check_nonzero("dim", dim)?;
+    check_positive("tau_t", tau_t)?;
+    let n = shape_product("rows x dim", &[rows, dim])?;
+    check_len("teacher", teacher.len(), n)?;
+    check_len("centre", centre.len(), dim)?;
+    crate::error::check_finite("centre", centre)?;
+    let mut total = 0.0f64;
+    for row in teacher[..n].chunks_exact(dim) {
+        total += entropy_row(row, centre, 1.0 / tau_t)?;
+    }
+    Ok((total / rows as f64) as f32)
+}
+
+crate::simd::multiversion! {
+    /// Entropy of `softmax((t - c) * inv_tau)` for one row.
+    fn entropy_row(t: &[f32], c: &[f32], inv_tau: f32) -> Result<f64> {
+        row_max(t, "teacher logits")?;
+        let z = |tv: f32, cv: f32| (tv - cv) * inv_tau;
+        let m = max_zip(t, c, z);
+        if !m.is_finite() {
+            return Err(Error::NonFinite {
+                what: "centred teacher logits",
+            });
+        }
+        let zsum = sum_zip3_blocked(t, c, c, |tv, cv, _| expf(z(tv, cv) - m));
+        let inv_z = 1.0 / zsum;
+        let cross = sum_zip3_blocked(t, c, c, |tv, cv, _| {
+            let q = expf(z(tv, cv) - m) * inv_z;
+            if q > 0.0 {
+                q * (m - z(tv, cv))
+            } else {
+                0.0
+            }
+        });
+        Ok(logf(zsum) as f64 + cross as f64)
+    }
+}
+
 /// iBOT's weights of its masked-patch loss: for `masks` laid out as
 /// `[images][patches]` (`true` = masked), each masked position of image `i`
 /// gets `1 / (max(1, masked_i) * images)` and every other position 0, so

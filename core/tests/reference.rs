@@ -390,6 +390,27 @@ fn masked_patch_loss_and_centre() {
 }
 
 #[test]
+fn teacher_entropy_matches() {
+    let mut rep = Report::new();
+    for c in load("entropy") {
+        let (rows, dim, tau_t) = (c.usize("rows"), c.usize("dim"), c.f32("tau_t"));
+        let (t, centre) = (c.f32s("teacher"), c.f32s("centre"));
+        if let Some(h) = rep.ok(
+            &c.name,
+            loss::teacher_entropy(&t, &centre, rows, dim, tau_t),
+        ) {
+            rep.check(
+                &c.name,
+                close_scalar("entropy", h, c.scalar("entropy"), RTOL),
+            );
+            let ln_k = (dim as f32).ln();
+            assert!((0.0..=ln_k * (1.0 + 1e-6)).contains(&h), "{}: {h}", c.name);
+        }
+    }
+    rep.finish("entropy");
+}
+
+#[test]
 fn layer_norm() {
     let mut rep = Report::new();
     for c in load("norm")

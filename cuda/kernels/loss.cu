@@ -141,3 +141,30 @@ extern "C" __global__ void weighted_ce_rows(const float* s, const float* t, cons
     cross = row_sum(cross, sh_ms);
     if (row < rows && threadIdx.x == 0) row_loss[row] = active ? wr * (logf(zs) + cross) : 0.0f;
 }
+
+// DINO's collapse monitor (sere-core `teacher_entropy`): per teacher row the
+// entropy of q = softmax((t - c) / tau_t), evaluated as
+// ln Z + sum_k q_k (m - z_k) (non-negative terms, no cancellation).
+extern "C" __global__ void teacher_entropy_rows(const float* t, const float* centre,
+                                                float* row_out, int rows, int dim,
+                                                float inv_tt) {
+    __shared__ float sh_m[32], sh_s[32];
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    const bool active = row < rows;
+    const long long base = (long long)row * dim;
+    float m = SERE_NEG_INF, z = 0.0f;
+    if (active)
+        for (int j = threadIdx.x; j < dim; j += blockDim.x)
+            ms_push(m, z, (t[base + j] - centre[j]) * inv_tt);
+    row_ms(m, z, sh_m, sh_s);
+    const float inv_z = 1.0f / z;
+    float cross = 0.0f;
+    if (active)
+        for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+            const float v = (t[base + j] - centre[j]) * inv_tt;
+            const float q = expf(v - m) * inv_z;
+            if (q > 0.0f) cross += q * (m - v);
+        }
+    cross = row_sum(cross, sh_m);
+    if (active && threadIdx.x == 0) row_out[row] = logf(z) + cross;
+}

@@ -63,6 +63,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "dino_teacher_stats",
             "dino_student_rows",
             "weighted_ce_rows",
+            "teacher_entropy_rows",
         ],
     },
     KernelFile {

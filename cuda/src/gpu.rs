@@ -198,10 +198,11 @@ pub(crate) enum K {
     L2NormalizeRows,
     L2NormalizeRowsBwd,
     WeightedCeRows,
+    TeacherEntropyRows,
 }
 
 impl K {
-    pub(crate) const ALL: [K; 34] = [
+    pub(crate) const ALL: [K; 35] = [
         K::GridSampleFwd,
         K::GridSampleBwd,
         K::GridSampleFwdIdx,
@@ -236,6 +237,7 @@ impl K {
         K::L2NormalizeRows,
         K::L2NormalizeRowsBwd,
         K::WeightedCeRows,
+        K::TeacherEntropyRows,
     ];
 
     /// The `extern "C"` name in the kernel sources.
@@ -275,6 +277,7 @@ impl K {
             K::L2NormalizeRows => "l2_normalize_rows",
             K::L2NormalizeRowsBwd => "l2_normalize_rows_bwd",
             K::WeightedCeRows => "weighted_ce_rows",
+            K::TeacherEntropyRows => "teacher_entropy_rows",
         }
     }
 }

@@ -552,6 +552,30 @@ fn dino_loss_forward_backward_and_centre() {
 }
 
 #[test]
+fn teacher_entropy_matches_the_core() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(19);
+    for (rows, dim, spread) in [(1, 7, 0.1), (6, 65, 2.0), (64, 1000, 0.5), (3, 4096, 4.0)] {
+        let t = rng.vec(rows * dim, -spread, spread);
+        let c = rng.vec(dim, -0.5, 0.5);
+        let tau_t = 0.04f32;
+        check(
+            &g,
+            &format!("teacher entropy {rows}x{dim}"),
+            &[&t, &c],
+            &[("entropy", vec![0.0])],
+            |g, i, o| {
+                g.teacher_entropy(&i[0], &i[1], rows, dim, tau_t, &mut o[0])
+                    .unwrap()
+            },
+            |i, o| {
+                o[0][0] = sere_core::loss::teacher_entropy(i[0], i[1], rows, dim, tau_t).unwrap()
+            },
+        );
+    }
+}
+
+#[test]
 fn weighted_cross_entropy_forward_and_backward() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(17);

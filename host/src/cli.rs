@@ -230,6 +230,12 @@ pub struct TrainArgs {
     /// initialisation and raw pixels, and the teacher's linear probe).
     #[arg(long)]
     pub no_eval: bool,
+    /// Score the teacher every N steps during training (weighted 20-NN on
+    /// `eval_train_images` / `eval_test_images` images of the data, logged
+    /// as `knn_top1` in metrics.jsonl; the `eval_every` key). Needs a test
+    /// split.
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<u64>,
 }
 
 /// Where `--resume` points.
@@ -263,6 +269,9 @@ impl TrainArgs {
         }
         if self.no_eval {
             cfg.final_eval = false;
+        }
+        if let Some(n) = self.eval_every {
+            cfg.eval_every = n;
         }
     }
 

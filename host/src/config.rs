@@ -346,6 +346,17 @@ pub struct TrainConfig {
     /// linear probe, printed and written to `eval.json` in the run folder.
     /// Data without a test split skips it; `--no-eval` switches it off.
     pub final_eval: bool,
+    /// Score the teacher every this many steps (and at the last) with a
+    /// weighted 20-NN on a fixed subset of the data, logged as `knn_top1`
+    /// in `metrics.jsonl` (default 0: off; needs a test split). See
+    /// [`crate::eval::monitor`].
+    pub eval_every: u64,
+    /// Training images of that k-NN's memory, spread evenly over the
+    /// training split (default 5000).
+    pub eval_train_images: usize,
+    /// Test images it scores, spread evenly over the test split (default
+    /// 1000).
+    pub eval_test_images: usize,
 }
 
 /// The defaults are the recipe of `sere train` with no arguments: the nano
@@ -413,6 +424,9 @@ impl Default for TrainConfig {
             checkpoint_every: 200,
             log_every: 10,
             final_eval: true,
+            eval_every: 0,
+            eval_train_images: 5000,
+            eval_test_images: 1000,
         }
     }
 }
@@ -1022,6 +1036,19 @@ impl TrainConfig {
         if self.log_every == 0 {
             bad("log_every", "must be at least 1 step".into());
         }
+        if self.eval_every > 0 {
+            for (key, n) in [
+                ("eval_train_images", self.eval_train_images),
+                ("eval_test_images", self.eval_test_images),
+            ] {
+                if n == 0 {
+                    bad(
+                        key,
+                        "must be at least 1 image when eval_every is set".into(),
+                    );
+                }
+            }
+        }
         if self.out.as_ref().is_some_and(|o| o.as_os_str().is_empty()) {
             bad(
                 "out",
@@ -1260,6 +1287,13 @@ mod tests {
         check(&|c| c.out_dim = 0, "out_dim");
         check(&|c| c.drop_path = 1.0, "drop_path");
         check(&|c| c.log_every = 0, "log_every");
+        check(
+            &|c| {
+                c.eval_every = 10;
+                c.eval_test_images = 0
+            },
+            "eval_test_images",
+        );
 
         // Fine: overlap grid larger than the token grid; no locals with odd
         // local_img; steps set with epochs 0.

@@ -153,9 +153,22 @@ fn run_train(args: &TrainArgs) -> Result<(), SereError> {
         String::new()
     };
     println!(
-        "trained {} steps; final loss {:.4} (dino {:.4}{mim}, spatial {:.4}, channel {:.4})",
-        summary.steps, last.loss, last.loss_dino, last.loss_spatial, last.loss_channel
+        "trained {} steps; final loss {:.4} (dino {:.4}{mim}, spatial {:.4}, channel {:.4}); teacher entropy {:.3}, KL {:.3}",
+        summary.steps,
+        last.loss,
+        last.loss_dino,
+        last.loss_spatial,
+        last.loss_channel,
+        last.teacher_entropy,
+        last.teacher_student_kl
     );
+    let out_dim = summary.config.out_dim;
+    if let Some(c) = metrics::Collapse::detect(last, out_dim) {
+        println!(
+            "{}: the image-level term no longer teaches; what is learned comes from the other losses (BENCHMARKS.md, \"The default run\")",
+            c.warning(last, out_dim)
+        );
+    }
     println!("checkpoint: {}", summary.checkpoint.display());
     println!(
         "metrics:    {}",

@@ -26,6 +26,15 @@ pub struct StepMetrics {
     /// Image-level (DINO) loss: the CLS term.
     #[serde(deserialize_with = "f64_or_nan")]
     pub loss_dino: f64,
+    /// Mean entropy (nats) of the teacher's centred, sharpened CLS output:
+    /// near `ln K` a collapse to uniform, near 0 (with the KL near 0) onto
+    /// one prototype (absent in older files: 0).
+    #[serde(default, deserialize_with = "f64_or_nan")]
+    pub teacher_entropy: f64,
+    /// Mean `KL(teacher || student)` of the CLS outputs: the DINO loss less
+    /// the teacher entropy; 0 in either collapse (absent in older files).
+    #[serde(default, deserialize_with = "f64_or_nan")]
+    pub teacher_student_kl: f64,
     /// iBOT's masked-patch loss (0 without `mim`; absent in older files).
     #[serde(default, deserialize_with = "f64_or_nan")]
     pub loss_mim: f64,
@@ -56,6 +65,14 @@ pub struct StepMetrics {
     /// Global gradient L2 norm before clipping.
     #[serde(deserialize_with = "f64_or_nan")]
     pub grad_norm: f64,
+    /// Weighted 20-NN top-1 of the teacher on the `--eval-every` subset,
+    /// on the steps it was scored (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub knn_top1: Option<f64>,
+    /// Seconds of `elapsed_s` spent in those evaluations so far (training
+    /// time is `elapsed_s - eval_s`; absent in older files: 0).
+    #[serde(default)]
+    pub eval_s: f64,
 }
 
 fn f64_or_nan<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
@@ -169,6 +186,9 @@ pub struct Progress {
     start_step: u64,
     log_every: u64,
     started: Instant,
+    /// Prototypes `K` of the DINO head, for the collapse warning (None: no
+    /// check).
+    out_dim: Option<usize>,
 }
 
 impl Progress {
@@ -216,7 +236,15 @@ impl Progress {
             start_step,
             log_every: log_every.max(1),
             started: Instant::now(),
+            out_dim: None,
         }
+    }
+
+    /// Warns on the progress line when the DINO output of a head with
+    /// `out_dim` prototypes collapses (see [`Collapse`]).
+    pub fn watch_collapse(mut self, out_dim: usize) -> Self {
+        self.out_dim = Some(out_dim);
+        self
     }
 
     /// Whether a bar is drawn.
@@ -226,9 +254,15 @@ impl Progress {
 
     /// Reports the step just completed.
     pub fn update(&mut self, m: &StepMetrics) {
+        let warning = self
+            .out_dim
+            .and_then(|k| Collapse::detect(m, k).map(|c| c.warning(m, k)));
         if let Some(bar) = &self.bar {
             bar.set_position(m.step);
-            bar.set_message(format_terms(m));
+            match &warning {
+                Some(w) => bar.set_message(format!("{} | {w}", format_terms(m))),
+                None => bar.set_message(format_terms(m)),
+            }
         } else if let Some(out) = &mut self.lines {
             if m.step % self.log_every == 0 || m.step == self.total {
                 let eta = eta(
@@ -236,7 +270,11 @@ impl Progress {
                     m.step.saturating_sub(self.start_step),
                     self.total.saturating_sub(m.step),
                 );
-                let _ = writeln!(out, "{}", format_line(m, self.total, eta));
+                let mut line = format_line(m, self.total, eta);
+                if let Some(w) = &warning {
+                    let _ = write!(line, " | {w}");
+                }
+                let _ = writeln!(out, "{line}");
                 let _ = out.flush();
             }
         }
@@ -265,8 +303,55 @@ fn eta(elapsed: Duration, done: u64, left: u64) -> Option<Duration> {
     (done > 0).then(|| elapsed.mul_f64(left as f64 / done as f64))
 }
 
-/// `loss 9.1234 (dino 8.1234 sp 0.9000 ch 1.2000) lr 6.25e-5 512.3 img/s`,
-/// with `mim 7.1234` after the DINO term in a run with masked image
+/// How the DINO term has collapsed, judged from [`StepMetrics`]'s teacher
+/// entropy `H` and KL against `ln K` (DINO's collapse study, Caron et al.
+/// 2021, section 5.3: in both collapses the KL goes to 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collapse {
+    /// `H >= 0.95 ln K`: the teacher's output is close to uniform, whatever
+    /// the image (centring won over sharpening).
+    Uniform,
+    /// `H <= 0.05 ln K` and `KL <= 0.05 ln K`: every image goes to the
+    /// same prototype (sharpening won over centring).
+    OnePrototype,
+}
+
+impl Collapse {
+    /// Share of `ln K` within which the entropy counts as at a bound.
+    const MARGIN: f64 = 0.05;
+
+    /// The collapse `m` shows for `K = out_dim` prototypes, if any.
+    pub fn detect(m: &StepMetrics, out_dim: usize) -> Option<Collapse> {
+        let ln_k = (out_dim.max(2) as f64).ln();
+        let (h, kl) = (m.teacher_entropy, m.teacher_student_kl);
+        if !(h.is_finite() && kl.is_finite()) {
+            return None;
+        }
+        if h >= (1.0 - Self::MARGIN) * ln_k {
+            Some(Collapse::Uniform)
+        } else if h <= Self::MARGIN * ln_k && kl <= Self::MARGIN * ln_k {
+            Some(Collapse::OnePrototype)
+        } else {
+            None
+        }
+    }
+
+    /// The warning shown on the progress line.
+    pub fn warning(self, m: &StepMetrics, out_dim: usize) -> String {
+        let ln_k = (out_dim.max(2) as f64).ln();
+        let what = match self {
+            Collapse::Uniform => "near uniform",
+            Collapse::OnePrototype => "on one prototype",
+        };
+        format!(
+            "WARNING: DINO output collapsing ({what}: teacher entropy {:.3} of ln K = {ln_k:.3}, KL {:.3})",
+            m.teacher_entropy, m.teacher_student_kl
+        )
+    }
+}
+
+/// `loss 9.1234 (dino 8.1234 H 4.52 sp 0.9000 ch 1.2000) lr 6.25e-5 512.3
+/// img/s` (`H`: the teacher entropy), with `mim 7.1234` after it in a run with masked image
 /// modelling.
 pub fn format_terms(m: &StepMetrics) -> String {
     let mim = if m.loss_mim != 0.0 {
@@ -275,8 +360,14 @@ pub fn format_terms(m: &StepMetrics) -> String {
         String::new()
     };
     format!(
-        "loss {:.4} (dino {:.4}{mim} sp {:.4} ch {:.4}) lr {:.3e} {:.1} img/s",
-        m.loss, m.loss_dino, m.loss_spatial, m.loss_channel, m.lr, m.images_per_s
+        "loss {:.4} (dino {:.4} H {:.2}{mim} sp {:.4} ch {:.4}) lr {:.3e} {:.1} img/s",
+        m.loss,
+        m.loss_dino,
+        m.teacher_entropy,
+        m.loss_spatial,
+        m.loss_channel,
+        m.lr,
+        m.images_per_s
     )
 }
 
@@ -317,6 +408,8 @@ mod tests {
             epoch: (step / 10) as usize,
             loss: 9.5 - step as f64 * 0.01,
             loss_dino: 8.0,
+            teacher_entropy: 4.5,
+            teacher_student_kl: 3.5,
             loss_mim: 0.0,
             loss_spatial: 1.25,
             loss_channel: 2.5,
@@ -327,6 +420,8 @@ mod tests {
             images_per_s: 512.25,
             elapsed_s: step as f64,
             grad_norm: 1.5,
+            knn_top1: None,
+            eval_s: 0.0,
         }
     }
 
@@ -423,7 +518,7 @@ mod tests {
         let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
-        assert!(lines[0].starts_with("step 10/25 ep 1 | loss 9.4000 (dino 8.0000 sp 1.2500 ch 2.5000) lr 6.250e-5 512.2 img/s | eta "), "{}", lines[0]);
+        assert!(lines[0].starts_with("step 10/25 ep 1 | loss 9.4000 (dino 8.0000 H 4.50 sp 1.2500 ch 2.5000) lr 6.250e-5 512.2 img/s | eta "), "{}", lines[0]);
         assert!(lines[2].starts_with("step 25/25"));
         assert_eq!(lines[3], "done");
 
@@ -431,6 +526,44 @@ mod tests {
         q.update(&record(1));
         q.println("nothing");
         assert!(!q.is_bar());
+    }
+
+    #[test]
+    fn collapse_is_detected_at_both_bounds_and_warned_on_the_line() {
+        let k = 1024;
+        let ln_k = (k as f64).ln();
+        let at = |h: f64, kl: f64| StepMetrics {
+            teacher_entropy: h,
+            teacher_student_kl: kl,
+            ..record(10)
+        };
+        assert_eq!(Collapse::detect(&at(4.5, 3.5), k), None);
+        assert_eq!(
+            Collapse::detect(&at(0.96 * ln_k, 0.0), k),
+            Some(Collapse::Uniform)
+        );
+        assert_eq!(
+            Collapse::detect(&at(0.01, 0.02), k),
+            Some(Collapse::OnePrototype)
+        );
+        // A sharp teacher the student does not yet match is not a collapse.
+        assert_eq!(Collapse::detect(&at(0.01, 2.0), k), None);
+        assert_eq!(Collapse::detect(&at(f64::NAN, 0.0), k), None);
+
+        let sink = Shared::default();
+        let mut p = Progress::with_lines(20, 0, 10, Box::new(sink.clone())).watch_collapse(k);
+        p.update(&at(4.5, 3.5));
+        p.update(&StepMetrics {
+            step: 20,
+            ..at(6.9, 0.01)
+        });
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(!lines[0].contains("WARNING"), "{text}");
+        assert!(
+            lines[1].ends_with("| WARNING: DINO output collapsing (near uniform: teacher entropy 6.900 of ln K = 6.931, KL 0.010)"),
+            "{text}"
+        );
     }
 
     #[test]

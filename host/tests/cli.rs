@@ -709,3 +709,80 @@ fn train_ends_with_the_evaluation_and_eval_defaults_to_the_training_data() {
     ]);
     assert_fails_with(&o, "has no test split");
 }
+
+/// `--eval-every N` scores the teacher every N steps and at the last one,
+/// logging `knn_top1` (and the seconds spent evaluating) in metrics.jsonl,
+/// with raw pixels on the same subset printed at the start; every record
+/// carries the teacher entropy and the teacher-student KL. Data without a
+/// test split is refused before anything is written.
+#[test]
+fn eval_every_logs_the_knn_curve_and_the_collapse_monitor() {
+    let d = tmp("eval-every");
+    let out = d.join("run");
+    let o = sere(&train_args(&[
+        "--steps",
+        "5",
+        "--data",
+        TINY_DATA,
+        "--eval-every",
+        "2",
+        "--set",
+        "eval_train_images=40",
+        "--set",
+        "eval_test_images=16",
+        "--set",
+        "log_every=1",
+        "--no-eval",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        stdout.contains("k-NN of the teacher every 2 steps on 40 training / 16 test images"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("step 4: teacher k-NN top-1 "), "{stdout}");
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 5, "{text}");
+    let scored: Vec<u64> = records
+        .iter()
+        .filter(|r| r.get("knn_top1").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(scored, [2, 4, 5], "{text}");
+    let ln_k = 64f64.ln();
+    let mut last_eval_s = 0.0;
+    for r in &records {
+        let (h, kl, dino) = (
+            r["teacher_entropy"].as_f64().unwrap(),
+            r["teacher_student_kl"].as_f64().unwrap(),
+            r["loss_dino"].as_f64().unwrap(),
+        );
+        assert!((0.0..=ln_k + 1e-4).contains(&h), "{r}");
+        assert!(kl >= -1e-4 && (h + kl - dino).abs() < 1e-4, "{r}");
+        if let Some(top1) = r.get("knn_top1") {
+            assert!((0.0..=1.0).contains(&top1.as_f64().unwrap()), "{r}");
+        }
+        let eval_s = r["eval_s"].as_f64().unwrap();
+        assert!(eval_s >= last_eval_s && eval_s > 0.0, "{r}");
+        last_eval_s = eval_s;
+    }
+
+    let o = sere(&train_args(&[
+        "--steps",
+        "2",
+        "--data",
+        "synthetic:size=16,train=64,test=0",
+        "--eval-every",
+        "1",
+        "--out",
+        d.join("no-test").to_str().unwrap(),
+    ]));
+    assert_fails_with(&o, "has no test split");
+    assert!(!d.join("no-test/metrics.jsonl").exists());
+}

@@ -127,6 +127,7 @@ fn three_steps_on_both(cpu_cfg: TrainConfig) {
         for (what, a, b) in [
             ("loss", g.loss, c.loss),
             ("dino", g.dino, c.dino),
+            ("teacher entropy", g.teacher_entropy, c.teacher_entropy),
             ("mim", g.mim, c.mim),
             ("spatial", g.spatial, c.spatial),
             ("channel", g.channel, c.channel),

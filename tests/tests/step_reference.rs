@@ -170,6 +170,13 @@ fn one_sere_ibot_step_matches_pytorch_float64() {
         assert_close(name, &[g], &[w], 1e-5, 0.0);
     }
     assert_eq!(stats.spatial_terms, want[5] as usize);
+    assert_close(
+        "teacher entropy",
+        &[stats.teacher_entropy],
+        &fx["teacher_entropy"],
+        1e-5,
+        0.0,
+    );
 
     let grads = engine.grads().to_vec();
     for e in layout.entries() {

@@ -531,6 +531,52 @@ impl Gpu {
         )
     }
 
+    /// DINO's collapse monitor (sere-core `teacher_entropy`): the mean over
+    /// the `rows` rows of `teacher` (`rows x dim`) of the entropy of
+    /// `softmax((t - c) / tau_t)`, in nats, written to `out[0]`.
+    ///
+    /// ```no_run
+    /// let gpu = sere_cuda::Gpu::new(0).unwrap();
+    /// let t = gpu.upload(&[1.0; 4]).unwrap();
+    /// let c = gpu.zeros(4).unwrap();
+    /// let mut h = gpu.zeros(1).unwrap();
+    /// gpu.teacher_entropy(&t, &c, 1, 4, 0.04, &mut h).unwrap();
+    /// assert!((gpu.download(&h).unwrap()[0] - 4.0f32.ln()).abs() < 1e-6);
+    /// ```
+    pub fn teacher_entropy(
+        &self,
+        teacher: &impl DevicePtr<f32>,
+        centre: &impl DevicePtr<f32>,
+        rows: usize,
+        dim: usize,
+        tau_t: f32,
+        out: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        positive("tau_t", tau_t)?;
+        let (rows_i, dim_i, n) = rows_cols(rows, dim)?;
+        let (tp, _g1) = self.rd("teacher", teacher, n)?;
+        let (cp, _g2) = self.rd("centre", centre, dim)?;
+        let (op, _g3) = self.wr("out", out, 1)?;
+        let inv_tt = 1.0 / tau_t;
+        let mut row_out = self.stream.alloc_zeros::<f32>(rows)?;
+        {
+            let (rp, _g4) = self.wr("row entropies", &mut row_out, rows)?;
+            launch!(
+                self,
+                K::TeacherEntropyRows,
+                row_launch_config(rows, dim),
+                tp,
+                cp,
+                rp,
+                rows_i,
+                dim_i,
+                inv_tt
+            )?;
+        }
+        let (rp, _g4) = self.rd("row entropies", &row_out, rows)?;
+        self.scalar_reduce(rp, rows, false, 0, 1.0 / rows as f64, 0.0, op, 0)
+    }
+
     /// iBOT's masked-patch loss (sere-core `weighted_cross_entropy`):
     /// `sum_r weights[r] CE_r` over `rows x dim` student and teacher logits
     /// with DINO's centred row cross-entropy, written to `loss[0]`. Rows of

@@ -531,9 +531,11 @@ pub trait Backend: Sized + Send + Sync {
 
     /// The DINO loss of student logits `[V][B][K]` against the centred,
     /// sharpened teacher logits `[2][B][K]` (cross-view pairs only), written
-    /// into `stats[slot]`; `weight * dL/dstudent` added into `dstudent`;
-    /// then `centre = m centre + (1 - m) mean(teacher)` (the loss used the
-    /// centre from before).
+    /// into `stats[slot]`, and the mean entropy of those teacher
+    /// distributions (sere-core `teacher_entropy`, the collapse monitor)
+    /// into `stats[slot + 1]`; `weight * dL/dstudent` added into
+    /// `dstudent`; then `centre = m centre + (1 - m) mean(teacher)` (the
+    /// loss and the entropy used the centre from before).
     #[allow(clippy::too_many_arguments)]
     fn dino_loss(
         &self,

@@ -182,6 +182,42 @@ impl Split {
         }
     }
 
+    /// `n` samples spread evenly over the split (all of them if it has no
+    /// more): sample `floor(i * len / n)` for `i < n`, so a split stored
+    /// class by class (an image folder) still gives every class its share.
+    pub fn spread(&self, n: usize) -> Split {
+        let len = self.len();
+        if n >= len {
+            return self.clone();
+        }
+        let picks: Vec<usize> = (0..n).map(|i| i * len / n).collect();
+        let pixels = match &self.pixels {
+            Pixels::Packed {
+                width,
+                height,
+                channels,
+                data,
+            } => {
+                let each = width * height * channels;
+                let mut out = Vec::with_capacity(n * each);
+                for &i in &picks {
+                    out.extend_from_slice(&data[i * each..(i + 1) * each]);
+                }
+                Pixels::Packed {
+                    width: *width,
+                    height: *height,
+                    channels: *channels,
+                    data: out.into(),
+                }
+            }
+            Pixels::Files(p) => Pixels::Files(picks.iter().map(|&i| p[i].clone()).collect()),
+        };
+        Split {
+            pixels,
+            labels: picks.iter().map(|&i| self.labels[i]).collect(),
+        }
+    }
+
     /// The first `n` samples (or all, if fewer): quick runs and tests.
     pub fn truncated(&self, n: usize) -> Split {
         let n = n.min(self.len());
@@ -286,5 +322,34 @@ impl Dataset {
                 ),
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_takes_evenly_spaced_samples_of_every_class() {
+        // 12 one-pixel grey images stored class by class: 0 0 0 0 1 1 1 1 2 2 2 2.
+        let labels: Vec<u32> = (0..12).map(|i| i / 4).collect();
+        let data: Vec<u8> = (0..12).collect();
+        let split = Split::packed(1, 1, 1, data, labels).unwrap();
+        let s = split.spread(6);
+        assert_eq!(s.labels(), &[0, 0, 1, 1, 2, 2]);
+        let firsts: Vec<u8> = (0..6).map(|i| s.image(i).unwrap().data[0]).collect();
+        assert_eq!(firsts, [0, 2, 4, 6, 8, 10]);
+        assert_eq!(split.spread(3).labels(), &[0, 1, 2]);
+        assert_eq!(split.spread(50).len(), 12);
+        let files = Split::files(
+            (0..4).map(|i| PathBuf::from(format!("{i}.png"))).collect(),
+            vec![0, 0, 1, 1],
+        )
+        .unwrap();
+        let f = files.spread(2);
+        assert_eq!(
+            (f.path(1), f.labels()),
+            (Some(Path::new("2.png")), &[0u32, 1][..])
+        );
     }
 }

@@ -150,16 +150,61 @@ impl<B: Backend> Embedder<B> {
         n: usize,
         acts: &mut Option<VitActs<B>>,
     ) -> Result<(), SereError> {
-        let (vit, img) = (&self.net.vit, self.cfg.img);
-        vit.prepare_forward(&self.be, acts, n, img)
-            .map_err(device_error)?;
-        let acts = acts.as_mut().expect("prepared");
-        vit.forward(&self.be, &self.params, images, n, img, acts, None)
-            .map_err(device_error)
+        self.backbone().forward(images, n, acts)
+    }
+
+    /// The backbone as a borrowed [`Backbone`].
+    fn backbone(&self) -> Backbone<'_, B> {
+        Backbone {
+            be: &self.be,
+            net: &self.net,
+            params: &self.params,
+            cfg: &self.cfg,
+        }
     }
 
     /// L2-normalised features (`len x spec.dim(dim)`) and labels of a split,
     /// images resized to the training crop size.
+    pub fn embed(
+        &self,
+        split: &Split,
+        batch: usize,
+        spec: FeatureSpec,
+    ) -> Result<(Vec<f32>, Vec<u32>), SereError> {
+        self.backbone().embed(split, batch, spec)
+    }
+}
+
+/// A backbone's parameters on a backend, borrowed: an [`Embedder`]'s, or a
+/// training engine's teacher between steps (the k-NN of `--eval-every`).
+pub struct Backbone<'a, B: Backend> {
+    /// The backend the parameters live on.
+    pub be: &'a B,
+    /// The network's layout.
+    pub net: &'a SereNet,
+    /// Its parameters (`net.layout.len()` values).
+    pub params: &'a B::Buf,
+    /// The run's configuration (image size, depth, width).
+    pub cfg: &'a TrainConfig,
+}
+
+impl<B: Backend> Backbone<'_, B> {
+    /// See [`Embedder::forward`].
+    pub fn forward(
+        &self,
+        images: &[f32],
+        n: usize,
+        acts: &mut Option<VitActs<B>>,
+    ) -> Result<(), SereError> {
+        let (vit, img) = (&self.net.vit, self.cfg.img);
+        vit.prepare_forward(self.be, acts, n, img)
+            .map_err(device_error)?;
+        let acts = acts.as_mut().expect("prepared");
+        vit.forward(self.be, self.params, images, n, img, acts, None)
+            .map_err(device_error)
+    }
+
+    /// See [`Embedder::embed`].
     pub fn embed(
         &self,
         split: &Split,
@@ -178,7 +223,7 @@ impl<B: Backend> Embedder<B> {
             let f = self
                 .net
                 .vit
-                .eval_features(&self.be, &self.params, acts, spec.last_blocks, spec.avgpool)
+                .eval_features(self.be, self.params, acts, spec.last_blocks, spec.avgpool)
                 .map_err(device_error)?;
             feats.extend_from_slice(&f);
             labels.extend_from_slice(&b.labels);

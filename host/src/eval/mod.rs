@@ -3,4 +3,5 @@
 pub mod features;
 pub mod knn;
 pub mod linear;
+pub mod monitor;
 pub mod report;

@@ -70,8 +70,14 @@ pub struct StepSchedule {
 pub struct StepStats {
     /// Weighted total.
     pub loss: f32,
-    /// Image-level DINO loss (the CLS term).
+    /// Image-level DINO loss (the CLS term): the cross-entropy `H(q, p)`
+    /// of teacher and student outputs, averaged over the view pairs.
     pub dino: f32,
+    /// Mean entropy `H(q)` of the teacher's centred, sharpened CLS output
+    /// (nats): near `ln K` it is collapsing to uniform, near 0 onto one
+    /// prototype (DINO's collapse study). `dino - teacher_entropy` is the
+    /// mean `KL(q || p)`, see [`StepStats::teacher_student_kl`].
+    pub teacher_entropy: f32,
     /// iBOT's masked-patch loss (0 without `mim`).
     pub mim: f32,
     /// Spatial relation loss (0 when no pair overlapped).
@@ -82,6 +88,15 @@ pub struct StepStats {
     pub grad_norm: f32,
     /// Overlapping (image, pair) terms of the spatial loss.
     pub spatial_terms: usize,
+}
+
+impl StepStats {
+    /// Mean `KL(q || p)` between the teacher's and the student's CLS
+    /// outputs: the DINO loss less the teacher entropy (each teacher row
+    /// enters both means equally often). It goes to 0 in either collapse.
+    pub fn teacher_student_kl(&self) -> f32 {
+        self.dino - self.teacher_entropy
+    }
 }
 
 /// Why a step failed.
@@ -131,11 +146,14 @@ impl StepError {
 
 /// Slots of the step's scalars in [`Workspace::stats`].
 const SLOT_DINO: usize = 0;
-const SLOT_SPATIAL: usize = 1;
-const SLOT_CHANNEL: usize = 2;
-const SLOT_GRAD_NORM: usize = 3;
-const SLOT_MIM: usize = 4;
-const STATS_LEN: usize = 5;
+/// Written by `dino_loss` beside its loss (`SLOT_DINO + 1`).
+const SLOT_TEACHER_ENTROPY: usize = 1;
+const SLOT_SPATIAL: usize = 2;
+/// Written by `relation_losses` beside the spatial loss (`SLOT_SPATIAL + 1`).
+const SLOT_CHANNEL: usize = 3;
+const SLOT_GRAD_NORM: usize = 4;
+const SLOT_MIM: usize = 5;
+const STATS_LEN: usize = 6;
 
 /// Activations of one network pass over one crop size.
 struct Pass<B: Backend> {
@@ -1004,6 +1022,7 @@ impl<B: Backend> Engine<B> {
         Ok(StepStats {
             loss,
             dino: s[SLOT_DINO],
+            teacher_entropy: s[SLOT_TEACHER_ENTROPY],
             mim: s[SLOT_MIM],
             spatial,
             channel: s[SLOT_CHANNEL],
@@ -1202,6 +1221,21 @@ impl AnyEngine {
         sched: &StepSchedule,
     ) -> Result<StepStats, StepError> {
         on_engine!(self, e => e.step(input, sched))
+    }
+
+    /// The monitor's k-NN of the teacher as it is now, on the engine's
+    /// device (`cfg`: the run's configuration).
+    pub fn score_teacher(
+        &self,
+        monitor: &mut crate::eval::monitor::KnnMonitor,
+        cfg: &TrainConfig,
+    ) -> Result<f64, SereError> {
+        on_engine!(self, e => monitor.score(&crate::eval::features::Backbone {
+            be: e.backend(),
+            net: &e.net,
+            params: &e.teacher,
+            cfg,
+        }))
     }
 
     /// Waits until the device has finished every enqueued operation (for

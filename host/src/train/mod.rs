@@ -14,6 +14,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::TrainConfig;
 use crate::data::{DataSpec, Loader, LoaderConfig, Position};
 use crate::error::SereError;
+use crate::eval::monitor::KnnMonitor;
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepMetrics, METRICS_FILE};
 use crate::train::engine::AnyEngine;
 use engine::{StepError, StepInput, StepSchedule};
@@ -480,6 +481,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
     let dataset = DataSpec::parse(&cfg.data)
         .and_then(|s| s.open())
         .map_err(SereError::data)?;
+    let mut monitor = KnnMonitor::new(&cfg, &dataset)?;
     let split = dataset.train.clone();
     let spe = crate::data::steps_per_epoch(split.len(), cfg.batch) as u64;
     if spe == 0 {
@@ -536,7 +538,16 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
     };
     let mut loader =
         Loader::new(split, multi_crop(&cfg), loader_cfg, start).map_err(SereError::data)?;
-    let mut progress = Progress::new(total, done, cfg.log_every.max(1), ProgressMode::Auto);
+    let mut progress = Progress::new(total, done, cfg.log_every.max(1), ProgressMode::Auto)
+        .watch_collapse(cfg.out_dim);
+    if let Some(m) = &monitor {
+        let (mem, q) = m.sizes();
+        progress.println(format!(
+            "k-NN of the teacher every {} steps on {mem} training / {q} test images (20-NN, T = 0.07); raw pixels score {:.1}% on them",
+            cfg.eval_every,
+            100.0 * m.pixels_top1
+        ));
+    }
     let started = Instant::now();
     let mut interval = (Instant::now(), done);
     let mut last = StepMetrics::default();
@@ -565,13 +576,26 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
         })?;
         done += 1;
         let epoch = batch.position.epoch;
-        if done % cfg.log_every.max(1) == 0 || done == total {
-            let secs = interval.0.elapsed().as_secs_f64().max(1e-9);
+        let secs = interval.0.elapsed().as_secs_f64().max(1e-9);
+        let knn_top1 = match monitor.as_mut() {
+            Some(m) if m.due(done, total) => Some(engine.score_teacher(m, &cfg)?),
+            _ => None,
+        };
+        if let Some(top1) = knn_top1 {
+            progress.println(format!(
+                "step {done}: teacher k-NN top-1 {:.1}% (raw pixels {:.1}%)",
+                100.0 * top1,
+                100.0 * monitor.as_ref().map_or(0.0, |m| m.pixels_top1)
+            ));
+        }
+        if done % cfg.log_every.max(1) == 0 || done == total || knn_top1.is_some() {
             last = StepMetrics {
                 step: done,
                 epoch,
                 loss: stats.loss as f64,
                 loss_dino: stats.dino as f64,
+                teacher_entropy: stats.teacher_entropy as f64,
+                teacher_student_kl: stats.teacher_student_kl() as f64,
                 loss_mim: stats.mim as f64,
                 loss_spatial: stats.spatial as f64,
                 loss_channel: stats.channel as f64,
@@ -582,6 +606,8 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
                 images_per_s: (done - interval.1) as f64 * cfg.batch as f64 / secs,
                 elapsed_s: started.elapsed().as_secs_f64(),
                 grad_norm: stats.grad_norm as f64,
+                knn_top1,
+                eval_s: monitor.as_ref().map_or(0.0, KnnMonitor::spent_s),
             };
             interval = (Instant::now(), done);
             metrics

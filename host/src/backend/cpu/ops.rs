@@ -476,6 +476,14 @@ impl Backend for Cpu {
         slot: usize,
     ) -> OpResult {
         let (ns, nt) = (a.views * a.batch * a.dim, 2 * a.batch * a.dim);
+        // Before the step: the entropy is of the distributions the loss used.
+        stats[slot + 1] = loss::teacher_entropy(
+            &teacher[..nt],
+            &centre[..a.dim],
+            2 * a.batch,
+            a.dim,
+            a.tau_teacher,
+        )?;
         stats[slot] = dino_loss_step(
             &student[..ns],
             &teacher[..nt],

@@ -1219,6 +1219,14 @@ impl Backend for Cuda {
             dim: a.dim,
         };
         let (s, t) = (lead(student, sn, "student")?, lead(teacher, tn, "teacher")?);
+        g.teacher_entropy(
+            &t,
+            &lead(centre, a.dim, "centre")?,
+            GLOBAL_VIEWS * a.batch,
+            a.dim,
+            a.tau_teacher,
+            &mut part_mut(stats, slot + 1..slot + 2, "stats")?,
+        )?;
         g.dino_loss_backward(
             &s,
             &t,
@@ -1829,12 +1837,13 @@ mod tests {
         let (s, t) = (data(views * batch * dim, 27), data(2 * batch * dim, 28));
         let (c0, g0) = (data(dim, 29), data(views * batch * dim, 30));
         let (mut c_cpu, mut g_cpu) = (c0.clone(), g0.clone());
+        let entropy = sere_core::loss::teacher_entropy(&t, &c0, 2 * batch, dim, 0.04).unwrap();
         let loss = dino_loss_step(
             &s, &t, &mut c_cpu, views, batch, 0.1, 0.04, 0.7, 0.9, &mut g_cpu,
         )
         .unwrap();
         let (mut cd, mut gd) = (up(&dev, &c0), up(&dev, &g0));
-        let mut stats = up(&dev, &[5.0; 3]);
+        let mut stats = up(&dev, &[5.0; 4]);
         dev.dino_loss(
             &up(&dev, &s),
             &up(&dev, &t),
@@ -1845,7 +1854,12 @@ mod tests {
             1,
         )
         .unwrap();
-        close("stats", &down(&dev, &stats), &[5.0, loss, 5.0], 1e-5);
+        close(
+            "stats",
+            &down(&dev, &stats),
+            &[5.0, loss, entropy, 5.0],
+            1e-5,
+        );
         close("dstudent", &down(&dev, &gd), &g_cpu, 1e-5);
         close("centre", &down(&dev, &cd), &c_cpu, 1e-6);
     }
@@ -1876,7 +1890,7 @@ mod tests {
         let (mut c_cpu, mut g_cpu, mut st_cpu) = (c0.clone(), g0.clone(), vec![5.0; 3]);
         run(&mut c_cpu, &mut g_cpu, &mut st_cpu);
         let (mut cd, mut gd) = (up(&dev, &c0), up(&dev, &g0));
-        let mut stats = up(&dev, &[5.0; 3]);
+        let mut stats = up(&dev, &[5.0; 4]);
         dev.mim_loss(
             &up(&dev, &s),
             &up(&dev, &t),
