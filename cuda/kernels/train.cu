@@ -87,6 +87,22 @@ extern "C" __global__ void l2_normalize_rows(const float* src, float* dst, float
     if (threadIdx.x == 0) norms[row] = nr;
 }
 
+// Per-row dot products, added: out[r] += a_r . b_r (the gradient of a
+// per-row gain, e.g. the DINO head's learned weight-norm gain).
+// Launch: row layout of common.cuh.
+extern "C" __global__ void row_dot_add(const float* a, const float* b, float* out, int rows,
+                                       int cols) {
+    __shared__ float sh[32];
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    const bool active = row < rows;
+    const long long base = (long long)row * cols;
+    float s = 0.0f;
+    if (active)
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) s += a[base + j] * b[base + j];
+    const float dot = row_sum(s, sh);
+    if (active && threadIdx.x == 0) out[row] += dot;
+}
+
 // Backward of l2_normalize_rows: dst (+)= (du - u (u . du)) / norm, with
 // the dot product dropped where the norm was clamped (norm <= eps: the
 // divisor was a constant). Launch: row layout of common.cuh.

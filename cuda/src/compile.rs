@@ -106,6 +106,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "relu_bwd_mask",
             "l2_normalize_rows",
             "l2_normalize_rows_bwd",
+            "row_dot_add",
         ],
     },
 ];

@@ -199,10 +199,11 @@ pub(crate) enum K {
     L2NormalizeRowsBwd,
     WeightedCeRows,
     TeacherEntropyRows,
+    RowDotAdd,
 }
 
 impl K {
-    pub(crate) const ALL: [K; 35] = [
+    pub(crate) const ALL: [K; 36] = [
         K::GridSampleFwd,
         K::GridSampleBwd,
         K::GridSampleFwdIdx,
@@ -238,6 +239,7 @@ impl K {
         K::L2NormalizeRowsBwd,
         K::WeightedCeRows,
         K::TeacherEntropyRows,
+        K::RowDotAdd,
     ];
 
     /// The `extern "C"` name in the kernel sources.
@@ -278,6 +280,7 @@ impl K {
             K::L2NormalizeRowsBwd => "l2_normalize_rows_bwd",
             K::WeightedCeRows => "weighted_ce_rows",
             K::TeacherEntropyRows => "teacher_entropy_rows",
+            K::RowDotAdd => "row_dot_add",
         }
     }
 }

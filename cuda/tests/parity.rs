@@ -552,6 +552,34 @@ fn dino_loss_forward_backward_and_centre() {
 }
 
 #[test]
+fn row_dot_add_matches_a_plain_loop() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(23);
+    for (rows, cols) in [(1, 1), (7, 5), (1024, 128), (3, 4097)] {
+        let a = rng.vec(rows * cols, -1.0, 1.0);
+        let b = rng.vec(rows * cols, -1.0, 1.0);
+        let out0 = rng.vec(rows, -1.0, 1.0);
+        check(
+            &g,
+            &format!("row dots {rows}x{cols}"),
+            &[&a, &b],
+            &[("out", out0)],
+            |g, i, o| g.row_dot_add(&i[0], &i[1], rows, cols, &mut o[0]).unwrap(),
+            |i, o| {
+                for (r, v) in o[0].iter_mut().enumerate() {
+                    let span = r * cols..(r + 1) * cols;
+                    *v += i[0][span.clone()]
+                        .iter()
+                        .zip(&i[1][span])
+                        .map(|(x, y)| x * y)
+                        .sum::<f32>();
+                }
+            },
+        );
+    }
+}
+
+#[test]
 fn teacher_entropy_matches_the_core() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(19);

@@ -15,6 +15,7 @@ use crate::config::{
 use crate::eval::features::FeatureSpec;
 use crate::eval::linear::{Optimizer, ProbeConfig};
 use crate::export::Network;
+use crate::recipe::{Provenance, Recipe, Source};
 
 /// `sere`: self-supervised ViT pre-training with feature self-relations.
 #[derive(Debug, Parser)]
@@ -136,6 +137,14 @@ pub struct ModelArgs {
     /// outputs).
     #[arg(long, overrides_with = "shared_head")]
     pub no_shared_head: bool,
+    /// Fix the DINO head's last-layer weight-norm gain to 1 (the default,
+    /// DINO's).
+    #[arg(long, overrides_with = "no_norm_last_layer")]
+    pub norm_last_layer: bool,
+    /// Learn that gain (`norm_last_layer = false`, the authors' ViT-S/16
+    /// recipes).
+    #[arg(long, overrides_with = "norm_last_layer")]
+    pub no_norm_last_layer: bool,
     /// Random seed.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -186,6 +195,11 @@ impl ModelArgs {
         for (on, off, field) in [
             (self.mim, self.no_mim, &mut cfg.mim),
             (self.shared_head, self.no_shared_head, &mut cfg.shared_head),
+            (
+                self.norm_last_layer,
+                self.no_norm_last_layer,
+                &mut cfg.norm_last_layer,
+            ),
         ] {
             if on || off {
                 *field = on;
@@ -197,6 +211,16 @@ impl ModelArgs {
 /// Flags of `sere train`.
 #[derive(Debug, Clone, Default, Args)]
 pub struct TrainArgs {
+    /// The authors' published recipe as the base of the configuration
+    /// (every value of their command line; below --preset, --config, --set
+    /// and the flags). See --print-config.
+    #[arg(long, value_enum, value_name = "NAME")]
+    pub recipe: Option<Recipe>,
+    /// Print the resolved configuration as TOML, each value with where it
+    /// came from (default, recipe, preset, file, --set, flag), and exit
+    /// without training.
+    #[arg(long)]
+    pub print_config: bool,
     /// TOML config file (keys as in `TrainConfig`; unknown keys are errors).
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -286,12 +310,58 @@ impl TrainArgs {
     /// [`TrainArgs::to_config`] without the validation (a resumed run
     /// validates its checkpoint's config with these flags over it instead).
     pub fn merged(&self) -> Result<TrainConfig, ConfigError> {
-        let mut cfg = TrainConfig::load(self.config.as_deref(), self.model.preset)?;
+        Ok(self.merged_with_provenance()?.0)
+    }
+
+    /// [`TrainArgs::merged`] with the source of every value: defaults <
+    /// `--recipe` < `--preset` < `--config` < `--set` < flags.
+    pub fn merged_with_provenance(&self) -> Result<(TrainConfig, Provenance), ConfigError> {
+        let mut prov = Provenance::default();
+        let sizes = ["preset", "dim", "depth", "heads"];
+        let mut cfg = match self.recipe {
+            Some(r) => {
+                let keys = r.table().keys().cloned().collect::<Vec<_>>();
+                for k in keys.iter().map(String::as_str).chain(sizes) {
+                    prov.set(k, Source::Recipe(r.name()));
+                }
+                r.config()
+            }
+            None => TrainConfig::default(),
+        };
+        if let Some(p) = self.model.preset {
+            cfg.set_preset(p);
+            for k in sizes {
+                prov.set(k, Source::Preset(p.name()));
+            }
+        }
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let (layered, keys) = TrainConfig::layer_toml(&text, cfg, self.model.preset.is_some())
+                .map_err(|e| match e {
+                    ConfigError::Parse { message, .. } => ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        message,
+                    },
+                    other => other,
+                })?;
+            cfg = layered;
+            for k in &keys {
+                prov.set(k, Source::File(path.display().to_string()));
+            }
+        }
         for s in &self.set {
             cfg.set(s)?;
+            if let Some((key, _)) = s.split_once('=') {
+                prov.set(&key.trim().replace('-', "_"), Source::Set);
+            }
         }
+        let before = cfg.clone();
         self.apply(&mut cfg);
-        Ok(cfg)
+        prov.changed(&before, &cfg, Source::Flag);
+        Ok((cfg, prov))
     }
 
     /// What `--resume` asks for, if given.

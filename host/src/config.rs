@@ -48,6 +48,8 @@ pub enum Preset {
     Tiny,
     /// ViT-S: dim 384, depth 12, heads 6 (the paper's main model).
     Small,
+    /// ViT-B: dim 768, depth 12, heads 12.
+    Base,
     /// No preset: `dim`, `depth` and `heads` are taken as given (defaults
     /// are the nano sizes).
     Custom,
@@ -61,6 +63,7 @@ impl Preset {
             Preset::Micro => Some((128, 4, 4)),
             Preset::Tiny => Some((192, 12, 3)),
             Preset::Small => Some((384, 12, 6)),
+            Preset::Base => Some((768, 12, 12)),
             Preset::Custom => None,
         }
     }
@@ -72,6 +75,7 @@ impl Preset {
             Preset::Micro => "micro",
             Preset::Tiny => "tiny",
             Preset::Small => "small",
+            Preset::Base => "base",
             Preset::Custom => "custom",
         }
     }
@@ -266,6 +270,10 @@ pub struct TrainConfig {
     /// Bottleneck width before the weight-normalised last layer (default
     /// 128; 256 in the paper).
     pub bottleneck: usize,
+    /// Fix the gain of the weight-normalised last layer to 1 (default true,
+    /// DINO's default; the authors' SERE and iBOT ViT-S/16 recipes learn
+    /// it: false).
+    pub norm_last_layer: bool,
     /// Teacher temperature at the start of its warm-up (default 0.04).
     pub warmup_teacher_temp: f64,
     /// Teacher temperature after the warm-up (default 0.04).
@@ -397,6 +405,7 @@ impl Default for TrainConfig {
             out_dim: 1024,
             head_hidden: 512,
             bottleneck: 128,
+            norm_last_layer: true,
             warmup_teacher_temp: 0.04,
             teacher_temp: 0.04,
             warmup_teacher_temp_epochs: 3,
@@ -567,6 +576,20 @@ impl TrainConfig {
 
     /// Like [`TrainConfig::load`] for TOML text already in memory.
     pub fn from_toml_layered(text: &str, preset: Option<Preset>) -> Result<Self, ConfigError> {
+        let base = Self::with_preset(preset.unwrap_or_default());
+        Ok(Self::layer_toml(text, base, preset.is_some())?.0)
+    }
+
+    /// TOML text layered over `base`: the text's `preset` key (unless a
+    /// preset was given on the command line, `preset_given`) sets its
+    /// sizes first, then every key of the text wins. Returns the config
+    /// and the keys the text set (the preset's sizes among them when it
+    /// applied). Does not validate.
+    pub fn layer_toml(
+        text: &str,
+        mut base: TrainConfig,
+        preset_given: bool,
+    ) -> Result<(Self, Vec<String>), ConfigError> {
         let parse_err = |e: toml::de::Error| ConfigError::Parse {
             path: PathBuf::from("<string>"),
             message: e.to_string().trim_end().to_string(),
@@ -575,15 +598,24 @@ impl TrainConfig {
         // column and the offending key (unknown key, wrong type).
         let direct: TrainConfig = toml::from_str(text).map_err(parse_err)?;
         let table: toml::Table = toml::from_str(text).map_err(parse_err)?;
-        let preset = preset.unwrap_or(direct.preset);
-        let mut merged = toml::Table::try_from(Self::with_preset(preset))
-            .expect("TrainConfig always serialises to a TOML table");
+        let mut keys: Vec<String> = table.keys().cloned().collect();
+        let preset = if preset_given || !table.contains_key("preset") {
+            base.preset
+        } else {
+            keys.extend(["dim", "depth", "heads"].map(String::from));
+            direct.preset
+        };
+        base.set_preset(preset);
+        let mut merged =
+            toml::Table::try_from(base).expect("TrainConfig always serialises to a TOML table");
         for (k, v) in table {
             merged.insert(k, v);
         }
         let mut cfg: TrainConfig = merged.try_into().map_err(parse_err)?;
         cfg.preset = preset;
-        Ok(cfg)
+        keys.sort();
+        keys.dedup();
+        Ok((cfg, keys))
     }
 
     /// Parses a complete config (as written by [`TrainConfig::to_toml`]);
@@ -769,7 +801,7 @@ impl TrainConfig {
 
     /// The settings that fix the model's parameter shapes (a resumed run
     /// cannot change them), as `(key, value)`.
-    fn architecture(&self) -> [(&'static str, String); 12] {
+    fn architecture(&self) -> [(&'static str, String); 13] {
         [
             ("img", self.img.to_string()),
             ("patch", self.patch.to_string()),
@@ -780,6 +812,8 @@ impl TrainConfig {
             ("out_dim", self.out_dim.to_string()),
             ("head_hidden", self.head_hidden.to_string()),
             ("bottleneck", self.bottleneck.to_string()),
+            // A learned gain is a parameter.
+            ("norm_last_layer", self.norm_last_layer.to_string()),
             // The mask token and a separate patch head are parameters.
             ("mim", self.mim.to_string()),
             ("shared_head", (self.shared_head || !self.mim).to_string()),
@@ -1125,6 +1159,7 @@ mod tests {
             Preset::Micro,
             Preset::Tiny,
             Preset::Small,
+            Preset::Base,
             Preset::Custom,
         ] {
             let cfg = TrainConfig::with_preset(p);

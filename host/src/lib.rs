@@ -17,5 +17,6 @@ pub mod metrics;
 
 pub mod eval;
 pub mod export;
+pub mod recipe;
 pub mod train;
 pub mod visualize;

@@ -79,6 +79,9 @@ fn checkpoint_in(path: &Path) -> Result<PathBuf, SereError> {
 }
 
 fn run_train(args: &TrainArgs) -> Result<(), SereError> {
+    if args.print_config {
+        return print_config(args);
+    }
     // A resumed run's flags apply over its checkpoint's config, which is
     // validated with them (in `train`), not over the defaults.
     let mut cfg = match args.resume {
@@ -107,6 +110,7 @@ fn run_train(args: &TrainArgs) -> Result<(), SereError> {
         for (given, flag) in [
             (args.config.is_some(), "--config"),
             (args.model.preset.is_some(), "--preset"),
+            (args.recipe.is_some(), "--recipe"),
         ] {
             if given {
                 return Err(SereError::Other(format!(
@@ -178,6 +182,28 @@ fn run_train(args: &TrainArgs) -> Result<(), SereError> {
     if summary.config.final_eval {
         final_eval(&summary)?;
     }
+    Ok(())
+}
+
+/// `sere train --print-config`: the resolved, validated configuration of a
+/// new run, each value with its source; nothing is trained or written.
+fn print_config(args: &TrainArgs) -> Result<(), SereError> {
+    if args.resume.is_some() {
+        return Err(SereError::Other(
+            "--print-config shows the configuration of a new run; a resumed run keeps its \
+             checkpoint's (see config.toml in its folder), so drop --resume"
+                .into(),
+        ));
+    }
+    let (cfg, prov) = args.merged_with_provenance()?;
+    cfg.validate()?;
+    if let Some(r) = args.recipe {
+        println!("# recipe {}: {}", r.name(), r.source());
+        for what in r.unmatched() {
+            println!("# not reproduced: {what}");
+        }
+    }
+    print!("{}", prov.annotate(&cfg));
     Ok(())
 }
 

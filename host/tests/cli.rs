@@ -786,3 +786,66 @@ fn eval_every_logs_the_knn_curve_and_the_collapse_monitor() {
     assert_fails_with(&o, "has no test split");
     assert!(!d.join("no-test/metrics.jsonl").exists());
 }
+
+/// `--recipe` sets every value of the authors' command line below the
+/// other layers, and `--print-config` prints the resolved configuration
+/// (valid TOML, reusable as --config) with each value's source, training
+/// nothing and writing nothing.
+#[test]
+fn print_config_shows_a_recipe_with_the_source_of_every_value() {
+    let d = tmp("print-config");
+    std::fs::create_dir_all(&d).unwrap();
+    let file = d.join("over.toml");
+    std::fs::write(&file, "alpha = 0.3\n").unwrap();
+    let out = d.join("never");
+    let o = sere(&[
+        "train",
+        "--recipe",
+        "sere-vit-s16",
+        "--config",
+        file.to_str().unwrap(),
+        "--set",
+        "beta=0.6",
+        "--batch",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+        "--print-config",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(text.starts_with("# recipe sere-vit-s16: SERE.md"), "{text}");
+    assert!(text.contains("# not reproduced: fp16 autocast"), "{text}");
+    let source = |key: &str| {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("{key} missing: {text}"));
+        line.rsplit("# ").next().unwrap().to_string()
+    };
+    assert_eq!(source("norm_last_layer"), "recipe sere-vit-s16");
+    assert_eq!(source("dim"), "recipe sere-vit-s16");
+    assert_eq!(source("alpha"), format!("file {}", file.display()));
+    assert_eq!(source("beta"), "--set");
+    assert_eq!(source("batch"), "flag");
+    assert_eq!(source("seed"), "default");
+    let cfg = sere_host::config::TrainConfig::from_toml(&text).expect("the output is TOML");
+    assert_eq!(
+        (cfg.dim, cfg.patch, cfg.alpha, cfg.beta, cfg.batch),
+        (384, 16, 0.3, 0.6, 64)
+    );
+    assert!(cfg.mim && !cfg.norm_last_layer);
+    assert!(!out.exists(), "nothing written");
+
+    // A recipe cannot be layered over a resumed run's stored settings.
+    let o = sere(&[
+        "train",
+        "--recipe",
+        "dino-vit-s16",
+        "--resume",
+        tiny_run().to_str().unwrap(),
+        "--out",
+        d.join("r").to_str().unwrap(),
+    ]);
+    assert_fails_with(&o, "--recipe cannot be combined with --resume");
+}

@@ -212,7 +212,7 @@ fn sere_bwd<B: Backend>(
 
 // ------------------------------------------------------------- DINO head FD
 
-fn small_dino(nlayers: usize) -> (ParamLayout, DinoHead) {
+fn small_dino(nlayers: usize, norm_last_layer: bool) -> (ParamLayout, DinoHead) {
     let mut layout = ParamLayout::new();
     let cfg = DinoHeadConfig {
         in_dim: 6,
@@ -220,6 +220,7 @@ fn small_dino(nlayers: usize) -> (ParamLayout, DinoHead) {
         hidden_dim: 8,
         bottleneck_dim: 5,
         nlayers,
+        norm_last_layer,
     };
     let head = DinoHead::new(&mut layout, "head", cfg);
     (layout, head)
@@ -227,7 +228,7 @@ fn small_dino(nlayers: usize) -> (ParamLayout, DinoHead) {
 
 #[test]
 fn dino_head_layout_names_and_last_layer() {
-    let (layout, head) = small_dino(3);
+    let (layout, head) = small_dino(3, true);
     let names: Vec<&str> = layout.entries().iter().map(|e| e.name.as_str()).collect();
     assert_eq!(
         names,
@@ -251,8 +252,25 @@ fn dino_head_layout_names_and_last_layer() {
     );
 }
 
-fn check_dino_fd<B: Backend>(be: &B, nlayers: usize, seed: u64) {
-    let (layout, head) = small_dino(nlayers);
+#[test]
+fn a_learned_gain_is_a_last_layer_tensor_initialised_to_one() {
+    use rand::SeedableRng;
+    let (layout, head) = small_dino(3, false);
+    let v = layout.get("head.last_layer.weight_v").unwrap();
+    let g = layout.get("head.last_layer.weight_g").unwrap();
+    // PyTorch's weight_norm(dim=0) shape; decayed like DINO's rule decays
+    // every tensor that is not 1-D or a bias.
+    assert_eq!((g.shape.as_slice(), g.decay), (&[7, 1][..], true));
+    assert_eq!(g.range.start, v.range.end);
+    assert_eq!(head.last_layer_range(), v.range.start..g.range.end);
+    assert_eq!(head.param_range(), 0..layout.len());
+    let mut params = vec![0.0f32; layout.len()];
+    layout.init(&mut params, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
+    assert!(params[g.range.clone()].iter().all(|&v| v == 1.0));
+}
+
+fn check_dino_fd<B: Backend>(be: &B, nlayers: usize, norm_last_layer: bool, seed: u64) {
+    let (layout, head) = small_dino(nlayers, norm_last_layer);
     let mut rng = Rng(seed);
     let rows = 4;
     let mut params = rng.vec(layout.len(), 0.5);
@@ -287,8 +305,9 @@ fn check_dino_fd<B: Backend>(be: &B, nlayers: usize, seed: u64) {
 }
 
 fn dino_fd<B: Backend>(be: &B) {
-    check_dino_fd(be, 3, 1);
-    check_dino_fd(be, 1, 2);
+    check_dino_fd(be, 3, true, 1);
+    check_dino_fd(be, 1, true, 2);
+    check_dino_fd(be, 3, false, 3);
 }
 
 fn dino_init<B: Backend>(be: &B) {
@@ -839,30 +858,38 @@ fn assert_ref(what: &str, a: &[f32], r: &[f64], rtol: f64) {
 }
 
 fn dino_reference<B: Backend>(be: &B) {
+    dino_reference_case(be, "dino", true);
+    dino_reference_case(be, "dinog", false);
+}
+
+/// The fixture's DINO head `tag` (`dinog`: a learned last-layer gain).
+fn dino_reference_case<B: Backend>(be: &B, tag: &str, norm_last_layer: bool) {
     let fx = fixture();
-    let c: Vec<usize> = fx["dino.cfg"].iter().map(|&v| v as usize).collect();
+    let key = |k: &str| format!("{tag}.{k}");
+    let c: Vec<usize> = fx[&key("cfg")].iter().map(|&v| v as usize).collect();
     let cfg = DinoHeadConfig {
         in_dim: c[0],
         hidden_dim: c[1],
         bottleneck_dim: c[2],
         out_dim: c[3],
         nlayers: c[4],
+        norm_last_layer,
     };
     let rows = c[5];
     let mut layout = ParamLayout::new();
     let head = DinoHead::new(&mut layout, "head", cfg);
-    let params = f32s(&fx["dino.params"]);
+    let params = f32s(&fx[&key("params")]);
     assert_eq!(params.len(), layout.len());
-    let x = f32s(&fx["dino.x"]);
+    let x = f32s(&fx[&key("x")]);
     let mut acts = None;
     let logits = dino_fwd(be, &head, &params, &x, rows, &mut acts);
-    assert_ref("dino logits", &logits, &fx["dino.logits"], 1e-4);
+    assert_ref(&key("logits"), &logits, &fx[&key("logits")], 1e-4);
     let mut grads = vec![0.0; layout.len()];
     let mut dx = vec![0.0; x.len()];
-    let dlogits = f32s(&fx["dino.dlogits"]);
+    let dlogits = f32s(&fx[&key("dlogits")]);
     dino_bwd(be, &head, &params, &mut acts, &dlogits, &mut grads, &mut dx);
-    assert_ref("dino grads", &grads, &fx["dino.grads"], 1e-4);
-    assert_ref("dino dx", &dx, &fx["dino.dx"], 1e-4);
+    assert_ref(&key("grads"), &grads, &fx[&key("grads")], 1e-4);
+    assert_ref(&key("dx"), &dx, &fx[&key("dx")], 1e-4);
 }
 
 fn sere_reference<B: Backend>(be: &B) {

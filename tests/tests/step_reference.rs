@@ -5,7 +5,7 @@
 //! CLS / patch head, all four losses, both centre updates, the batch-norm
 //! running statistics and every student parameter's gradient (the mask
 //! token, both batch norms of every head and the weight-normalised last
-//! layer among them).
+//! layer with its learned gain, `norm_last_layer = false`, among them).
 
 use std::collections::HashMap;
 
@@ -50,6 +50,7 @@ fn config(fx: &Fixture) -> TrainConfig {
         out_dim = 10
         head_hidden = 12
         bottleneck = 6
+        norm_last_layer = false
         overlap = 3
         local_overlap = 2
         alpha = 0.7

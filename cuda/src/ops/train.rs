@@ -318,6 +318,42 @@ impl Gpu {
         )
     }
 
+    /// Per-row dot products of `a` and `b` (`rows x cols`), added into
+    /// `out` (`rows`): `out[r] += a_r . b_r`.
+    ///
+    /// ```no_run
+    /// let gpu = sere_cuda::Gpu::new(0).unwrap();
+    /// let a = gpu.upload(&[1.0, 2.0, 3.0, 4.0]).unwrap();
+    /// let b = gpu.upload(&[1.0, 1.0, 0.5, 0.5]).unwrap();
+    /// let mut out = gpu.upload(&[10.0, 0.0]).unwrap();
+    /// gpu.row_dot_add(&a, &b, 2, 2, &mut out).unwrap();
+    /// assert_eq!(gpu.download(&out).unwrap(), vec![13.0, 3.5]);
+    /// ```
+    pub fn row_dot_add(
+        &self,
+        a: &impl DevicePtr<f32>,
+        b: &impl DevicePtr<f32>,
+        rows: usize,
+        cols: usize,
+        out: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let (rows_i, cols_i) = (dim("rows", rows)?, dim("cols", cols)?);
+        let n = product("rows x cols", &[rows, cols])?;
+        let (ap, _g1) = self.rd("a", a, n)?;
+        let (bp, _g2) = self.rd("b", b, n)?;
+        let (op, _g3) = self.wr("out", out, rows)?;
+        launch!(
+            self,
+            K::RowDotAdd,
+            row_launch_config(rows, cols),
+            ap,
+            bp,
+            op,
+            rows_i,
+            cols_i
+        )
+    }
+
     /// Backward of [`Gpu::l2_normalize_rows`] given its output `u`, the
     /// saved `norms` and the output gradient `du`:
     /// `dst (+)= (du - u (u . du)) / norm` (the dot product dropped where

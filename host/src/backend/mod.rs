@@ -413,6 +413,19 @@ pub trait Backend: Sized + Send + Sync {
         out: &mut Self::Buf,
     ) -> OpResult;
 
+    /// Per-row dot products added into `out[out_start..out_start + rows]`:
+    /// `out[out_start + r] += a_r . b_r` over `rows x dim` buffers (the
+    /// gradient of a per-row gain: the DINO head's learned weight-norm
+    /// gain).
+    fn row_dots_add(
+        &self,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        rows_dim: (usize, usize),
+        out: &mut Self::Buf,
+        out_start: usize,
+    ) -> OpResult;
+
     /// Rows of `src[src_start..]` (`rows x dim`) divided by their L2 norm
     /// floored at `eps` into `dst`; the (floored) norms into `norms`.
     #[allow(clippy::too_many_arguments)]

@@ -4,8 +4,10 @@
 //! - [`DinoHead`]: the image-level head of DINO/iBOT on the CLS token:
 //!   an MLP (Linear - GELU - ... - Linear to a bottleneck), row-wise L2
 //!   normalisation (`F.normalize`, eps `1e-12`) and a weight-normalised last
-//!   linear layer without bias whose gain is fixed to 1 (`norm_last_layer`):
-//!   `W_k = V_k / ||V_k||`, only `V` is a parameter.
+//!   linear layer without bias, `W_k = g_k V_k / ||V_k||`: with
+//!   `norm_last_layer` (DINO's default) the gain `g` is fixed to 1 and only
+//!   `V` is a parameter; without it `g` (`last_layer.weight_g`, `K x 1`,
+//!   initialised to 1) is learned too, as the authors' ViT-S/16 recipe does.
 //! - [`SereHead`]: SERE's heads on the patch tokens, one per relation type
 //!   (spatial, channel) and crop kind (global, local), two stacked stages:
 //!   the projection `z = ReLU(BN1(r))` and the predictor
@@ -54,6 +56,9 @@ pub struct DinoHeadConfig {
     /// Number of linear layers of the MLP (3 in DINO; 1 means a single
     /// `in -> bottleneck` layer).
     pub nlayers: usize,
+    /// Fix the last layer's weight-norm gain to 1 (DINO's default); false
+    /// learns it.
+    pub norm_last_layer: bool,
 }
 
 impl DinoHeadConfig {
@@ -66,6 +71,7 @@ impl DinoHeadConfig {
             hidden_dim: 2048,
             bottleneck_dim: 256,
             nlayers: 3,
+            norm_last_layer: true,
         }
     }
 
@@ -94,13 +100,19 @@ pub(crate) struct LinearRanges {
 ///
 /// Parameter names (PyTorch's, under `prefix`): `mlp.{0,2,4,..}.weight`
 /// (`out x in`, decayed), `mlp.{..}.bias` (not decayed) and
-/// `last_layer.weight_v` (`K x bottleneck`, decayed; the gain `weight_g` is
-/// fixed to 1 and not stored).
+/// `last_layer.weight_v` (`K x bottleneck`, decayed) and, without
+/// `norm_last_layer`, `last_layer.weight_g` (`K x 1`, PyTorch's shape for
+/// `weight_norm(dim=0)`; decayed, as DINO's rule decays every tensor that
+/// is not 1-D or a bias). With `norm_last_layer` the gain is 1 and not
+/// stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DinoHead {
     pub(crate) cfg: DinoHeadConfig,
     pub(crate) mlp: Vec<LinearRanges>,
     pub(crate) last_v: Range<usize>,
+    /// The learned gain `g` (`K`), right after `V`; None with
+    /// `norm_last_layer`.
+    pub(crate) last_g: Option<Range<usize>>,
 }
 
 /// Activations of one [`DinoHead::forward`], kept for the backward pass, and
@@ -119,8 +131,14 @@ pub struct DinoHeadActs<B: Backend> {
     bnorm: B::Buf,
     /// Normalised bottleneck (`rows x bottleneck`).
     u: B::Buf,
-    /// Normalised last-layer weight `W = V / ||V||_row` (`K x bottleneck`).
+    /// Last-layer weight `W = g V / ||V||_row` (`K x bottleneck`).
     w: B::Buf,
+    /// With a learned gain: `V / ||V||_row` and a copy of `g` (the gain's
+    /// row factors); empty (one element) otherwise.
+    vhat: B::Buf,
+    gain: B::Buf,
+    /// With a learned gain: the gradient of `V / ||V||_row`.
+    dvhat: B::Buf,
     /// `||V_k||` per output.
     vnorm: B::Buf,
     /// Output logits (`rows x K`).
@@ -189,7 +207,22 @@ impl DinoHead {
             std,
             true,
         );
-        DinoHead { cfg, mlp, last_v }
+        // PyTorch's weight_norm(dim=0) keeps g as K x 1; DINO fills it with
+        // 1 and, with norm_last_layer, stops its gradient.
+        let last_g = (!cfg.norm_last_layer).then(|| {
+            layout.add(
+                format!("{prefix}.last_layer.weight_g"),
+                &[cfg.out_dim, 1],
+                Init::Ones,
+                true,
+            )
+        });
+        DinoHead {
+            cfg,
+            mlp,
+            last_v,
+            last_g,
+        }
     }
 
     /// The head's shape.
@@ -197,15 +230,18 @@ impl DinoHead {
         self.cfg
     }
 
-    /// Range of the last layer's `V` in the flat buffer (frozen during the
-    /// first epoch: zero or skip its gradient there).
+    /// Range of the last layer's `V` and, when learned, `g` in the flat
+    /// buffer (frozen during the first epoch: zero or skip its gradient
+    /// there, as DINO's `cancel_gradients_last_layer` does for every
+    /// `last_layer` tensor).
     pub fn last_layer_range(&self) -> Range<usize> {
-        self.last_v.clone()
+        let end = self.last_g.as_ref().map_or(self.last_v.end, |g| g.end);
+        self.last_v.start..end
     }
 
     /// Range of all of the head's parameters in the flat buffer.
     pub fn param_range(&self) -> Range<usize> {
-        self.mlp[0].weight.start..self.last_v.end
+        self.mlp[0].weight.start..self.last_layer_range().end
     }
 
     /// A workspace for `rows` input rows.
@@ -213,6 +249,7 @@ impl DinoHead {
         let cfg = self.cfg;
         assert!(rows > 0, "DinoHead: no rows");
         let (bd, k, n) = (cfg.bottleneck_dim, cfg.out_dim, cfg.nlayers);
+        let gain = self.last_g.is_some();
         let per_layer = |f: &dyn Fn(usize) -> usize, count: usize| {
             (0..count)
                 .map(|i| be.zeros(rows * f(i)))
@@ -227,6 +264,9 @@ impl DinoHead {
             bnorm: be.zeros(rows)?,
             u: be.zeros(rows * bd)?,
             w: be.zeros(k * bd)?,
+            vhat: be.zeros(if gain { k * bd } else { 1 })?,
+            gain: be.zeros(if gain { k } else { 1 })?,
+            dvhat: be.zeros(if gain { k * bd } else { 1 })?,
             vnorm: be.zeros(k)?,
             logits: be.zeros(rows * k)?,
             dw: be.zeros(k * bd)?,
@@ -293,10 +333,29 @@ impl DinoHead {
         let (bd, k) = (cfg.bottleneck_dim, cfg.out_dim);
         let (u, bnorm) = (&mut acts.u, &mut acts.bnorm);
         be.l2_normalize_rows(&acts.pre[n - 1], 0, (rows, bd), L2_EPS, u, bnorm)?;
-        // Weight normalisation of the last layer (gain 1). No floor on the
-        // norm: PyTorch's weight_norm divides by ||v|| as is.
+        // Weight normalisation of the last layer. No floor on the norm:
+        // PyTorch's weight_norm divides by ||v|| as is.
         let start = self.last_v.start;
-        be.l2_normalize_rows(params, start, (k, bd), 0.0, &mut acts.w, &mut acts.vnorm)?;
+        match &self.last_g {
+            None => {
+                be.l2_normalize_rows(params, start, (k, bd), 0.0, &mut acts.w, &mut acts.vnorm)?
+            }
+            Some(g) => {
+                let (vhat, vnorm) = (&mut acts.vhat, &mut acts.vnorm);
+                be.l2_normalize_rows(params, start, (k, bd), 0.0, vhat, vnorm)?;
+                let copy = crate::backend::Blocks {
+                    count: 1,
+                    len: k,
+                    src_start: g.start,
+                    src_stride: 0,
+                    dst_start: 0,
+                    dst_stride: 0,
+                };
+                be.copy_blocks(params, &mut acts.gain, copy, false)?;
+                // W_k = g_k Vhat_k: a per-row factor, as drop path's.
+                be.keep_scale(&acts.vhat, &acts.gain, (k, bd), &mut acts.w)?;
+            }
+        }
         let shape = LinearShape {
             rows,
             inp: bd,
@@ -339,9 +398,29 @@ impl DinoHead {
             Some(du),
             dw,
         )?;
-        // Weight norm: dV_k = (dW_k - W_k (W_k . dW_k)) / ||V_k||, added.
+        // Weight norm: dV_k = (dVhat_k - Vhat_k (Vhat_k . dVhat_k)) / ||V_k||,
+        // added; with a learned gain dg_k = Vhat_k . dW_k and dVhat = g dW.
         let into_v = (self.last_v.start, true);
-        be.l2_normalize_rows_backward(&acts.dw, &acts.w, &acts.vnorm, (k, bd), 0.0, grads, into_v)?;
+        match &self.last_g {
+            None => {
+                let (w, norms) = (&acts.w, &acts.vnorm);
+                be.l2_normalize_rows_backward(&acts.dw, w, norms, (k, bd), 0.0, grads, into_v)?
+            }
+            Some(g) => {
+                be.row_dots_add(&acts.dw, &acts.vhat, (k, bd), grads, g.start)?;
+                be.keep_scale(&acts.dw, &acts.gain, (k, bd), &mut acts.dvhat)?;
+                let (vhat, norms) = (&acts.vhat, &acts.vnorm);
+                be.l2_normalize_rows_backward(
+                    &acts.dvhat,
+                    vhat,
+                    norms,
+                    (k, bd),
+                    0.0,
+                    grads,
+                    into_v,
+                )?
+            }
+        }
         // L2 normalisation: db = (du - u (u . du)) / ||b|| (or du / eps when
         // the norm was clamped), written into the last layer's output grad.
         let (u, norms) = (&acts.u, &acts.bnorm);

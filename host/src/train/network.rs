@@ -101,6 +101,7 @@ impl SereNet {
             hidden_dim: cfg.head_hidden,
             bottleneck_dim: cfg.bottleneck,
             nlayers: 3,
+            norm_last_layer: cfg.norm_last_layer,
         };
         let dino = DinoHead::new(&mut layout, "dino_head", head(cfg.out_dim));
         let sere = SereHeads::from_fn(|n| SereHead::new(&mut layout, n, cfg.dim));

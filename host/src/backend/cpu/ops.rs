@@ -328,6 +328,27 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn row_dots_add(
+        &self,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        (rows, dim): (usize, usize),
+        out: &mut Vec<f32>,
+        out_start: usize,
+    ) -> OpResult {
+        let n = rows * dim;
+        let rows_a = a[..n].chunks_exact(dim.max(1));
+        let rows_b = b[..n].chunks_exact(dim.max(1));
+        for ((o, ra), rb) in out[out_start..out_start + rows]
+            .iter_mut()
+            .zip(rows_a)
+            .zip(rows_b)
+        {
+            *o += ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>();
+        }
+        Ok(())
+    }
+
     fn l2_normalize_rows(
         &self,
         src: &Vec<f32>,

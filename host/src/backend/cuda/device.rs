@@ -1020,6 +1020,24 @@ impl Backend for Cuda {
         )?)
     }
 
+    fn row_dots_add(
+        &self,
+        a: &Buf,
+        b: &Buf,
+        (rows, dim): (usize, usize),
+        out: &mut Buf,
+        out_start: usize,
+    ) -> OpResult {
+        let n = rows * dim;
+        Ok(self.gpu.row_dot_add(
+            &lead(a, n, "a")?,
+            &lead(b, n, "b")?,
+            rows,
+            dim,
+            &mut part_mut(out, out_start..out_start + rows, "out")?,
+        )?)
+    }
+
     fn l2_normalize_rows_backward(
         &self,
         dy: &Buf,
@@ -1753,6 +1771,22 @@ mod tests {
             *w += r;
         }
         close("dx (added)", &down(&dev, &dxd), &want, 1e-5);
+    }
+
+    #[test]
+    fn row_dots_add_at_an_offset_matches_the_cpu() {
+        let Some(dev) = device() else { return };
+        let (rows, dim, start) = (5, 7, 2);
+        let (a, b) = (data(rows * dim, 41), data(rows * dim, 42));
+        let base = data(start + rows + 3, 43);
+        let mut want = base.clone();
+        crate::backend::Cpu
+            .row_dots_add(&a, &b, (rows, dim), &mut want, start)
+            .unwrap();
+        let mut out = up(&dev, &base);
+        dev.row_dots_add(&up(&dev, &a), &up(&dev, &b), (rows, dim), &mut out, start)
+            .unwrap();
+        close("out", &down(&dev, &out), &want, 1e-5);
     }
 
     #[test]
