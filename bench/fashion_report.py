@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Report of bench/fashion_mnist.sh runs (issue 15): a Markdown table of the
+end-of-training evaluation (eval.json) per run and the mean over seeds per
+configuration, the time to accuracy (teacher k-NN on the --eval-every subset
+against training minutes, i.e. elapsed_s - eval_s from metrics.jsonl) as a
+PNG, and the first training minute at which the subset k-NN beats raw pixels
+on the same subset (printed by the run at its start).
+
+Usage: python3 bench/fashion_report.py runs/fashion [figure.png]
+"""
+import json
+import pathlib
+import re
+import sys
+
+COLOURS = {"sere": "tab:red", "dino": "tab:blue"}
+LABEL = {"sere": "SERE (alpha 0.5, beta 3)", "dino": "DINO only (alpha = beta = 0)"}
+
+
+def runs(out):
+    for d in sorted(out.iterdir()):
+        m = re.fullmatch(r"(.+)-seed(\d+)", d.name)
+        if m and (d / "metrics.jsonl").exists():
+            yield m.group(1), int(m.group(2)), d
+
+
+def curve(d):
+    rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    pts = [((r["elapsed_s"] - r.get("eval_s", 0.0)) / 60.0, r["step"], r["knn_top1"])
+           for r in rows if r.get("knn_top1") is not None]
+    return rows, pts
+
+
+def subset_pixels(d):
+    log = d.parent / (d.name + ".log")
+    if log.exists():
+        m = re.search(r"raw pixels score ([\d.]+)% on them", log.read_text())
+        if m:
+            return float(m.group(1)) / 100.0
+    return None
+
+
+def main():
+    out = pathlib.Path(sys.argv[1])
+    fig_path = pathlib.Path(sys.argv[2]) if len(sys.argv) > 2 else out / "knn_vs_minutes.png"
+    table, by_cfg, curves = [], {}, []
+    for cfg, seed, d in runs(out):
+        rows, pts = curve(d)
+        train_min = (rows[-1]["elapsed_s"] - rows[-1].get("eval_s", 0.0)) / 60.0
+        pix = subset_pixels(d)
+        beat = next((m for m, _, k in pts if pix is not None and k > pix), None)
+        curves.append((cfg, seed, pts, pix))
+        ev = d / "eval.json"
+        if ev.exists():
+            r = json.loads(ev.read_text())
+            table.append((cfg, seed, r, train_min, beat))
+            by_cfg.setdefault(cfg, []).append(r)
+    pct = lambda v: f"{100 * v:.2f}%"
+    print("| run | seed | steps | training min | k-NN teacher | linear teacher | k-NN random init | linear random init | k-NN raw pixels | subset k-NN beats pixels at |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for cfg, seed, r, m, beat in table:
+        beat_s = f"{beat:.1f} min" if beat is not None else "not within the run"
+        print(f"| {LABEL.get(cfg, cfg)} | {seed} | {r['step']} | {m:.1f} | {pct(r['knn_teacher'])} "
+              f"| {pct(r['linear_teacher'])} | {pct(r['knn_random_init'])} | {pct(r['linear_random_init'])} "
+              f"| {pct(r['knn_pixels'])} | {beat_s} |")
+    for cfg, rs in by_cfg.items():
+        mean = lambda k: sum(r[k] for r in rs) / len(rs)
+        print(f"| **{LABEL.get(cfg, cfg)}, mean of {len(rs)}** | | | | {pct(mean('knn_teacher'))} "
+              f"| {pct(mean('linear_teacher'))} | {pct(mean('knn_random_init'))} "
+              f"| {pct(mean('linear_random_init'))} | {pct(mean('knn_pixels'))} | |")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    pix_drawn = False
+    for cfg, seed, pts, pix in curves:
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], marker="o", markersize=3,
+                color=COLOURS.get(cfg, "black"), linestyle="-" if seed == 1 else "--",
+                label=f"{LABEL.get(cfg, cfg)}, seed {seed}")
+        if pix is not None and not pix_drawn:
+            ax.axhline(100 * pix, color="grey", linestyle=":", label="raw pixels (same subset)")
+            pix_drawn = True
+    ax.set_xlabel("training CPU-minutes (2 cores, evaluation excluded)")
+    ax.set_ylabel("teacher weighted 20-NN top-1 (%)")
+    ax.set_title("Fashion-MNIST: k-NN on 5000 / 1000 images during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(fig_path, dpi=110)
+    print(f"\nwrote {fig_path}")
+
+
+if __name__ == "__main__":
+    main()
