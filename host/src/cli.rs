@@ -30,12 +30,12 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Pre-train a ViT with SERE (DINO + spatial and channel self-relations).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a checkpoint's features.
     #[command(subcommand)]
     Eval(EvalCommand),
     /// Time full training steps on random data (throughput benchmark).
-    BenchStep(BenchStepArgs),
+    BenchStep(Box<BenchStepArgs>),
     /// Draw attention maps and spatial self-relations of a checkpoint.
     Visualize(VisualizeArgs),
     /// Write a checkpoint's backbone as a standalone safetensors file under
@@ -61,8 +61,9 @@ impl Command {
 /// flag is optional; an absent flag leaves the config value alone.
 #[derive(Debug, Clone, Default, Args)]
 pub struct ModelArgs {
-    /// Encoder size preset (sets dim, depth, heads; config-file keys still win).
-    #[arg(long, value_enum)]
+    /// Encoder size preset (sets dim, depth, heads; config-file keys still
+    /// win). DINO's `--arch vit_tiny|vit_small|vit_base` is accepted.
+    #[arg(long, value_enum, alias = "arch")]
     pub preset: Option<Preset>,
     /// Global crop size in pixels.
     #[arg(long, value_name = "PX")]
@@ -82,11 +83,13 @@ pub struct ModelArgs {
     /// Attention heads.
     #[arg(long)]
     pub heads: Option<usize>,
-    /// Images per step.
-    #[arg(long)]
+    /// Images per step (DINO: 64 per GPU x 8; alias --batch_size_per_gpu,
+    /// the whole batch here).
+    #[arg(long, alias = "batch_size_per_gpu")]
     pub batch: Option<usize>,
-    /// Local crops per image (0 disables them).
-    #[arg(long)]
+    /// Local crops per image, 0 disables them (DINO: 8, the authors: 10;
+    /// alias --local_crops_number).
+    #[arg(long, alias = "local_crops_number")]
     pub locals: Option<usize>,
     /// Prototypes K of the DINO head.
     #[arg(long, value_name = "K")]
@@ -224,12 +227,15 @@ pub struct TrainArgs {
     /// TOML config file (keys as in `TrainConfig`; unknown keys are errors).
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Data source: "synthetic" or a dataset path/spec.
-    #[arg(long, value_name = "SPEC")]
+    /// Data source: "synthetic" or a dataset path/spec (alias --data_path).
+    #[arg(long, value_name = "SPEC", alias = "data_path")]
     pub data: Option<String>,
     /// Encoder, batch and run flags.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Optimiser, teacher, head and crop hyperparameters.
+    #[command(flatten)]
+    pub hyper: HyperArgs,
     /// Training length in epochs.
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -239,8 +245,9 @@ pub struct TrainArgs {
     /// Base learning rate for batch 256; the peak rate is lr * batch / 256.
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Output directory for checkpoints and metrics (default `runs/<date-time>`).
-    #[arg(long, value_name = "DIR")]
+    /// Output directory for checkpoints and metrics (default
+    /// `runs/<date-time>`; alias --output_dir).
+    #[arg(long, value_name = "DIR", alias = "output_dir")]
     pub out: Option<PathBuf>,
     /// Resume from a checkpoint FILE, or the latest checkpoint in DIR; with
     /// no value, the latest checkpoint in --out.
@@ -262,6 +269,144 @@ pub struct TrainArgs {
     pub eval_every: Option<u64>,
 }
 
+/// The hyperparameters of `sere train` beyond the model's shape, each the
+/// config key of the same name (`--help` shows each default, read from
+/// [`TrainConfig::default`], see [`command`]). DINO's flag names are
+/// accepted as aliases where they mean the same thing.
+#[derive(Debug, Clone, Default, Args)]
+pub struct HyperArgs {
+    /// Learning rate at the end of the cosine schedule.
+    #[arg(long, value_name = "LR")]
+    pub min_lr: Option<f64>,
+    /// Epochs of linear learning-rate warm-up (DINO: 10).
+    #[arg(long, value_name = "EPOCHS")]
+    pub warmup_epochs: Option<usize>,
+    /// Weight decay at the start of its cosine schedule.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Weight decay at the end of its cosine schedule.
+    #[arg(long)]
+    pub weight_decay_end: Option<f64>,
+    /// Teacher EMA momentum at the start, cosine to 1 (DINO: 0.996, which
+    /// leaves the teacher at its initialisation in a run of minutes).
+    #[arg(long, value_name = "M")]
+    pub momentum_teacher: Option<f64>,
+    /// Clip each parameter tensor's gradient to this L2 norm (0: off;
+    /// DINO: 3.0, the authors' ViT-S: 0.3).
+    #[arg(long, value_name = "NORM")]
+    pub clip_grad: Option<f64>,
+    /// Epochs the DINO head's last layer stays frozen (DINO: 1; a run of
+    /// minutes is shorter than an epoch's worth of warm-up).
+    #[arg(long, value_name = "EPOCHS")]
+    pub freeze_last_layer: Option<usize>,
+    /// Stochastic depth rate of the student (alias --drop_path_rate).
+    #[arg(long, value_name = "RATE", alias = "drop_path_rate")]
+    pub drop_path: Option<f64>,
+    /// Hidden width of the DINO head's MLP (DINO: 2048).
+    #[arg(long, value_name = "WIDTH")]
+    pub head_hidden: Option<usize>,
+    /// Bottleneck width before the weight-normalised last layer (DINO: 256).
+    #[arg(long, value_name = "WIDTH")]
+    pub bottleneck: Option<usize>,
+    /// Teacher temperature at the start of its warm-up.
+    #[arg(long, value_name = "T")]
+    pub warmup_teacher_temp: Option<f64>,
+    /// Teacher temperature after the warm-up.
+    #[arg(long, value_name = "T")]
+    pub teacher_temp: Option<f64>,
+    /// Epochs of the teacher temperature's linear warm-up.
+    #[arg(long, value_name = "EPOCHS")]
+    pub warmup_teacher_temp_epochs: Option<usize>,
+    /// Student temperature of the DINO and iBOT losses.
+    #[arg(long, value_name = "T")]
+    pub student_temp: Option<f64>,
+    /// Momentum of the DINO (and iBOT patch) centre's EMA.
+    #[arg(long, value_name = "M")]
+    pub center_momentum: Option<f64>,
+    /// Scale range of the global crops, as fractions of the image area
+    /// (alias --global_crops_scale).
+    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"], alias = "global_crops_scale")]
+    pub global_scale: Option<Vec<f64>>,
+    /// Scale range of the local crops (alias --local_crops_scale).
+    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"], alias = "local_crops_scale")]
+    pub local_scale: Option<Vec<f64>>,
+    /// Save a checkpoint every N steps (0: only at the end).
+    #[arg(long, value_name = "STEPS")]
+    pub checkpoint_every: Option<u64>,
+    /// Log metrics every N steps.
+    #[arg(long, value_name = "STEPS")]
+    pub log_every: Option<u64>,
+}
+
+impl HyperArgs {
+    /// Writes the flags that were given into `cfg`.
+    pub fn apply(&self, cfg: &mut TrainConfig) {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { cfg.$f = v; } )* };
+        }
+        set!(
+            min_lr,
+            warmup_epochs,
+            weight_decay,
+            weight_decay_end,
+            momentum_teacher,
+            clip_grad,
+            freeze_last_layer,
+            drop_path,
+            head_hidden,
+            bottleneck,
+            warmup_teacher_temp,
+            teacher_temp,
+            warmup_teacher_temp_epochs,
+            student_temp,
+            center_momentum,
+            checkpoint_every,
+            log_every
+        );
+        if let Some([lo, hi]) = self.global_scale.as_deref() {
+            cfg.global_scale = (*lo, *hi);
+        }
+        if let Some([lo, hi]) = self.local_scale.as_deref() {
+            cfg.local_scale = (*lo, *hi);
+        }
+    }
+}
+
+/// The `sere` command line with every `train` and `bench-step` flag that
+/// is a config key showing its default, read from [`TrainConfig::default`]
+/// (one source of truth: the help cannot drift from the defaults).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let defaults = toml::Table::try_from(TrainConfig::default()).expect("a TOML table");
+    let mut cmd = Cli::command();
+    for sub in ["train", "bench-step"] {
+        cmd = cmd.mut_subcommand(sub, |mut c| {
+            let ids: Vec<String> = c.get_arguments().map(|a| a.get_id().to_string()).collect();
+            for id in ids {
+                let Some(value) = defaults.get(&id) else {
+                    continue;
+                };
+                let shown = match value {
+                    toml::Value::String(s) => s.clone(),
+                    v => v.to_string().replace(['[', ']'], "").replace(", ", " "),
+                };
+                c = c.mut_arg(id.as_str(), |a| {
+                    let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+                    a.help(format!("{help} [default: {shown}]"))
+                });
+            }
+            c
+        });
+    }
+    cmd
+}
+
+/// Parses the process arguments with [`command`]'s help.
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 /// Where `--resume` points.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resume {
@@ -276,6 +421,7 @@ impl TrainArgs {
     /// `--preset`, `--set` and `--resume`, see [`TrainArgs::to_config`]).
     pub fn apply(&self, cfg: &mut TrainConfig) {
         self.model.apply(cfg);
+        self.hyper.apply(cfg);
         if let Some(d) = &self.data {
             cfg.data = d.clone();
         }
@@ -581,9 +727,129 @@ mod tests {
 
     fn train(args: &[&str]) -> TrainArgs {
         match parse(&[&["train"], args].concat()).command {
-            Command::Train(t) => t,
+            Command::Train(t) => *t,
             c => panic!("parsed {c:?}"),
         }
+    }
+
+    /// Every hyperparameter is a flag, and every flag that is a config key
+    /// shows the default `TrainConfig::default()` has.
+    #[test]
+    fn every_hyperparameter_is_a_flag_with_its_default_in_the_help() {
+        let mut cmd = command();
+        let train = cmd.find_subcommand_mut("train").unwrap();
+        let defaults = toml::Table::try_from(TrainConfig::default()).unwrap();
+        let ids: Vec<String> = train
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        for key in [
+            "momentum_teacher",
+            "teacher_temp",
+            "warmup_teacher_temp",
+            "warmup_teacher_temp_epochs",
+            "weight_decay",
+            "weight_decay_end",
+            "clip_grad",
+            "freeze_last_layer",
+            "min_lr",
+            "warmup_epochs",
+            "drop_path",
+            "global_scale",
+            "local_scale",
+            "checkpoint_every",
+            "log_every",
+            "head_hidden",
+            "bottleneck",
+            "student_temp",
+            "center_momentum",
+            "out_dim",
+            "alpha",
+            "beta",
+            "lr",
+        ] {
+            assert!(ids.iter().any(|i| i == key), "{key} is not a flag");
+        }
+        let mut shown = 0;
+        for arg in train.get_arguments() {
+            let id = arg.get_id().to_string();
+            if let Some(v) = defaults.get(&id) {
+                let help = arg.get_help().unwrap().to_string();
+                let want = match v {
+                    toml::Value::String(s) => s.clone(),
+                    v => v.to_string().replace(['[', ']'], "").replace(", ", " "),
+                };
+                assert!(
+                    help.ends_with(&format!("[default: {want}]")),
+                    "{id}: {help}"
+                );
+                shown += 1;
+            }
+        }
+        assert!(shown >= 40, "{shown} flags with defaults");
+    }
+
+    /// DINO's names for the same settings parse to the same config.
+    #[test]
+    fn dino_flag_names_are_aliases() {
+        use clap::FromArgMatches;
+        let args = [
+            "sere",
+            "train",
+            "--arch",
+            "vit_small",
+            "--local_crops_number",
+            "10",
+            "--batch_size_per_gpu",
+            "64",
+            "--drop_path_rate",
+            "0.2",
+            "--global_crops_scale",
+            "0.25",
+            "1.0",
+            "--local_crops_scale",
+            "0.05",
+            "0.25",
+            "--output_dir",
+            "o",
+            "--data_path",
+            "synthetic",
+        ];
+        let m = command().try_get_matches_from(args).unwrap();
+        let Command::Train(t) = Cli::from_arg_matches(&m).unwrap().command else {
+            panic!("not train")
+        };
+        let cfg = t.to_config().unwrap();
+        assert_eq!(
+            (cfg.preset, cfg.dim, cfg.locals, cfg.batch),
+            (Preset::Small, 384, 10, 64)
+        );
+        assert_eq!(
+            (cfg.drop_path, cfg.global_scale, cfg.local_scale),
+            (0.2, (0.25, 1.0), (0.05, 0.25))
+        );
+        assert_eq!(cfg.out.as_deref(), Some(std::path::Path::new("o")));
+        let ours = train(&[
+            "--preset",
+            "small",
+            "--locals",
+            "10",
+            "--batch",
+            "64",
+            "--drop-path",
+            "0.2",
+            "--global-scale",
+            "0.25",
+            "1.0",
+            "--local-scale",
+            "0.05",
+            "0.25",
+            "--out",
+            "o",
+        ])
+        .to_config()
+        .unwrap();
+        assert_eq!(cfg, ours);
     }
 
     #[test]

@@ -45,10 +45,13 @@ pub enum Preset {
     /// nano preset; the Fashion-MNIST ablations in BENCHMARKS.md use it).
     Micro,
     /// ViT-Ti: dim 192, depth 12, heads 3.
+    #[value(alias = "vit_tiny")]
     Tiny,
     /// ViT-S: dim 384, depth 12, heads 6 (the paper's main model).
+    #[value(alias = "vit_small")]
     Small,
     /// ViT-B: dim 768, depth 12, heads 12.
+    #[value(alias = "vit_base")]
     Base,
     /// No preset: `dim`, `depth` and `heads` are taken as given (defaults
     /// are the nano sizes).

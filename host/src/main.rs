@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::Parser;
 use sere_host::backend::{Backend, Cpu};
 use sere_host::checkpoint::{self, Checkpoint};
 use sere_host::cli::{
-    BenchStepArgs, Cli, Command, EvalCommand, ExportArgs, KnnArgs, LinearArgs, Resume, TrainArgs,
+    BenchStepArgs, Command, EvalCommand, ExportArgs, KnnArgs, LinearArgs, Resume, TrainArgs,
     VisualizeArgs,
 };
 use sere_host::config::Device;
@@ -41,7 +40,7 @@ macro_rules! on_device {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = sere_host::cli::parse();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report(&e),

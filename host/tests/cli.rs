@@ -743,6 +743,16 @@ fn eval_every_logs_the_knn_curve_and_the_collapse_monitor() {
         "{stdout}"
     );
     assert!(stdout.contains("step 4: teacher k-NN top-1 "), "{stdout}");
+    // The start of the run says what DINO says: data, parameters, schedule.
+    let err = stderr(&o);
+    for needle in [
+        "data: synthetic:size=16,train=64,test=32: 64 training images, 10 classes (32 test)",
+        "M parameters in the backbone",
+        "5 in all",
+        "config.toml",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing in: {err}");
+    }
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let records: Vec<serde_json::Value> = text
         .lines()

@@ -443,6 +443,77 @@ fn is_parent_of(dir: &Path, file: &Path) -> bool {
     }
 }
 
+/// What DINO prints when a run starts: the data found, the network's
+/// parameter counts, the schedule's length and where the resolved
+/// configuration is written (on stderr, beside the memory estimate).
+fn print_run_summary(
+    cfg: &TrainConfig,
+    data: &crate::data::Dataset,
+    steps_per_epoch: u64,
+    total: u64,
+    out_dir: &Path,
+) {
+    let test = data
+        .test
+        .as_ref()
+        .map_or("no test split".to_string(), |t| format!("{} test", t.len()));
+    eprintln!(
+        "data: {}: {} training images, {} classes ({test})",
+        cfg.data,
+        data.train.len(),
+        data.num_classes()
+    );
+    let (backbone, image, sere) = crate::train::network::SereNet::new(cfg).parameter_counts();
+    let m = |n: usize| n as f64 / 1e6;
+    eprintln!(
+        "model: ViT dim {} depth {} heads {} patch {} ({}): {:.2} M parameters in the backbone, \
+         {:.2} M in the image-level head(s), {:.2} M in the SERE heads (student; the teacher is its EMA copy)",
+        cfg.dim,
+        cfg.depth,
+        cfg.heads,
+        cfg.patch,
+        cfg.preset.name(),
+        m(backbone),
+        m(image),
+        m(sere)
+    );
+    eprintln!(
+        "schedule: {steps_per_epoch} steps per epoch of {} images, {total} in all, peak lr {:.3e}; \
+         configuration: {}",
+        cfg.batch,
+        cfg.peak_lr(),
+        out_dir.join(CONFIG_FILE).display()
+    );
+    let first = data.train.image(0).ok().map(|r| r.width.min(r.height));
+    for w in crop_warnings(cfg, first) {
+        eprintln!("warning: {w}");
+    }
+}
+
+/// Crops that cannot show much: a local crop of one patch (no spatial
+/// relation inside it), or crops upscaled far beyond the images' own
+/// resolution (`side`: the first training image's shorter side).
+fn crop_warnings(cfg: &TrainConfig, side: Option<usize>) -> Vec<String> {
+    let mut out = Vec::new();
+    if cfg.locals > 0 && cfg.local_grid() == 1 {
+        out.push(format!(
+            "a local crop is a single patch ({} px with patch {}): its spatial relation has one \
+             position; raise --local-img or lower --patch",
+            cfg.local_img, cfg.patch
+        ));
+    }
+    if let Some(side) = side.filter(|&s| s > 0 && cfg.img > 2 * s) {
+        out.push(format!(
+            "global crops of {} px are cut from images of {side} px: upscaled more than {}x, \
+             they add pixels but no detail; --img {side} (or a multiple of --patch near it) \
+             trains faster on the same information",
+            cfg.img,
+            cfg.img / side
+        ));
+    }
+    out
+}
+
 /// Trains with `cfg`, optionally resuming from a checkpoint file. Only a run
 /// resumed in its own directory may write where a run already is: a fresh
 /// run, or one resumed into another `--out`, refuses a directory that holds
@@ -492,6 +563,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
         )));
     }
     let total = cfg.total_steps(spe);
+    print_run_summary(&cfg, &dataset, spe, total, &out_dir);
     let sched = Schedules::new(&cfg, total, spe);
     for w in schedule_warnings(&cfg, total, spe) {
         eprintln!("warning: {w}");
@@ -640,6 +712,24 @@ fn save(engine: &AnyEngine, dir: &Path, step: u64) -> Result<PathBuf, SereError>
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn crops_that_show_little_are_warned_about() {
+        let cfg = TrainConfig::default();
+        assert!(super::crop_warnings(&cfg, Some(32)).is_empty());
+        let single = TrainConfig {
+            local_img: 4,
+            ..TrainConfig::default()
+        };
+        let w = super::crop_warnings(&single, Some(32));
+        assert!(w.len() == 1 && w[0].contains("single patch"), "{w:?}");
+        let w = super::crop_warnings(&cfg, Some(12));
+        assert!(
+            w.len() == 1 && w[0].contains("upscaled more than 2x"),
+            "{w:?}"
+        );
+        assert!(super::crop_warnings(&cfg, None).is_empty());
+    }
+
     use super::*;
 
     #[test]

@@ -123,6 +123,33 @@ impl SereNet {
         self.separate_patch_head.as_ref().unwrap_or(&self.dino)
     }
 
+    /// Parameters of one network (the student; the teacher is its copy):
+    /// `(backbone, image-level heads, SERE heads)`, the image-level heads
+    /// being the DINO head and a separate patch head.
+    ///
+    /// ```
+    /// use sere_host::{config::TrainConfig, train::network::SereNet};
+    /// let net = SereNet::new(&TrainConfig::default());
+    /// let (backbone, image, sere) = net.parameter_counts();
+    /// assert_eq!(backbone + image + sere, net.layout.len());
+    /// ```
+    pub fn parameter_counts(&self) -> (usize, usize, usize) {
+        let heads = [&Some(self.dino.clone()), &self.separate_patch_head];
+        let image: usize = heads
+            .iter()
+            .filter_map(|h| h.as_ref())
+            .map(|h| h.param_range().len())
+            .sum();
+        let backbone: usize = self
+            .layout
+            .entries()
+            .iter()
+            .filter(|e| e.name.starts_with(BACKBONE_PREFIX))
+            .map(|e| e.range.len())
+            .sum();
+        (backbone, image, self.layout.len() - backbone - image)
+    }
+
     /// Fresh batch-norm running statistics of the four SERE heads.
     pub fn new_bn_states<B: Backend>(&self, be: &B) -> OpResult<SereHeads<SereHeadState<B>>> {
         self.sere.try_map(|h| h.new_state(be))
