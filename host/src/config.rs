@@ -824,6 +824,14 @@ impl TrainConfig {
         ]
     }
 
+    /// Whether the step computes SERE's relations at all: with `alpha =
+    /// beta = 0` (DINO or iBOT alone) the SERE heads and the relation
+    /// losses are skipped (they would add exactly nothing to the
+    /// gradient), and their loss terms are reported as 0.
+    pub fn relations(&self) -> bool {
+        self.alpha != 0.0 || self.beta != 0.0
+    }
+
     /// Outputs of a separate patch head, 0 when there is none.
     fn separate_patch_dim(&self) -> usize {
         if self.mim && !self.shared_head {

@@ -155,13 +155,19 @@ fn run_train(args: &TrainArgs) -> Result<(), SereError> {
     } else {
         String::new()
     };
+    let relations = if summary.config.relations() {
+        format!(
+            ", spatial {:.4}, channel {:.4}",
+            last.loss_spatial, last.loss_channel
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "trained {} steps; final loss {:.4} (dino {:.4}{mim}, spatial {:.4}, channel {:.4}); teacher entropy {:.3}, KL {:.3}",
+        "trained {} steps; final loss {:.4} (dino {:.4}{mim}{relations}); teacher entropy {:.3}, KL {:.3}",
         summary.steps,
         last.loss,
         last.loss_dino,
-        last.loss_spatial,
-        last.loss_channel,
         last.teacher_entropy,
         last.teacher_student_kl
     );

@@ -359,15 +359,15 @@ pub fn format_terms(m: &StepMetrics) -> String {
     } else {
         String::new()
     };
+    // A run without relations (alpha = beta = 0) computes neither.
+    let relations = if m.loss_spatial != 0.0 || m.loss_channel != 0.0 {
+        format!(" sp {:.4} ch {:.4}", m.loss_spatial, m.loss_channel)
+    } else {
+        String::new()
+    };
     format!(
-        "loss {:.4} (dino {:.4} H {:.2}{mim} sp {:.4} ch {:.4}) lr {:.3e} {:.1} img/s",
-        m.loss,
-        m.loss_dino,
-        m.teacher_entropy,
-        m.loss_spatial,
-        m.loss_channel,
-        m.lr,
-        m.images_per_s
+        "loss {:.4} (dino {:.4} H {:.2}{mim}{relations}) lr {:.3e} {:.1} img/s",
+        m.loss, m.loss_dino, m.teacher_entropy, m.lr, m.images_per_s
     )
 }
 
@@ -564,6 +564,18 @@ mod tests {
             lines[1].ends_with("| WARNING: DINO output collapsing (near uniform: teacher entropy 6.900 of ln K = 6.931, KL 0.010)"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_run_without_relations_does_not_print_them() {
+        let dino_only = StepMetrics {
+            loss_spatial: 0.0,
+            loss_channel: 0.0,
+            ..record(3)
+        };
+        let line = format_terms(&dino_only);
+        assert!(!line.contains(" sp ") && !line.contains(" ch "), "{line}");
+        assert!(format_terms(&record(3)).contains(" sp 1.2500 ch 2.5000"));
     }
 
     #[test]

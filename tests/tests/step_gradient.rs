@@ -174,6 +174,29 @@ fn step_gradient_with_a_shared_patch_head_matches_finite_differences() {
     check_step_gradient(&cfg);
 }
 
+/// DINO alone (alpha = beta = 0): the SERE heads and relation losses are
+/// skipped, the gradient is still the total loss's, and the SERE heads'
+/// parameters get exactly none.
+#[test]
+fn step_gradient_without_relations_matches_finite_differences() {
+    let mut cfg = config();
+    cfg.alpha = 0.0;
+    cfg.beta = 0.0;
+    check_step_gradient(&cfg);
+    let (mut engine, batch) = setup(&cfg);
+    engine
+        .forward_backward(&batch.input(), &schedule())
+        .expect("step runs");
+    let grads = engine.grads();
+    for e in engine.net.layout.entries() {
+        let sere_head = ["spatial_", "channel_"]
+            .iter()
+            .any(|p| e.name.starts_with(p));
+        let zero = grads[e.range.clone()].iter().all(|&g| g == 0.0);
+        assert_eq!(zero, sere_head, "{}", e.name);
+    }
+}
+
 /// The authors' ViT-S/16 head: the last layer's weight-norm gain learned
 /// (`norm_last_layer = false`), with iBOT's shared head on top, so the
 /// gain's gradient carries both the CLS and the masked-patch terms.
@@ -225,7 +248,14 @@ fn check_step_gradient(cfg: &TrainConfig) {
     let (input, sched) = (batch.input(), schedule());
     let (centre, patch_centre) = (engine.centre.clone(), engine.patch_centre.clone());
     let stats = engine.forward_backward(&input, &sched).expect("step runs");
-    assert!(stats.spatial_terms > 0 && stats.spatial > 0.0 && stats.channel > 0.0);
+    if cfg.relations() {
+        assert!(stats.spatial_terms > 0 && stats.spatial > 0.0 && stats.channel > 0.0);
+    } else {
+        assert_eq!(
+            (stats.spatial_terms, stats.spatial, stats.channel),
+            (0, 0.0, 0.0)
+        );
+    }
     assert_eq!(stats.mim > 0.0, cfg.mim, "{stats:?}");
     let grads = engine.grads().to_vec();
     if cfg.mim {

@@ -681,25 +681,27 @@ impl<B: Backend> Engine<B> {
             &mut tp.vit,
             None,
         )?;
-        tp.gather_patches(be, d)?;
-        let bn = &mut self.teacher_bn;
-        let (sp, ch) = (&net.sere.spatial_global, &net.sere.channel_global);
-        sp.forward(
-            be,
-            params,
-            &mut bn.spatial_global,
-            BnMode::Train,
-            &tp.patches,
-            &mut tp.spatial,
-        )?;
-        ch.forward(
-            be,
-            params,
-            &mut bn.channel_global,
-            BnMode::Train,
-            &tp.patches,
-            &mut tp.channel,
-        )?;
+        if self.cfg.relations() {
+            tp.gather_patches(be, d)?;
+            let bn = &mut self.teacher_bn;
+            let (sp, ch) = (&net.sere.spatial_global, &net.sere.channel_global);
+            sp.forward(
+                be,
+                params,
+                &mut bn.spatial_global,
+                BnMode::Train,
+                &tp.patches,
+                &mut tp.spatial,
+            )?;
+            ch.forward(
+                be,
+                params,
+                &mut bn.channel_global,
+                BnMode::Train,
+                &tp.patches,
+                &mut tp.channel,
+            )?;
+        }
         tp.gather_cls(be, d, &mut ws.cls_teacher, 0)?;
         if let Some(m) = ws.mim.as_mut() {
             be.copy_blocks(
@@ -778,23 +780,25 @@ impl<B: Backend> Engine<B> {
                 let head = net.patch_head();
                 head.forward(be, params, &m.student_tokens, &mut m.student_head)?;
             }
-            pass.gather_patches(be, d)?;
-            sp.forward(
-                be,
-                params,
-                bs,
-                BnMode::Train,
-                &pass.patches,
-                &mut pass.spatial,
-            )?;
-            ch.forward(
-                be,
-                params,
-                bc,
-                BnMode::Train,
-                &pass.patches,
-                &mut pass.channel,
-            )?;
+            if cfg.relations() {
+                pass.gather_patches(be, d)?;
+                sp.forward(
+                    be,
+                    params,
+                    bs,
+                    BnMode::Train,
+                    &pass.patches,
+                    &mut pass.spatial,
+                )?;
+                ch.forward(
+                    be,
+                    params,
+                    bc,
+                    BnMode::Train,
+                    &pass.patches,
+                    &mut pass.channel,
+                )?;
+            }
             pass.gather_cls(be, d, &mut ws.cls_student, first_cls)?;
             first_cls += pass.images;
         }
@@ -846,6 +850,10 @@ impl<B: Backend> Engine<B> {
             )?;
         }
 
+        if !cfg.relations() {
+            // DINO (and iBOT) alone: nothing reads the relations.
+            return Ok((0, spatial_mean));
+        }
         let shapes = ViewShapes {
             batch: b,
             channels: cfg.dim,
@@ -946,27 +954,30 @@ impl<B: Backend> Engine<B> {
             .local
             .as_mut()
             .map(|(p, g)| (p, g, &net.sere.spatial_local, &net.sere.channel_local));
+        let relations = self.cfg.relations();
         let mut first_cls = 0;
         for (pass, pg, sp, ch) in [global].into_iter().chain(local) {
-            be.zero(&mut pg.dpatches)?;
-            sp.backward(
-                be,
-                params,
-                &pass.patches,
-                &mut pass.spatial,
-                &pg.dspatial,
-                grads,
-                &mut pg.dpatches,
-            )?;
-            ch.backward(
-                be,
-                params,
-                &pass.patches,
-                &mut pass.channel,
-                &pg.dchannel,
-                grads,
-                &mut pg.dpatches,
-            )?;
+            if relations {
+                be.zero(&mut pg.dpatches)?;
+                sp.backward(
+                    be,
+                    params,
+                    &pass.patches,
+                    &mut pass.spatial,
+                    &pg.dspatial,
+                    grads,
+                    &mut pg.dpatches,
+                )?;
+                ch.backward(
+                    be,
+                    params,
+                    &pass.patches,
+                    &mut pass.channel,
+                    &pg.dchannel,
+                    grads,
+                    &mut pg.dpatches,
+                )?;
+            }
             be.zero(&mut pg.dout)?;
             let t = pass.vit.t;
             be.copy_blocks(
@@ -982,7 +993,7 @@ impl<B: Backend> Engine<B> {
             }
             // The CLS and patch rows' gradient enters through the final
             // norm, the SERE heads' before it.
-            let dpatches = Some(&pg.dpatches);
+            let dpatches = relations.then_some(&pg.dpatches);
             net.vit
                 .backward(be, params, &mut pass.vit, &pg.dout, dpatches, grads)?;
             first_cls += pass.images;
