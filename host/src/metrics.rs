@@ -23,6 +23,10 @@ pub struct StepMetrics {
     /// Total loss `L_I (4 - alpha - beta) / 2 + alpha L_s + beta L_c`.
     #[serde(deserialize_with = "f64_or_nan")]
     pub loss: f64,
+    /// Mean total loss over the steps since the previous record (the
+    /// logging interval; absent in older files: 0).
+    #[serde(default, deserialize_with = "f64_or_nan")]
+    pub loss_mean: f64,
     /// Image-level (DINO) loss: the CLS term.
     #[serde(deserialize_with = "f64_or_nan")]
     pub loss_dino: f64,
@@ -350,9 +354,11 @@ impl Collapse {
     }
 }
 
-/// `loss 9.1234 (dino 8.1234 H 4.52 sp 0.9000 ch 1.2000) lr 6.25e-5 512.3
-/// img/s` (`H`: the teacher entropy), with `mim 7.1234` after it in a run with masked image
-/// modelling.
+/// `loss 9.1234 [mean 9.3012] (dino 8.1234 H 4.52 sp 0.9000 ch 1.2000) lr
+/// 6.25e-5 512.3 img/s`: the last step's loss, the logging interval's mean
+/// loss and the last step's terms (`H`: the teacher entropy), with `mim
+/// 7.1234` in a run with masked image modelling and without `sp`/`ch` in
+/// one without relations.
 pub fn format_terms(m: &StepMetrics) -> String {
     let mim = if m.loss_mim != 0.0 {
         format!(" mim {:.4}", m.loss_mim)
@@ -365,8 +371,14 @@ pub fn format_terms(m: &StepMetrics) -> String {
     } else {
         String::new()
     };
+    // The interval's mean beside the last step's value, when logged.
+    let mean = if m.loss_mean != 0.0 {
+        format!(" [mean {:.4}]", m.loss_mean)
+    } else {
+        String::new()
+    };
     format!(
-        "loss {:.4} (dino {:.4} H {:.2}{mim}{relations}) lr {:.3e} {:.1} img/s",
+        "loss {:.4}{mean} (dino {:.4} H {:.2}{mim}{relations}) lr {:.3e} {:.1} img/s",
         m.loss, m.loss_dino, m.teacher_entropy, m.lr, m.images_per_s
     )
 }
@@ -407,6 +419,7 @@ mod tests {
             step,
             epoch: (step / 10) as usize,
             loss: 9.5 - step as f64 * 0.01,
+            loss_mean: 9.6 - step as f64 * 0.01,
             loss_dino: 8.0,
             teacher_entropy: 4.5,
             teacher_student_kl: 3.5,
@@ -518,7 +531,7 @@ mod tests {
         let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
-        assert!(lines[0].starts_with("step 10/25 ep 1 | loss 9.4000 (dino 8.0000 H 4.50 sp 1.2500 ch 2.5000) lr 6.250e-5 512.2 img/s | eta "), "{}", lines[0]);
+        assert!(lines[0].starts_with("step 10/25 ep 1 | loss 9.4000 [mean 9.5000] (dino 8.0000 H 4.50 sp 1.2500 ch 2.5000) lr 6.250e-5 512.2 img/s | eta "), "{}", lines[0]);
         assert!(lines[2].starts_with("step 25/25"));
         assert_eq!(lines[3], "done");
 

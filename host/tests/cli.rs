@@ -775,6 +775,8 @@ fn eval_every_logs_the_knn_curve_and_the_collapse_monitor() {
         );
         assert!((0.0..=ln_k + 1e-4).contains(&h), "{r}");
         assert!(kl >= -1e-4 && (h + kl - dino).abs() < 1e-4, "{r}");
+        // log_every = 1: each interval is one step, its mean that step's.
+        assert_eq!(r["loss_mean"].as_f64(), r["loss"].as_f64(), "{r}");
         if let Some(top1) = r.get("knn_top1") {
             assert!((0.0..=1.0).contains(&top1.as_f64().unwrap()), "{r}");
         }

@@ -622,6 +622,9 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
     }
     let started = Instant::now();
     let mut interval = (Instant::now(), done);
+    // Sum of the total loss over the steps since the last logged line (the
+    // logged mean, as DINO's MetricLogger smooths its printed values).
+    let mut interval_loss = 0.0f64;
     let mut last = StepMetrics::default();
     let mut last_ck = None;
     while done < total {
@@ -647,6 +650,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
             e @ StepError::Device { .. } => SereError::Other(e.to_string()),
         })?;
         done += 1;
+        interval_loss += stats.loss as f64;
         let epoch = batch.position.epoch;
         let secs = interval.0.elapsed().as_secs_f64().max(1e-9);
         let knn_top1 = match monitor.as_mut() {
@@ -661,7 +665,9 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
             ));
         }
         if done % cfg.log_every.max(1) == 0 || done == total || knn_top1.is_some() {
+            let mean_loss = interval_loss / (done - interval.1) as f64;
             last = StepMetrics {
+                loss_mean: mean_loss,
                 step: done,
                 epoch,
                 loss: stats.loss as f64,
@@ -682,6 +688,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
                 eval_s: monitor.as_ref().map_or(0.0, KnnMonitor::spent_s),
             };
             interval = (Instant::now(), done);
+            interval_loss = 0.0;
             metrics
                 .append(&last)
                 .map_err(|e| SereError::io("cannot append metrics to", &metrics_path, e))?;
