@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fashion-MNIST at a fixed step budget (issue 15): SERE (the default run's
 # recipe, sized for 28 px images) and the DINO-only baseline (alpha = beta =
-# 0, everything else equal), for each seed; k-NN of the teacher every
+# 0, everything else equal), for each seed (and iBOT with and without SERE:
+# CONFIGS="ibot ibot-sere"); k-NN of the teacher every
 # EVAL_EVERY steps on 5000 / 1000 images (metrics.jsonl, `knn_top1`), then
 # the end-of-training evaluation on the full splits (eval.json: 20-NN of the
 # trained teacher, of its random initialisation and of raw pixels, and the
@@ -41,10 +42,15 @@ mkdir -p "$OUT"
 COMMON=(--data "$DATA" --img 28 --local-img 12 --patch 4 --local-overlap 3
         --steps "$STEPS" --eval-every "$EVAL_EVERY" --set checkpoint_every=2000)
 
+# The objective of each configuration: DINO or iBOT (DINO + masked image
+# modelling, the CLS head shared as the patch head), with or without SERE's
+# relations (issue 13's comparison is CONFIGS="dino sere ibot ibot-sere").
 weights() {
     case "$1" in
         sere) echo "--set alpha=0.5 --set beta=3.0" ;;
         dino) echo "--set alpha=0.0 --set beta=0.0" ;;
+        ibot) echo "--mim --set alpha=0.0 --set beta=0.0" ;;
+        ibot-sere) echo "--mim --set alpha=0.5 --set beta=3.0" ;;
         *) echo "fashion_mnist.sh: unknown config $1" >&2; exit 1 ;;
     esac
 }

@@ -13,8 +13,9 @@ import pathlib
 import re
 import sys
 
-COLOURS = {"sere": "tab:red", "dino": "tab:blue"}
-LABEL = {"sere": "SERE (alpha 0.5, beta 3)", "dino": "DINO only (alpha = beta = 0)"}
+COLOURS = {"sere": "tab:red", "dino": "tab:blue", "ibot": "tab:green", "ibot-sere": "tab:purple"}
+LABEL = {"sere": "DINO + SERE (alpha 0.5, beta 3)", "dino": "DINO only (alpha = beta = 0)",
+         "ibot": "iBOT (DINO + MIM)", "ibot-sere": "iBOT + SERE"}
 
 
 def runs(out):

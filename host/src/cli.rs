@@ -573,9 +573,10 @@ pub struct KnnArgs {
     /// the data the checkpoint was trained on).
     #[arg(long, value_name = "PATH")]
     pub data: Option<String>,
-    /// Neighbours voting per test image.
-    #[arg(long, default_value_t = 20)]
-    pub k: usize,
+    /// Neighbours voting per test image; several values give one line each
+    /// from one pass (DINO reports `--k 10 20 100 200`).
+    #[arg(long, num_args = 1.., default_values_t = [20])]
+    pub k: Vec<usize>,
     /// Temperature of the vote weights exp(sim / T).
     #[arg(long, default_value_t = 0.07)]
     pub temperature: f64,
@@ -1059,9 +1060,25 @@ mod tests {
             Command::Eval(EvalCommand::Knn(k)) => {
                 assert_eq!(
                     (k.k, k.temperature, k.data.as_deref()),
-                    (20, 0.07, Some("d"))
+                    (vec![20], 0.07, Some("d"))
                 );
             }
+            c => panic!("{c:?}"),
+        }
+        match parse(&[
+            "eval",
+            "knn",
+            "--checkpoint",
+            "c",
+            "--k",
+            "10",
+            "20",
+            "100",
+            "200",
+        ])
+        .command
+        {
+            Command::Eval(EvalCommand::Knn(k)) => assert_eq!(k.k, [10, 20, 100, 200]),
             c => panic!("{c:?}"),
         }
         let b = match parse(&[

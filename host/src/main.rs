@@ -273,7 +273,9 @@ fn eval_data(given: Option<&str>, ck: &Checkpoint) -> Result<String, SereError> 
 }
 
 fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
-    knn::check_params(args.k, args.temperature)?;
+    for &k in &args.k {
+        knn::check_params(k, args.temperature)?;
+    }
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
     let data = eval_data(args.data.as_deref(), &ck)?;
@@ -288,53 +290,53 @@ fn knn_on<B: Backend>(emb: &Embedder<B>, args: &KnnArgs, data: &str) -> Result<(
     let test = data.test_split().map_err(SereError::data)?;
     let batch = args.batch.unwrap_or(emb.config().batch).max(1);
     let spec = args.features;
+    eprintln!(
+        "extracting {} features of {} training and {} test images ...",
+        spec.name(),
+        data.train.len(),
+        test.len()
+    );
     let (train_f, train_l) = emb.embed(&data.train, batch, spec)?;
     let (test_f, test_l) = emb.embed(test, batch, spec)?;
-    let acc = knn::weighted_knn_accuracy(
+    let scores = knn::weighted_knn(
         &train_f,
         &train_l,
         &test_f,
         &test_l,
         spec.dim(emb.dim()),
-        args.k,
+        &args.k,
         args.temperature as f32,
         data.num_classes(),
     );
-    print_knn(
-        &spec.name(),
-        args.k,
-        args.temperature,
-        (train_l.len(), test_l.len()),
-        acc,
-    );
+    let sizes = (train_l.len(), test_l.len());
+    for s in &scores {
+        print_knn(&spec.name(), args.temperature, sizes, s);
+    }
     if args.pixels {
         let (tr, trl, te, tel, d) =
             features::pixel_baseline(&data.train, test, emb.config().img, batch)?;
-        let acc = knn::weighted_knn_accuracy(
+        let scores = knn::weighted_knn(
             &tr,
             &trl,
             &te,
             &tel,
             d,
-            args.k,
+            &args.k,
             args.temperature as f32,
             data.num_classes(),
         );
-        print_knn(
-            "pixels",
-            args.k,
-            args.temperature,
-            (trl.len(), tel.len()),
-            acc,
-        );
+        for s in &scores {
+            print_knn("pixels", args.temperature, (trl.len(), tel.len()), s);
+        }
     }
     Ok(())
 }
 
-/// One JSON line per k-NN evaluation.
-fn print_knn(features: &str, k: usize, temperature: f64, (train, test): (usize, usize), top1: f32) {
+/// One JSON line per k-NN evaluation (one per `k`).
+fn print_knn(features: &str, temperature: f64, (train, test): (usize, usize), s: &knn::KnnScore) {
     println!(
-        "{{\"metric\":\"knn_top1\",\"features\":\"{features}\",\"k\":{k},\"temperature\":{temperature},\"train\":{train},\"test\":{test},\"top1\":{top1:.4}}}"
+        "{{\"metric\":\"knn_top1\",\"features\":\"{features}\",\"k\":{},\"temperature\":{temperature},\"train\":{train},\"test\":{test},\"top1\":{:.4},\"top5\":{:.4}}}",
+        s.k, s.top1, s.top5
     );
 }
 
@@ -368,17 +370,17 @@ fn linear_on<B: Backend>(
     if args.knn {
         // Before the probe, which standardises the features in place.
         let (k, t) = (20, 0.07);
-        let acc = knn::weighted_knn_accuracy(
+        let scores = knn::weighted_knn(
             &train_f,
             &train_l,
             &test_f,
             &test_l,
             spec.dim(emb.dim()),
-            k,
+            &[k],
             t as f32,
             classes,
         );
-        print_knn(&spec.name(), k, t, (train_l.len(), test_l.len()), acc);
+        print_knn(&spec.name(), t, (train_l.len(), test_l.len()), &scores[0]);
     }
     let started = Instant::now();
     let r = linear::evaluate(

@@ -861,3 +861,48 @@ fn print_config_shows_a_recipe_with_the_source_of_every_value() {
     ]);
     assert_fails_with(&o, "--recipe cannot be combined with --resume");
 }
+
+/// `eval knn --k 10 20 ...` reports every k from one feature pass, each with
+/// top-1 and top-5, for the features and (with --pixels) for raw pixels; a
+/// single k gives the same top-1 as it does alone.
+#[test]
+fn eval_knn_reports_several_k_with_top5() {
+    let ck = tiny_run().to_str().unwrap();
+    let o = sere(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        ck,
+        "--k",
+        "5",
+        "10",
+        "--pixels",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = json_lines(&o);
+    let got: Vec<(&str, u64)> = lines
+        .iter()
+        .map(|l| (l["features"].as_str().unwrap(), l["k"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("teacher_cls", 5),
+            ("teacher_cls", 10),
+            ("pixels", 5),
+            ("pixels", 10)
+        ]
+    );
+    for l in &lines {
+        let (t1, t5) = (l["top1"].as_f64().unwrap(), l["top5"].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&t1) && t5 >= t1 && t5 <= 1.0, "{l}");
+    }
+    let alone = sere(&["eval", "knn", "--checkpoint", ck, "--k", "10"]);
+    assert!(alone.status.success(), "{}", stderr(&alone));
+    assert_eq!(json_lines(&alone)[0]["top1"], lines[1]["top1"]);
+    assert!(
+        stderr(&o).contains("extracting teacher_cls features"),
+        "{}",
+        stderr(&o)
+    );
+}
