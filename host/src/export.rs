@@ -50,6 +50,18 @@ pub mod meta {
     pub const NORM_EPS: &str = "norm_eps";
     /// The training run's config (TOML), for provenance.
     pub const TRAIN_CONFIG: &str = "train_config";
+    /// Per-channel input mean (RGB, of values in `[0, 1]`), as a JSON list:
+    /// timm's `pretrained_cfg["mean"]`.
+    pub const MEAN: &str = "mean";
+    /// Per-channel input standard deviation, as a JSON list (timm's `std`).
+    pub const STD: &str = "std";
+    /// Fraction of the image's shorter side the evaluation centre crop
+    /// keeps before resizing to `img_size` (timm's `crop_pct`; 1.0: the
+    /// whole centre square, as `sere eval` does).
+    pub const CROP_PCT: &str = "crop_pct";
+    /// Resampling of that crop (timm's `interpolation`): PIL-style bilinear
+    /// (a triangle filter that widens when shrinking).
+    pub const INTERPOLATION: &str = "interpolation";
 }
 
 /// Checks that `sere export` may write `out`: a new file, or a backbone an
@@ -144,5 +156,13 @@ pub fn backbone(ck: &Checkpoint, network: Network) -> Result<Checkpoint, Checkpo
     out.set_meta(meta::MLP_RATIO, vit.mlp_ratio);
     out.set_meta(meta::NORM_EPS, crate::backend::LN_EPS);
     out.set_meta(meta::TRAIN_CONFIG, cfg.to_toml());
+    // The input protocol `sere eval` feeds the backbone, so that code
+    // loading the file preprocesses as the features were evaluated.
+    let eval = crate::data::EvalTransform::new(vit.img);
+    let list = |v: [f32; 3]| format!("[{}, {}, {}]", v[0], v[1], v[2]);
+    out.set_meta(meta::MEAN, list(eval.mean));
+    out.set_meta(meta::STD, list(eval.std));
+    out.set_meta(meta::CROP_PCT, eval.crop_fraction);
+    out.set_meta(meta::INTERPOLATION, "bilinear");
     Ok(out)
 }

@@ -512,6 +512,11 @@ fn export_writes_the_backbone_under_timm_names() {
         ("depth", "2"),
         ("num_heads", "2"),
         ("in_chans", "3"),
+        // The input protocol the features were evaluated with.
+        ("mean", "[0.485, 0.456, 0.406]"),
+        ("std", "[0.229, 0.224, 0.225]"),
+        ("crop_pct", "1"),
+        ("interpolation", "bilinear"),
     ] {
         assert_eq!(meta.get(key).map(String::as_str), Some(value), "{key}");
     }
