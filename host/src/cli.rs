@@ -573,6 +573,10 @@ pub struct KnnArgs {
     /// the data the checkpoint was trained on).
     #[arg(long, value_name = "PATH")]
     pub data: Option<String>,
+    /// Which network's backbone to evaluate: the EMA teacher (what DINO
+    /// and SERE evaluate) or the student (DINO's `--checkpoint_key`).
+    #[arg(long, value_enum, default_value_t = Network::Teacher, alias = "checkpoint_key")]
+    pub network: Network,
     /// Neighbours voting per test image; several values give one line each
     /// from one pass (DINO reports `--k 10 20 100 200`).
     #[arg(long, num_args = 1.., default_values_t = [20])]
@@ -609,6 +613,10 @@ pub struct LinearArgs {
     /// the data the checkpoint was trained on).
     #[arg(long, value_name = "PATH")]
     pub data: Option<String>,
+    /// Which network's backbone to evaluate: the EMA teacher or the
+    /// student (DINO's `--checkpoint_key`).
+    #[arg(long, value_enum, default_value_t = Network::Teacher, alias = "checkpoint_key")]
+    pub network: Network,
     /// Optimiser of the probe.
     #[arg(long, value_enum, default_value_t = Optimizer::Lbfgs)]
     pub optimizer: Optimizer,

@@ -15,7 +15,7 @@ use sere_host::config::Device;
 use sere_host::data::DataSpec;
 use sere_host::error::{report, SereError};
 use sere_host::eval::{features, features::Embedder, knn, linear, report};
-use sere_host::export;
+use sere_host::export::{self, Network};
 use sere_host::metrics;
 use sere_host::train;
 use sere_host::train::engine::open_cuda;
@@ -26,13 +26,16 @@ use sere_host::visualize;
 /// no-GPU error: never a silent CPU run when CUDA was asked for.
 macro_rules! on_device {
     ($device:expr, $ck:expr, $emb:ident => $body:expr) => {
+        on_device!($device, $ck, Network::Teacher, $emb => $body)
+    };
+    ($device:expr, $ck:expr, $network:expr, $emb:ident => $body:expr) => {
         match $device.unwrap_or(Device::Cpu) {
             Device::Cpu => {
-                let $emb = Embedder::from_checkpoint(Cpu, $ck)?;
+                let $emb = Embedder::from_checkpoint_network(Cpu, $ck, $network)?;
                 $body
             }
             Device::Cuda => {
-                let $emb = Embedder::from_checkpoint(open_cuda()?, $ck)?;
+                let $emb = Embedder::from_checkpoint_network(open_cuda()?, $ck, $network)?;
                 $body
             }
         }
@@ -279,7 +282,7 @@ fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
     let data = eval_data(args.data.as_deref(), &ck)?;
-    on_device!(args.device, &ck, emb => knn_on(&emb, args, &data))
+    on_device!(args.device, &ck, args.network, emb => knn_on(&emb, args, &data))
 }
 
 fn knn_on<B: Backend>(emb: &Embedder<B>, args: &KnnArgs, data: &str) -> Result<(), SereError> {
@@ -310,7 +313,12 @@ fn knn_on<B: Backend>(emb: &Embedder<B>, args: &KnnArgs, data: &str) -> Result<(
     );
     let sizes = (train_l.len(), test_l.len());
     for s in &scores {
-        print_knn(&spec.name(), args.temperature, sizes, s);
+        print_knn(
+            &feature_name(spec, args.network),
+            args.temperature,
+            sizes,
+            s,
+        );
     }
     if args.pixels {
         let (tr, trl, te, tel, d) =
@@ -332,6 +340,12 @@ fn knn_on<B: Backend>(emb: &Embedder<B>, args: &KnnArgs, data: &str) -> Result<(
     Ok(())
 }
 
+/// The features' name in the output lines: `teacher_cls...`, or
+/// `student_cls...` when the student is evaluated.
+fn feature_name(spec: features::FeatureSpec, network: Network) -> String {
+    spec.name().replacen("teacher", network.name(), 1)
+}
+
 /// One JSON line per k-NN evaluation (one per `k`).
 fn print_knn(features: &str, temperature: f64, (train, test): (usize, usize), s: &knn::KnnScore) {
     println!(
@@ -344,7 +358,7 @@ fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
     let data = eval_data(args.data.as_deref(), &ck)?;
-    on_device!(args.device, &ck, emb => linear_on(&emb, args, &data))
+    on_device!(args.device, &ck, args.network, emb => linear_on(&emb, args, &data))
 }
 
 /// The linear probe on `emb`'s features; the probe itself is fitted on the
@@ -380,7 +394,8 @@ fn linear_on<B: Backend>(
             t as f32,
             classes,
         );
-        print_knn(&spec.name(), t, (train_l.len(), test_l.len()), &scores[0]);
+        let name = feature_name(spec, args.network);
+        print_knn(&name, t, (train_l.len(), test_l.len()), &scores[0]);
     }
     let started = Instant::now();
     let r = linear::evaluate(
@@ -393,7 +408,7 @@ fn linear_on<B: Backend>(
         &cfg,
     )?;
     print_linear(
-        &spec.name(),
+        &feature_name(spec, args.network),
         &cfg,
         &r,
         (train_l.len(), test_l.len()),

@@ -8,6 +8,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::TrainConfig;
 use crate::data::{EvalBatches, EvalTransform, Split};
 use crate::error::SereError;
+use crate::export::Network;
 use crate::model::vit::VitActs;
 use crate::train::network::SereNet;
 
@@ -88,10 +89,23 @@ impl<B: Backend> Embedder<B> {
     /// Loads the teacher of `ck` (the network the run would be evaluated by)
     /// onto `be`.
     pub fn from_checkpoint(be: B, ck: &Checkpoint) -> Result<Self, SereError> {
+        Self::from_checkpoint_network(be, ck, Network::Teacher)
+    }
+
+    /// Loads `network` (the teacher or the student) of `ck` onto `be`.
+    pub fn from_checkpoint_network(
+        be: B,
+        ck: &Checkpoint,
+        network: Network,
+    ) -> Result<Self, SereError> {
         let cfg = ck.training_config()?;
         let net = SereNet::new(&cfg);
         let mut host = vec![0.0; net.layout.len()];
-        ck.read_params(crate::checkpoint::keys::TEACHER, &net.layout, &mut host)?;
+        let prefix = match network {
+            Network::Teacher => crate::checkpoint::keys::TEACHER,
+            Network::Student => crate::checkpoint::keys::STUDENT,
+        };
+        ck.read_params(prefix, &net.layout, &mut host)?;
         Self::from_params(be, cfg, net, &host)
     }
 
