@@ -785,10 +785,72 @@ pub fn latest_in(dir: impl AsRef<Path>) -> io::Result<Option<PathBuf>> {
     Ok(best.map(|(_, p)| p))
 }
 
+/// Removes all but the newest `keep` checkpoints named by [`file_name`]
+/// in `dir` (`keep` of 0 keeps every one); returns the removed paths,
+/// oldest first. Other files, temporary ones and sub-folders are left.
+pub fn prune(dir: impl AsRef<Path>, keep: usize) -> io::Result<Vec<PathBuf>> {
+    if keep == 0 {
+        return Ok(Vec::new());
+    }
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(step) = step_in_name(name).and_then(|s| s.parse::<u64>().ok()) {
+            if entry.file_type()?.is_file() {
+                found.push((step, entry.path()));
+            }
+        }
+    }
+    found.sort();
+    let excess = found.len().saturating_sub(keep);
+    let mut removed = Vec::with_capacity(excess);
+    for (_, path) in found.into_iter().take(excess) {
+        fs::remove_file(&path)?;
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::params::Init;
+
+    #[test]
+    fn prune_keeps_the_newest_and_nothing_else_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        for step in [3u64, 10, 7, 12] {
+            fs::write(dir.path().join(file_name(step)), b"x").unwrap();
+        }
+        for other in ["metrics.jsonl", ".checkpoint-00000013.safetensors.tmp-1-0"] {
+            fs::write(dir.path().join(other), b"x").unwrap();
+        }
+        fs::create_dir(dir.path().join("checkpoint-00000001.safetensors")).unwrap();
+        assert!(prune(dir.path(), 0).unwrap().is_empty());
+        let removed = prune(dir.path(), 2).unwrap();
+        let names: Vec<String> = removed
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [file_name(3), file_name(7)]);
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".checkpoint-00000013.safetensors.tmp-1-0",
+                "checkpoint-00000001.safetensors",
+                &file_name(10),
+                &file_name(12),
+                "metrics.jsonl"
+            ]
+        );
+    }
 
     fn layout() -> ParamLayout {
         let mut l = ParamLayout::new();

@@ -336,6 +336,9 @@ pub struct HyperArgs {
     /// Log metrics every N steps.
     #[arg(long, value_name = "STEPS")]
     pub log_every: Option<u64>,
+    /// Keep only the newest K checkpoints in the run folder (0: all).
+    #[arg(long, value_name = "K")]
+    pub keep_last: Option<usize>,
 }
 
 impl HyperArgs {
@@ -361,7 +364,8 @@ impl HyperArgs {
             student_temp,
             center_momentum,
             checkpoint_every,
-            log_every
+            log_every,
+            keep_last
         );
         if let Some([lo, hi]) = self.global_scale.as_deref() {
             cfg.global_scale = (*lo, *hi);

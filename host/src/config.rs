@@ -351,6 +351,9 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Log metrics every this many steps (default 10).
     pub log_every: u64,
+    /// Keep only the newest this many checkpoints of the run folder,
+    /// removing older ones after each save (default 0: keep every one).
+    pub keep_last: usize,
     /// When the run ends, evaluate its final checkpoint on the test split
     /// of `data` (default true): weighted 20-NN of the trained teacher, of
     /// the random initialisation and of raw pixels, and the teacher's
@@ -435,6 +438,7 @@ impl Default for TrainConfig {
             out: None,
             checkpoint_every: 200,
             log_every: 10,
+            keep_last: 0,
             final_eval: true,
             eval_every: 0,
             eval_train_images: 5000,

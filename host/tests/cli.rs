@@ -941,3 +941,44 @@ fn eval_takes_the_student_on_request() {
     let alias = run(&["--checkpoint_key", "student"]);
     assert_eq!(untimed(alias), untimed(student));
 }
+
+/// `--keep-last K` leaves the newest K checkpoints after each save, and the
+/// run resumes from the newest.
+#[test]
+fn keep_last_prunes_old_checkpoints_and_the_run_resumes() {
+    let d = tmp("keep-last");
+    let out = d.join("run");
+    let o = sere(&train_args(&[
+        "--steps",
+        "5",
+        "--data",
+        TINY_DATA,
+        "--checkpoint-every",
+        "1",
+        "--keep-last",
+        "2",
+        "--no-eval",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut cks: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    cks.sort();
+    assert_eq!(
+        cks,
+        [
+            "checkpoint-00000004.safetensors",
+            "checkpoint-00000005.safetensors"
+        ]
+    );
+    let o = sere(&["train", "--steps", "6", "--resume", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resumed from"), "{}", stderr(&o));
+    // The stored keep_last applies to the resumed run too.
+    assert!(!out.join("checkpoint-00000004.safetensors").exists());
+    assert!(out.join("checkpoint-00000006.safetensors").exists());
+}

@@ -695,7 +695,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
             progress.update(&last);
         }
         if (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || done == total {
-            last_ck = Some(save(&engine, &out_dir, done)?);
+            last_ck = Some(save(&engine, &out_dir, done, cfg.keep_last)?);
         }
     }
     progress.finish();
@@ -710,10 +710,13 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
 
 /// Writes `checkpoint-<step>.safetensors` atomically (`--resume DIR` takes
 /// the newest one).
-fn save(engine: &AnyEngine, dir: &Path, step: u64) -> Result<PathBuf, SereError> {
+fn save(engine: &AnyEngine, dir: &Path, step: u64, keep_last: usize) -> Result<PathBuf, SereError> {
     let ck = engine.snapshot(step)?;
     let path = dir.join(checkpoint::file_name(step));
     ck.save_atomic(&path)?;
+    // Only after the new one is safely on disk.
+    checkpoint::prune(dir, keep_last)
+        .map_err(|e| SereError::io("cannot remove old checkpoints in", dir, e))?;
     Ok(path)
 }
 
