@@ -982,3 +982,17 @@ fn keep_last_prunes_old_checkpoints_and_the_run_resumes() {
     assert!(!out.join("checkpoint-00000004.safetensors").exists());
     assert!(out.join("checkpoint-00000006.safetensors").exists());
 }
+
+/// `--crop-pct 0.875` evaluates DINO's centre crop (named in the output
+/// and different features on images with borders); a fraction outside
+/// (0, 1] is refused by name.
+#[test]
+fn eval_crop_protocol_is_selectable() {
+    let ck = tiny_run().to_str().unwrap();
+    let knn = |extra: &[&str]| sere(&[&["eval", "knn", "--checkpoint", ck], extra].concat());
+    let o = knn(&["--crop-pct", "0.875"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json_lines(&o)[0]["features"], "teacher_cls@crop0.875");
+    assert_fails_with(&knn(&["--crop-pct", "1.5"]), "--crop-pct 1.5");
+    assert_fails_with(&knn(&["--crop-pct", "0"]), "--crop-pct 0");
+}

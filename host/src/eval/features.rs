@@ -18,12 +18,14 @@ use crate::train::network::SereNet;
 ///
 /// ```
 /// use sere_host::eval::features::FeatureSpec;
-/// let spec = FeatureSpec { last_blocks: 4, avgpool: true };
+/// let spec = FeatureSpec { last_blocks: 4, avgpool: true, crop_pct: 1.0 };
 /// assert_eq!(spec.dim(128), 5 * 128);
 /// assert_eq!(spec.name(), "teacher_cls_last4+avgpool");
 /// assert_eq!(FeatureSpec::default().name(), "teacher_cls");
+/// let dino_crop = FeatureSpec { crop_pct: 0.875, ..FeatureSpec::default() };
+/// assert_eq!(dino_crop.name(), "teacher_cls@crop0.875");
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+#[derive(Debug, Clone, Copy, PartialEq, clap::Args)]
 pub struct FeatureSpec {
     /// Concatenate the CLS tokens of the last N blocks, each through the
     /// final norm (DINO's `--n_last_blocks`; its ViT-S/16 linear probe uses
@@ -34,6 +36,12 @@ pub struct FeatureSpec {
     /// `--avgpool_patchtokens`).
     #[arg(long)]
     pub avgpool: bool,
+    /// Evaluation crop: the centre square keeping this fraction of the
+    /// image's shorter side, resized to the training image size (1.0: the
+    /// whole centre square; 0.875 is DINO's Resize(256) + CenterCrop(224);
+    /// timm's `crop_pct`).
+    #[arg(long, value_name = "FRACTION", default_value_t = 1.0)]
+    pub crop_pct: f32,
 }
 
 impl Default for FeatureSpec {
@@ -41,6 +49,7 @@ impl Default for FeatureSpec {
         FeatureSpec {
             last_blocks: 1,
             avgpool: false,
+            crop_pct: 1.0,
         }
     }
 }
@@ -60,11 +69,21 @@ impl FeatureSpec {
         if self.avgpool {
             name += "+avgpool";
         }
+        if self.crop_pct != 1.0 {
+            name += &format!("@crop{}", self.crop_pct);
+        }
         name
     }
 
     /// Checks the spec against a backbone of `depth` blocks.
     pub fn check(&self, depth: usize) -> Result<(), SereError> {
+        if !(self.crop_pct > 0.0 && self.crop_pct <= 1.0) {
+            return Err(SereError::Other(format!(
+                "--crop-pct {}: the centre crop keeps a fraction of the image in (0, 1] \
+                 (1 keeps the whole centre square, 0.875 is DINO's 256 -> 224)",
+                self.crop_pct
+            )));
+        }
         if (1..=depth).contains(&self.last_blocks) {
             Ok(())
         } else {
@@ -230,7 +249,11 @@ impl<B: Backend> Backbone<'_, B> {
         let mut feats = Vec::with_capacity(split.len() * spec.dim(self.cfg.dim));
         let mut labels = Vec::with_capacity(split.len());
         let mut acts = None;
-        for b in EvalBatches::new(split, EvalTransform::new(img), batch).map_err(SereError::data)? {
+        let transform = EvalTransform {
+            crop_fraction: spec.crop_pct,
+            ..EvalTransform::new(img)
+        };
+        for b in EvalBatches::new(split, transform, batch).map_err(SereError::data)? {
             let b = b.map_err(SereError::data)?;
             self.forward(&b.images, b.len(), &mut acts)?;
             let acts = acts.as_ref().expect("forward shaped it");
