@@ -352,6 +352,13 @@ fn print_knn(features: &str, temperature: f64, (train, test): (usize, usize), s:
         "{{\"metric\":\"knn_top1\",\"features\":\"{features}\",\"k\":{},\"temperature\":{temperature},\"train\":{train},\"test\":{test},\"top1\":{:.4},\"top5\":{:.4}}}",
         s.k, s.top1, s.top5
     );
+    eprintln!(
+        "weighted {}-NN (T = {temperature}) on {features}: top-1 {:.2}%, top-5 {:.2}% on {test} \
+         test images ({train} training images)",
+        s.k,
+        100.0 * s.top1,
+        100.0 * s.top5
+    );
 }
 
 fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
@@ -448,6 +455,15 @@ fn print_linear(
         r.top1,
         embed_s,
         fit_started.elapsed().as_secs_f64(),
+    );
+    // The same, for a person (stderr: stdout stays one JSON line each).
+    eprintln!(
+        "linear probe ({}, weight decay {}) on {features}: top-1 {:.2}% on {test} test images \
+         (train {:.2}%, {train} images)",
+        cfg.optimizer.name(),
+        cfg.weight_decay,
+        100.0 * r.top1,
+        100.0 * r.train_top1
     );
 }
 
