@@ -910,6 +910,12 @@ fn eval_knn_reports_several_k_with_top5() {
         "{}",
         stderr(&o)
     );
+    // Each line also for a person, on stderr.
+    assert!(
+        stderr(&o).contains("weighted 5-NN (T = 0.07) on pixels: top-1 "),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// `--network student` (DINO's `--checkpoint_key`) evaluates the student's
