@@ -41,40 +41,52 @@ pub enum Recipe {
     DinoVitS16,
 }
 
-/// Values every SERE recipe shares (SERE.md, "Training recipe" and the
-/// method; the authors' small differences included: edge-to-edge overlap
-/// grids, non-overlapping pairs as uniform rows, their weight-decay rule).
-const SERE_COMMON: &str = r#"
+/// Values all four recipes share: DINO's and iBOT's defaults for a ViT/16
+/// on ImageNet-sized images (`main_dino.py`, `main_ibot.py`; SERE.md's
+/// recipe keeps them).
+const VIT16_COMMON: &str = r#"
 img = 224
 local_img = 96
 patch = 16
 mlp_ratio = 4.0
 drop_path = 0.1
-batch = 1024
-locals = 10
-epochs = 100
-alpha = 0.2
-beta = 0.5
 warmup_epochs = 10
 weight_decay = 0.04
 weight_decay_end = 0.4
-weight_decay_rule = "authors"
 momentum_teacher = 0.996
-clip_grad = 0.3
-out_dim = 8192
 head_hidden = 2048
 bottleneck = 256
 warmup_teacher_temp = 0.04
-teacher_temp = 0.07
 student_temp = 0.1
 center_momentum = 0.9
+"#;
+
+/// iBOT's masked image modelling as the SERE and iBOT recipes run it
+/// (shared head, pred_ratio 0 0.3 with pred_ratio_var 0 0.2, patch
+/// temperature 0.04 -> 0.07, K 8192 for both heads).
+const IBOT_MIM: &str = r#"
 mim = true
 mask_probability = 0.5
 mask_ratio = [0.1, 0.5]
 shared_head = true
+out_dim = 8192
 patch_out_dim = 8192
 warmup_patch_teacher_temp = 0.04
 patch_teacher_temp = 0.07
+teacher_temp = 0.07
+locals = 10
+batch = 1024
+"#;
+
+/// What the SERE recipes add (SERE.md, "Training recipe" and the method;
+/// the authors' small differences included: edge-to-edge overlap grids,
+/// non-overlapping pairs as uniform rows, their weight-decay rule).
+const SERE_COMMON: &str = r#"
+epochs = 100
+alpha = 0.2
+beta = 0.5
+weight_decay_rule = "authors"
+clip_grad = 0.3
 spatial_tau_t = 0.5
 channel_tau_t = 0.1
 overlap = 13
@@ -105,54 +117,26 @@ global_scale = [0.32, 1.0]
 local_scale = [0.05, 0.32]
 "#;
 
+/// iBOT's README command for ViT-S/16 (800 epochs, 16 GPUs x 64).
 const IBOT_VIT_S16: &str = r#"
 preset = "small"
-img = 224
-local_img = 96
-patch = 16
-mlp_ratio = 4.0
-drop_path = 0.1
-batch = 1024
-locals = 10
 epochs = 800
 alpha = 0.0
 beta = 0.0
 lr = 5e-4
 min_lr = 1e-6
-warmup_epochs = 10
-weight_decay = 0.04
-weight_decay_end = 0.4
 weight_decay_rule = "dino"
-momentum_teacher = 0.996
 clip_grad = 3.0
 freeze_last_layer = 1
-out_dim = 8192
-head_hidden = 2048
-bottleneck = 256
 norm_last_layer = false
-warmup_teacher_temp = 0.04
-teacher_temp = 0.07
 warmup_teacher_temp_epochs = 30
-student_temp = 0.1
-center_momentum = 0.9
-mim = true
-mask_probability = 0.5
-mask_ratio = [0.1, 0.5]
-shared_head = true
-patch_out_dim = 8192
-warmup_patch_teacher_temp = 0.04
-patch_teacher_temp = 0.07
 global_scale = [0.25, 1.0]
 local_scale = [0.05, 0.25]
 "#;
 
+/// DINO's README "vanilla" ViT-S/16 (100 epochs, 8 GPUs x 64).
 const DINO_VIT_S16: &str = r#"
 preset = "small"
-img = 224
-local_img = 96
-patch = 16
-mlp_ratio = 4.0
-drop_path = 0.1
 batch = 512
 locals = 8
 epochs = 100
@@ -160,22 +144,13 @@ alpha = 0.0
 beta = 0.0
 lr = 5e-4
 min_lr = 1e-6
-warmup_epochs = 10
-weight_decay = 0.04
-weight_decay_end = 0.4
 weight_decay_rule = "dino"
-momentum_teacher = 0.996
 clip_grad = 3.0
 freeze_last_layer = 1
 out_dim = 65536
-head_hidden = 2048
-bottleneck = 256
 norm_last_layer = true
-warmup_teacher_temp = 0.04
 teacher_temp = 0.04
 warmup_teacher_temp_epochs = 0
-student_temp = 0.1
-center_momentum = 0.9
 mim = false
 global_scale = [0.4, 1.0]
 local_scale = [0.05, 0.4]
@@ -227,11 +202,12 @@ impl Recipe {
 
     /// The recipe's keys as TOML (`preset` among them).
     pub fn table(self) -> toml::Table {
+        // Later parts win over earlier ones.
         let parts: &[&str] = match self {
-            Recipe::SereVitS16 => &[SERE_COMMON, SERE_VIT_S16],
-            Recipe::SereVitB16 => &[SERE_COMMON, SERE_VIT_B16],
-            Recipe::IbotVitS16 => &[IBOT_VIT_S16],
-            Recipe::DinoVitS16 => &[DINO_VIT_S16],
+            Recipe::SereVitS16 => &[VIT16_COMMON, IBOT_MIM, SERE_COMMON, SERE_VIT_S16],
+            Recipe::SereVitB16 => &[VIT16_COMMON, IBOT_MIM, SERE_COMMON, SERE_VIT_B16],
+            Recipe::IbotVitS16 => &[VIT16_COMMON, IBOT_MIM, IBOT_VIT_S16],
+            Recipe::DinoVitS16 => &[VIT16_COMMON, DINO_VIT_S16],
         };
         let mut table = toml::Table::new();
         for text in parts {

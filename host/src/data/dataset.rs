@@ -190,7 +190,16 @@ impl Split {
         if n >= len {
             return self.clone();
         }
-        let picks: Vec<usize> = (0..n).map(|i| i * len / n).collect();
+        self.select((0..n).map(|i| i * len / n))
+    }
+
+    /// The first `n` samples (or all, if fewer): quick runs and tests.
+    pub fn truncated(&self, n: usize) -> Split {
+        self.select(0..n.min(self.len()))
+    }
+
+    /// The samples at `picks` (in range), in that order.
+    fn select(&self, picks: impl Iterator<Item = usize> + Clone) -> Split {
         let pixels = match &self.pixels {
             Pixels::Packed {
                 width,
@@ -199,8 +208,8 @@ impl Split {
                 data,
             } => {
                 let each = width * height * channels;
-                let mut out = Vec::with_capacity(n * each);
-                for &i in &picks {
+                let mut out = Vec::new();
+                for i in picks.clone() {
                     out.extend_from_slice(&data[i * each..(i + 1) * each]);
                 }
                 Pixels::Packed {
@@ -210,34 +219,11 @@ impl Split {
                     data: out.into(),
                 }
             }
-            Pixels::Files(p) => Pixels::Files(picks.iter().map(|&i| p[i].clone()).collect()),
+            Pixels::Files(p) => Pixels::Files(picks.clone().map(|i| p[i].clone()).collect()),
         };
         Split {
             pixels,
-            labels: picks.iter().map(|&i| self.labels[i]).collect(),
-        }
-    }
-
-    /// The first `n` samples (or all, if fewer): quick runs and tests.
-    pub fn truncated(&self, n: usize) -> Split {
-        let n = n.min(self.len());
-        let pixels = match &self.pixels {
-            Pixels::Packed {
-                width,
-                height,
-                channels,
-                data,
-            } => Pixels::Packed {
-                width: *width,
-                height: *height,
-                channels: *channels,
-                data: data[..n * width * height * channels].into(),
-            },
-            Pixels::Files(p) => Pixels::Files(p[..n].into()),
-        };
-        Split {
-            pixels,
-            labels: self.labels[..n].into(),
+            labels: picks.map(|i| self.labels[i]).collect(),
         }
     }
 }

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use super::features::{pixel_baseline, Backbone, FeatureSpec};
-use super::report::{KNN_K, KNN_T};
+use super::report::knn as knn_top1;
 use crate::backend::Backend;
 use crate::config::TrainConfig;
 use crate::data::{Dataset, Split};
@@ -87,24 +87,6 @@ impl KnnMonitor {
         self.spent += started.elapsed();
         Ok(top1)
     }
-}
-
-fn knn_top1(
-    (train, train_labels): (&[f32], &[u32]),
-    (test, test_labels): (&[f32], &[u32]),
-    dim: usize,
-    classes: usize,
-) -> f64 {
-    super::knn::weighted_knn_accuracy(
-        train,
-        train_labels,
-        test,
-        test_labels,
-        dim,
-        KNN_K,
-        KNN_T as f32,
-        classes,
-    ) as f64
 }
 
 #[cfg(test)]

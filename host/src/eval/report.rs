@@ -118,8 +118,9 @@ impl FinalEval {
     }
 }
 
-/// k-NN top-1 with the report's settings.
-fn knn(
+/// k-NN top-1 with the report's settings (k = 20, T = 0.07; also the
+/// `--eval-every` monitor's).
+pub(crate) fn knn(
     (train, train_labels): (&[f32], &[u32]),
     (test, test_labels): (&[f32], &[u32]),
     dim: usize,
