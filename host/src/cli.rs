@@ -57,6 +57,14 @@ impl Command {
     }
 }
 
+/// `cfg.f = v` for every field `f` whose flag `args.f` was given
+/// (`Some(v)`): how the flag structs write into a [`TrainConfig`].
+macro_rules! set_given {
+    ($args:expr, $cfg:expr, $($f:ident),* $(,)?) => {
+        $( if let Some(v) = $args.$f { $cfg.$f = v; } )*
+    };
+}
+
 /// Encoder, batch and run flags shared by `train` and `bench-step`. Every
 /// flag is optional; an absent flag leaves the config value alone.
 #[derive(Debug, Clone, Default, Args)]
@@ -163,10 +171,9 @@ impl ModelArgs {
     /// Writes the flags that were given into `cfg` (all but `--preset`,
     /// which [`TrainConfig::load`] layers in below the config file).
     pub fn apply(&self, cfg: &mut TrainConfig) {
-        macro_rules! set {
-            ($($f:ident),*) => { $( if let Some(v) = self.$f { cfg.$f = v; } )* };
-        }
-        set!(
+        set_given!(
+            self,
+            cfg,
             img,
             local_img,
             patch,
@@ -344,10 +351,9 @@ pub struct HyperArgs {
 impl HyperArgs {
     /// Writes the flags that were given into `cfg`.
     pub fn apply(&self, cfg: &mut TrainConfig) {
-        macro_rules! set {
-            ($($f:ident),*) => { $( if let Some(v) = self.$f { cfg.$f = v; } )* };
-        }
-        set!(
+        set_given!(
+            self,
+            cfg,
             min_lr,
             warmup_epochs,
             weight_decay,

@@ -109,6 +109,14 @@ pub enum Network {
 }
 
 impl Network {
+    /// The key prefix of this network's tensors in a training checkpoint.
+    pub fn checkpoint_key(self) -> &'static str {
+        match self {
+            Network::Teacher => checkpoint::keys::TEACHER,
+            Network::Student => checkpoint::keys::STUDENT,
+        }
+    }
+
     /// The name stored in the file's metadata.
     pub fn name(self) -> &'static str {
         match self {
@@ -126,12 +134,8 @@ pub fn backbone(ck: &Checkpoint, network: Network) -> Result<Checkpoint, Checkpo
     // A NaN in the checkpoint would otherwise be exported as if trained.
     let cfg = ck.training_config()?;
     let net = SereNet::new(&cfg);
-    let prefix = match network {
-        Network::Teacher => checkpoint::keys::TEACHER,
-        Network::Student => checkpoint::keys::STUDENT,
-    };
     let mut params = vec![0.0f32; net.layout.len()];
-    ck.read_params(prefix, &net.layout, &mut params)?;
+    ck.read_params(network.checkpoint_key(), &net.layout, &mut params)?;
 
     let vit = net.vit.config();
     let mut out = Checkpoint::new();

@@ -324,9 +324,14 @@ impl Collapse {
     /// Share of `ln K` within which the entropy counts as at a bound.
     const MARGIN: f64 = 0.05;
 
+    /// `ln K`, the entropy of a uniform output over `out_dim` prototypes.
+    fn ln_k(out_dim: usize) -> f64 {
+        (out_dim.max(2) as f64).ln()
+    }
+
     /// The collapse `m` shows for `K = out_dim` prototypes, if any.
     pub fn detect(m: &StepMetrics, out_dim: usize) -> Option<Collapse> {
-        let ln_k = (out_dim.max(2) as f64).ln();
+        let ln_k = Self::ln_k(out_dim);
         let (h, kl) = (m.teacher_entropy, m.teacher_student_kl);
         if !(h.is_finite() && kl.is_finite()) {
             return None;
@@ -342,7 +347,7 @@ impl Collapse {
 
     /// The warning shown on the progress line.
     pub fn warning(self, m: &StepMetrics, out_dim: usize) -> String {
-        let ln_k = (out_dim.max(2) as f64).ln();
+        let ln_k = Self::ln_k(out_dim);
         let what = match self {
             Collapse::Uniform => "near uniform",
             Collapse::OnePrototype => "on one prototype",

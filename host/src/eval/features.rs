@@ -120,11 +120,7 @@ impl<B: Backend> Embedder<B> {
         let cfg = ck.training_config()?;
         let net = SereNet::new(&cfg);
         let mut host = vec![0.0; net.layout.len()];
-        let prefix = match network {
-            Network::Teacher => crate::checkpoint::keys::TEACHER,
-            Network::Student => crate::checkpoint::keys::STUDENT,
-        };
-        ck.read_params(prefix, &net.layout, &mut host)?;
+        ck.read_params(network.checkpoint_key(), &net.layout, &mut host)?;
         Self::from_params(be, cfg, net, &host)
     }
 

@@ -133,25 +133,18 @@ mod tests {
         assert_eq!(m.sizes(), (40, 10));
         assert!((0.0..=1.0).contains(&m.pixels_top1));
         assert!(m.due(8, 10) && m.due(10, 10) && !m.due(9, 10));
-        let emb = Embedder::random_init(crate::backend::Cpu, &cfg).unwrap();
-        let net = crate::train::network::SereNet::new(&cfg);
-        let params = {
-            use rand::SeedableRng;
-            let mut host = vec![0.0; net.layout.len()];
-            net.layout.init(
-                &mut host,
-                &mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed),
-            );
-            host
-        };
+        // The engine's own teacher buffer, as the training loop scores it.
+        let engine = crate::train::engine::CpuEngine::cpu(&cfg);
         let backbone = Backbone {
             be: &crate::backend::Cpu,
-            net: &net,
-            params: &params,
+            net: &engine.net,
+            params: &engine.teacher,
             cfg: &cfg,
         };
         let top1 = m.score(&backbone).unwrap();
-        // The same vote over the same spread subsets, through the Embedder.
+        // The same vote over the same spread subsets, through the Embedder
+        // of the same (step-0) network.
+        let emb = Embedder::random_init(crate::backend::Cpu, &cfg).unwrap();
         let spec = FeatureSpec::default();
         let (tr, trl) = emb.embed(&d.train.spread(40), 8, spec).unwrap();
         let (te, tel) = emb

@@ -1256,6 +1256,11 @@ impl AnyEngine {
             .map_err(|e| SereError::Device(e.to_string()))
     }
 
+    /// The network's layout and modules (the same on every backend).
+    pub fn net(&self) -> &SereNet {
+        on_engine!(self, e => &e.net)
+    }
+
     /// The run's state after `step` steps, on the host, as a checkpoint.
     pub fn snapshot(&self, step: u64) -> Result<Checkpoint, SereError> {
         on_engine!(self, e => e.snapshot(step)).map_err(|e| SereError::Device(e.to_string()))

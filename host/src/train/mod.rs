@@ -448,6 +448,7 @@ fn is_parent_of(dir: &Path, file: &Path) -> bool {
 /// configuration is written (on stderr, beside the memory estimate).
 fn print_run_summary(
     cfg: &TrainConfig,
+    net: &crate::train::network::SereNet,
     data: &crate::data::Dataset,
     steps_per_epoch: u64,
     total: u64,
@@ -463,7 +464,7 @@ fn print_run_summary(
         data.train.len(),
         data.num_classes()
     );
-    let (backbone, image, sere) = crate::train::network::SereNet::new(cfg).parameter_counts();
+    let (backbone, image, sere) = net.parameter_counts();
     let m = |n: usize| n as f64 / 1e6;
     eprintln!(
         "model: ViT dim {} depth {} heads {} patch {} ({}): {:.2} M parameters in the backbone, \
@@ -563,7 +564,7 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
         )));
     }
     let total = cfg.total_steps(spe);
-    print_run_summary(&cfg, &dataset, spe, total, &out_dir);
+    print_run_summary(&cfg, engine.net(), &dataset, spe, total, &out_dir);
     let sched = Schedules::new(&cfg, total, spe);
     for w in schedule_warnings(&cfg, total, spe) {
         eprintln!("warning: {w}");
@@ -615,8 +616,10 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
     if let Some(m) = &monitor {
         let (mem, q) = m.sizes();
         progress.println(format!(
-            "k-NN of the teacher every {} steps on {mem} training / {q} test images (20-NN, T = 0.07); raw pixels score {:.1}% on them",
+            "k-NN of the teacher every {} steps on {mem} training / {q} test images ({}-NN, T = {}); raw pixels score {:.1}% on them",
             cfg.eval_every,
+            crate::eval::report::KNN_K,
+            crate::eval::report::KNN_T,
             100.0 * m.pixels_top1
         ));
     }
@@ -722,6 +725,8 @@ fn save(engine: &AnyEngine, dir: &Path, step: u64, keep_last: usize) -> Result<P
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn crops_that_show_little_are_warned_about() {
         let cfg = TrainConfig::default();
@@ -739,8 +744,6 @@ mod tests {
         );
         assert!(super::crop_warnings(&cfg, None).is_empty());
     }
-
-    use super::*;
 
     #[test]
     fn a_fresh_run_refuses_a_directory_holding_a_run_only() {
