@@ -54,7 +54,7 @@ COMMON=(--data "$DATA" --img 28 --local-img 12 --patch 4 --local-overlap 3
         --preset micro --batch 32 --locals 4 --set head_hidden=2048 --set bottleneck=256
         --out-dim 1024 --threads "$THREADS"
         --set momentum_teacher=0.99 --set warmup_epochs=0 --set freeze_last_layer=0
-        --set checkpoint_every=$((STEPS / 2)))
+        --set keep_every=$((STEPS / 2)))
 
 # Flags and reported name of each feature set.
 feature_flags() {

@@ -40,7 +40,7 @@ mkdir -p "$OUT"
 # 1024, head 512 / 128, lr 2e-2 per 256 images) on 28 px globals and 12 px
 # locals with patch 4 (7 x 7 and 3 x 3 tokens).
 COMMON=(--data "$DATA" --img 28 --local-img 12 --patch 4 --local-overlap 3
-        --steps "$STEPS" --eval-every "$EVAL_EVERY" --set checkpoint_every=2000)
+        --steps "$STEPS" --eval-every "$EVAL_EVERY" --keep-every 2000)
 
 # The objective of each configuration: DINO or iBOT (DINO + masked image
 # modelling, the CLS head shared as the patch head), with or without SERE's
@@ -62,13 +62,11 @@ for seed in $SEEDS; do
             echo "$dir: done, skipped" >&2
             continue
         fi
-        resume=()
-        if compgen -G "$dir/checkpoint-*.safetensors" > /dev/null; then
-            resume=(--resume "$dir")
-        fi
+        # A folder holding checkpoints of an interrupted run: the same
+        # command continues it from its newest (DINO's resume).
         # shellcheck disable=SC2046,SC2086
         "$SERE" train "${COMMON[@]}" $(weights "$c") --seed "$seed" --out "$dir" \
-            "${resume[@]}" $EXTRA > "$dir.log" 2>&1 || { tail -n 5 "$dir.log" >&2; exit 1; }
+            $EXTRA >> "$dir.log" 2>&1 || { tail -n 5 "$dir.log" >&2; exit 1; }
         tail -n 4 "$dir.log" >&2
     done
 done

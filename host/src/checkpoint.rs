@@ -671,10 +671,10 @@ impl Checkpoint {
     }
 }
 
-/// The `format` metadata of the safetensors file at `path`, read from its
-/// header alone (not the tensors); `None` when the file is unreadable, not
-/// safetensors or has no such entry.
-pub fn format_of(path: impl AsRef<Path>) -> Option<String> {
+/// The `__metadata__` entry `key` of the safetensors file at `path`, read
+/// from its header alone (not the tensors); `None` when the file is
+/// unreadable, not safetensors or has no such entry.
+fn header_meta(path: impl AsRef<Path>, key: &str) -> Option<String> {
     use std::io::Read;
     let mut f = File::open(path).ok()?;
     let mut len = [0u8; 8];
@@ -686,10 +686,20 @@ pub fn format_of(path: impl AsRef<Path>) -> Option<String> {
     let mut header = Vec::new();
     f.take(n).read_to_end(&mut header).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
-    v.get("__metadata__")?
-        .get(meta::FORMAT)?
-        .as_str()
-        .map(String::from)
+    v.get("__metadata__")?.get(key)?.as_str().map(String::from)
+}
+
+/// The `format` metadata of the safetensors file at `path`, read from its
+/// header alone (not the tensors); `None` when the file is unreadable, not
+/// safetensors or has no such entry.
+pub fn format_of(path: impl AsRef<Path>) -> Option<String> {
+    header_meta(path, meta::FORMAT)
+}
+
+/// The training step stored in the checkpoint at `path`, read from its
+/// header alone; `None` when the file is unreadable or holds no step.
+pub fn step_of(path: impl AsRef<Path>) -> Option<u64> {
+    header_meta(path, meta::STEP)?.parse().ok()
 }
 
 /// What the temporary files of [`Checkpoint::save_atomic`] are named:
@@ -724,11 +734,12 @@ fn create_temp(dir: &Path, name: &str) -> io::Result<(PathBuf, File)> {
 }
 
 /// Whether `name` is a temporary checkpoint file of
-/// [`Checkpoint::save_atomic`] (`.checkpoint-<step>.safetensors.tmp-...`).
+/// [`Checkpoint::save_atomic`] (`.checkpoint-<step>.safetensors.tmp-...`
+/// or `.checkpoint.safetensors.tmp-...`).
 pub fn is_temp_name(name: &str) -> bool {
     name.strip_prefix('.')
         .and_then(|n| n.split_once(TEMP_MARK))
-        .is_some_and(|(target, _)| step_in_name(target).is_some())
+        .is_some_and(|(target, _)| is_checkpoint_name(target))
 }
 
 /// Removes the temporary checkpoint files a killed run left in `dir` (see
@@ -767,9 +778,29 @@ pub fn step_in_name(name: &str) -> Option<&str> {
         .strip_suffix(".safetensors")
 }
 
-/// The checkpoint in `dir` named by [`file_name`] with the highest step,
-/// if any (temporary files are ignored).
+/// The rolling checkpoint of a run folder, rewritten at every save (as
+/// DINO's `checkpoint.pth`); the numbered ones ([`file_name`]) are those
+/// kept.
+pub const ROLLING: &str = "checkpoint.safetensors";
+
+/// Whether `name` is a run's checkpoint: numbered ([`file_name`]) or the
+/// rolling one ([`ROLLING`]).
+///
+/// ```
+/// use sere_host::checkpoint::{file_name, is_checkpoint_name, ROLLING};
+/// assert!(is_checkpoint_name(&file_name(3)) && is_checkpoint_name(ROLLING));
+/// assert!(!is_checkpoint_name("export.safetensors"));
+/// ```
+pub fn is_checkpoint_name(name: &str) -> bool {
+    name == ROLLING || step_in_name(name).is_some()
+}
+
+/// The newest checkpoint in `dir`: the numbered one ([`file_name`]) with
+/// the highest step, or the rolling one ([`ROLLING`]) when its stored step
+/// is higher (a run saves the rolling file more often than it keeps a
+/// numbered one). Temporary files are ignored.
 pub fn latest_in(dir: impl AsRef<Path>) -> io::Result<Option<PathBuf>> {
+    let dir = dir.as_ref();
     let mut best: Option<(u64, PathBuf)> = None;
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
@@ -782,7 +813,37 @@ pub fn latest_in(dir: impl AsRef<Path>) -> io::Result<Option<PathBuf>> {
             best = Some((step, entry.path()));
         }
     }
+    let rolling = dir.join(ROLLING);
+    if let Some(step) = rolling.is_file().then(|| step_of(&rolling)).flatten() {
+        if best.as_ref().is_none_or(|(b, _)| step > *b) {
+            best = Some((step, rolling));
+        }
+    }
     Ok(best.map(|(_, p)| p))
+}
+
+/// Keeps the finished file `from` under the name `to` too, replacing any
+/// `to` atomically: a hard link where the file system has them (no second
+/// copy on disk; `from` is later replaced by a rename, which leaves the
+/// linked contents alone), else a copy. Either is made under a temporary
+/// name first, so `to` is never seen half written.
+pub fn keep_as(from: &Path, to: &Path) -> io::Result<()> {
+    let dir = match to.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = to
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let (tmp, file) = create_temp(&dir, &name.to_string_lossy())?;
+    drop(file);
+    fs::remove_file(&tmp)?;
+    let made = fs::hard_link(from, &tmp).or_else(|_| fs::copy(from, &tmp).map(drop));
+    let result = made.and_then(|()| fs::rename(&tmp, to));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Removes all but the newest `keep` checkpoints named by [`file_name`]
@@ -850,6 +911,37 @@ mod tests {
                 "metrics.jsonl"
             ]
         );
+    }
+
+    #[test]
+    fn the_rolling_checkpoint_counts_when_it_is_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(latest_in(dir.path()).unwrap(), None);
+        let (mut c, _, _) = sample();
+        c.set_meta(meta::STEP, 5u64);
+        c.save_atomic(dir.path().join(file_name(5))).unwrap();
+        c.set_meta(meta::STEP, 7u64);
+        c.save_atomic(dir.path().join(ROLLING)).unwrap();
+        assert_eq!(step_of(dir.path().join(ROLLING)), Some(7));
+        assert_eq!(
+            latest_in(dir.path()).unwrap(),
+            Some(dir.path().join(ROLLING))
+        );
+        keep_as(&dir.path().join(ROLLING), &dir.path().join(file_name(7))).unwrap();
+        let numbered = dir.path().join(file_name(7));
+        assert_eq!(Checkpoint::load(&numbered).unwrap(), c);
+        // A tie goes to the numbered name, which says its step.
+        assert_eq!(latest_in(dir.path()).unwrap(), Some(numbered.clone()));
+        // Rewriting the rolling file leaves the kept one as it was.
+        c.set_meta(meta::STEP, 9u64);
+        c.save_atomic(dir.path().join(ROLLING)).unwrap();
+        assert_eq!(step_of(&numbered), Some(7));
+        assert_eq!(
+            latest_in(dir.path()).unwrap(),
+            Some(dir.path().join(ROLLING))
+        );
+        assert!(is_temp_name(".checkpoint.safetensors.tmp-1-2-3"));
+        assert!(prune(dir.path(), 1).unwrap().len() == 1 && dir.path().join(ROLLING).exists());
     }
 
     fn layout() -> ParamLayout {

@@ -257,9 +257,16 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR", alias = "output_dir")]
     pub out: Option<PathBuf>,
     /// Resume from a checkpoint FILE, or the latest checkpoint in DIR; with
-    /// no value, the latest checkpoint in --out.
+    /// no value, the latest checkpoint in --out. Without this flag, a run
+    /// whose --out already holds a checkpoint continues from its newest
+    /// (DINO's behaviour: rerun the same command after an interruption).
     #[arg(long, value_name = "FILE|DIR", num_args = 0..=1)]
     pub resume: Option<Option<PathBuf>>,
+    /// Start a new run even when --out holds one: the old run's files
+    /// (checkpoints, metrics, config, eval.json) are moved into
+    /// `--out/previous-run/` first, nothing is deleted.
+    #[arg(long, conflicts_with = "resume")]
+    pub no_resume: bool,
     /// Set any config key, value in TOML syntax (repeatable): --set lr=1e-3.
     #[arg(long = "set", short = 's', value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -337,13 +344,27 @@ pub struct HyperArgs {
     /// Scale range of the local crops (alias --local_crops_scale).
     #[arg(long, num_args = 2, value_names = ["MIN", "MAX"], alias = "local_crops_scale")]
     pub local_scale: Option<Vec<f64>>,
-    /// Save a checkpoint every N steps (0: only at the end).
+    /// Train on N images spread evenly over the training split (0: all);
+    /// epochs shrink with it, so a short sweep keeps the schedules' shape.
+    #[arg(long, value_name = "N")]
+    pub train_images: Option<usize>,
+    /// Rewrite the rolling checkpoint.safetensors every N steps (0: at
+    /// epoch ends and the end only); a rerun of the command resumes from it.
     #[arg(long, value_name = "STEPS")]
     pub checkpoint_every: Option<u64>,
+    /// Also keep a numbered checkpoint-<step>.safetensors every N steps
+    /// (0: none but by --keep-every-epochs and the final one).
+    #[arg(long, value_name = "STEPS")]
+    pub keep_every: Option<u64>,
+    /// Keep a numbered checkpoint at the end of every N epochs (alias
+    /// --saveckp_freq, DINO's default 20); the final one is always kept.
+    #[arg(long, value_name = "EPOCHS", alias = "saveckp_freq")]
+    pub keep_every_epochs: Option<usize>,
     /// Log metrics every N steps.
     #[arg(long, value_name = "STEPS")]
     pub log_every: Option<u64>,
-    /// Keep only the newest K checkpoints in the run folder (0: all).
+    /// Keep only the newest K numbered checkpoints in the run folder (0:
+    /// all; the rolling checkpoint.safetensors is not counted).
     #[arg(long, value_name = "K")]
     pub keep_last: Option<usize>,
 }
@@ -369,7 +390,10 @@ impl HyperArgs {
             warmup_teacher_temp_epochs,
             student_temp,
             center_momentum,
+            train_images,
             checkpoint_every,
+            keep_every,
+            keep_every_epochs,
             log_every,
             keep_last
         );
@@ -776,7 +800,10 @@ mod tests {
             "drop_path",
             "global_scale",
             "local_scale",
+            "train_images",
             "checkpoint_every",
+            "keep_every",
+            "keep_every_epochs",
             "log_every",
             "head_hidden",
             "bottleneck",

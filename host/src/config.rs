@@ -346,13 +346,28 @@ pub struct TrainConfig {
     /// Output directory for checkpoints and metrics (default:
     /// `runs/<UTC date-time>`, see [`TrainConfig::out_dir`]).
     pub out: Option<PathBuf>,
-    /// Save a checkpoint every this many steps (default 200; 0 = only at the
-    /// end of the run).
+    /// Train on this many images of the training split, spread evenly over
+    /// it (default 0: all). An epoch is then shorter, so every schedule
+    /// counted in epochs keeps its shape in a short run: what a recipe
+    /// sweep needs.
+    pub train_images: usize,
+    /// Rewrite the rolling checkpoint (`checkpoint.safetensors`, DINO's
+    /// `checkpoint.pth`) every this many steps (default 200; 0: only at the
+    /// end of each epoch and of the run). It is what a rerun resumes from.
     pub checkpoint_every: u64,
+    /// Also keep a numbered checkpoint (`checkpoint-<step>.safetensors`)
+    /// every this many steps (default 0: only by `keep_every_epochs` and at
+    /// the end of the run).
+    pub keep_every: u64,
+    /// Keep a numbered checkpoint at the end of every this many epochs
+    /// (default 20, DINO's `saveckp_freq`; 0: none but the last). The run's
+    /// final checkpoint is always kept.
+    pub keep_every_epochs: usize,
     /// Log metrics every this many steps (default 10).
     pub log_every: u64,
-    /// Keep only the newest this many checkpoints of the run folder,
-    /// removing older ones after each save (default 0: keep every one).
+    /// Keep only the newest this many numbered checkpoints of the run
+    /// folder, removing older ones after each save (default 0: keep every
+    /// one; the rolling checkpoint is not counted).
     pub keep_last: usize,
     /// When the run ends, evaluate its final checkpoint on the test split
     /// of `data` (default true): weighted 20-NN of the trained teacher, of
@@ -436,7 +451,10 @@ impl Default for TrainConfig {
             threads: None,
             device: Device::Cpu,
             out: None,
+            train_images: 0,
             checkpoint_every: 200,
+            keep_every: 0,
+            keep_every_epochs: 20,
             log_every: 10,
             keep_last: 0,
             final_eval: true,
@@ -853,6 +871,28 @@ impl TrainConfig {
             .zip(requested.architecture())
             .filter(|(a, b)| a.1 != b.1)
             .map(|((key, a), (_, b))| format!("{key}: {a} -> {b}"))
+            .collect()
+    }
+
+    /// Every setting of `requested` that differs from `self`, as
+    /// `key: old -> new` in key order (the output folder is not a
+    /// setting). What a rerun of a changed command prints before it
+    /// continues the run with the new values.
+    ///
+    /// ```
+    /// use sere_host::config::TrainConfig;
+    /// let a = TrainConfig::default();
+    /// let b = TrainConfig { lr: 0.04, ..a.clone() };
+    /// assert_eq!(a.setting_changes(&b), ["lr: 0.02 -> 0.04"]);
+    /// ```
+    pub fn setting_changes(&self, requested: &TrainConfig) -> Vec<String> {
+        let table = |c: &TrainConfig| toml::Table::try_from(c).unwrap_or_default();
+        let (a, b) = (table(self), table(requested));
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        let shown = |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+        keys.into_iter()
+            .filter(|k| k.as_str() != "out" && a.get(*k) != b.get(*k))
+            .map(|k| format!("{k}: {} -> {}", shown(a.get(k)), shown(b.get(k))))
             .collect()
     }
 

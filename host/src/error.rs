@@ -55,8 +55,9 @@ pub enum SereError {
     /// with the new run's (a later `--resume` or `eval` of the directory
     /// would then pick the wrong one).
     #[error(
-        "{} already holds a training run ({found}); continue it with `sere train --resume {}`, \
-         or train into another --out (or remove the directory first)",
+        "{} already holds a training run ({found}); continue it with `sere train --resume {}` \
+         (or its own command), start a new run there with --no-resume (the old one is moved \
+         into previous-run/), or train into another --out",
         dir.display(),
         dir.display()
     )]

@@ -17,8 +17,8 @@ use sere_host::error::{report, SereError};
 use sere_host::eval::{features, features::Embedder, knn, linear, report};
 use sere_host::export::{self, Network};
 use sere_host::metrics;
-use sere_host::train;
 use sere_host::train::engine::open_cuda;
+use sere_host::train::{self, Start};
 use sere_host::visualize;
 
 /// Runs `$body` with `$emb` the checkpoint's teacher backbone loaded on the
@@ -68,7 +68,7 @@ fn checkpoint_in(path: &Path) -> Result<PathBuf, SereError> {
             .map_err(|e| SereError::io("cannot list checkpoints in", path, e))?
             .ok_or_else(|| {
                 SereError::Other(format!(
-                    "no checkpoint-*.safetensors in {}; train first (a run that stopped before \
+                    "no checkpoint.safetensors or checkpoint-*.safetensors in {}; train first (a run that stopped before \
                      its first checkpoint is started again with `sere train --out {}`) or pass a \
                      checkpoint file",
                     path.display(),
@@ -151,7 +151,18 @@ fn run_train(args: &TrainArgs) -> Result<(), SereError> {
     } else if cfg.out.is_none() {
         cfg.out = Some(cfg.out_dir());
     }
-    let summary = train::train(cfg, resume)?;
+    let start = match resume {
+        Some(path) => Start::Resume(path),
+        None if args.no_resume => Start::FreshMovingAside,
+        None => match rerun_of(&cfg)? {
+            Some(path) => Start::Resume(path),
+            None => Start::Fresh,
+        },
+    };
+    let summary = train::train(cfg, start)?;
+    if summary.already_finished {
+        return finished_already(&summary);
+    }
     let last = &summary.last;
     let mim = if last.loss_mim != 0.0 {
         format!(", mim {:.4}", last.loss_mim)
@@ -189,6 +200,63 @@ fn run_train(args: &TrainArgs) -> Result<(), SereError> {
     println!("output in   {}", summary.out_dir.display());
     if summary.config.final_eval {
         final_eval(&summary)?;
+    }
+    Ok(())
+}
+
+/// DINO's resume: a command whose `--out` already holds a checkpoint
+/// continues that run from its newest one, with the command's settings
+/// (those that differ from the checkpoint's are listed). A changed model is
+/// refused: that is a new run, which `--no-resume` or another `--out` starts.
+fn rerun_of(cfg: &sere_host::config::TrainConfig) -> Result<Option<PathBuf>, SereError> {
+    let dir = cfg.out_dir();
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let Some(path) = checkpoint::latest_in(&dir)
+        .map_err(|e| SereError::io("cannot list checkpoints in", &dir, e))?
+    else {
+        return Ok(None);
+    };
+    let stored = Checkpoint::load(&path)?.training_config()?;
+    let model = stored.architecture_changes(cfg);
+    if !model.is_empty() {
+        return Err(SereError::Other(format!(
+            "{} holds a run of another model ({}, checkpoint -> this command); rerun its own              command to continue it, or start a new run with --no-resume (the old one is moved              into {}/previous-run/) or another --out",
+            dir.display(),
+            model.join(", "),
+            dir.display()
+        )));
+    }
+    eprintln!(
+        "note: {} holds a run: continuing it from {} (--no-resume starts a new one there)",
+        dir.display(),
+        path.display()
+    );
+    let changed = stored.setting_changes(cfg);
+    if !changed.is_empty() {
+        eprintln!(
+            "note: settings taken from this command that differ from the checkpoint's: {}",
+            changed.join(", ")
+        );
+    }
+    Ok(Some(path))
+}
+
+/// A rerun of a run that already reached the end of its schedule: says so
+/// and exits 0, after the final evaluation if the run has none yet (it
+/// stopped between its last checkpoint and its evaluation).
+fn finished_already(summary: &train::TrainSummary) -> Result<(), SereError> {
+    println!(
+        "the run in {} is finished: {} is at step {} of {}; nothing to train (raise --epochs or          --steps to train further, or start a new run with --no-resume or another --out)",
+        summary.out_dir.display(),
+        summary.checkpoint.display(),
+        summary.steps,
+        summary.steps
+    );
+    let evaluated = summary.out_dir.join(report::EVAL_FILE).exists();
+    if summary.config.final_eval && !evaluated {
+        final_eval(summary)?;
     }
     Ok(())
 }

@@ -59,7 +59,7 @@ fn tiny_run() -> &'static PathBuf {
             "--steps",
             "2",
             "--set",
-            "checkpoint_every=1",
+            "keep_every=1",
             "--out",
             s(&d),
         ]));

@@ -167,8 +167,11 @@ fn a_fresh_run_does_not_overwrite_an_existing_one() {
         "--out",
         run.to_str().unwrap(),
     ]);
-    assert_fails_with(&o, "already holds a training run");
-    assert_fails_with(&o, "--resume");
+    // Another model in a folder holding a run is not continued: it is
+    // refused, naming the change and the ways to start a new run.
+    assert_fails_with(&o, "holds a run of another model");
+    assert_fails_with(&o, "dim: 32 -> ");
+    assert_fails_with(&o, "--no-resume");
 
     // Resuming another run's checkpoint into this folder is refused too;
     // into a new folder it continues there.
@@ -948,8 +951,97 @@ fn eval_takes_the_student_on_request() {
     assert_eq!(untimed(alias), untimed(student));
 }
 
-/// `--keep-last K` leaves the newest K checkpoints after each save, and the
-/// run resumes from the newest.
+/// Rerunning a command continues its run (DINO's resume): from the newest
+/// checkpoint, with the command's changed settings listed; a finished run
+/// says so and exits 0 without writing; `--no-resume` moves the old run
+/// aside and starts afresh.
+#[test]
+fn rerunning_the_command_continues_the_run_dino_style() {
+    let d = tmp("rerun");
+    let out = d.join("run");
+    let run = |steps: &str, extra: &[&str]| {
+        let o = sere(&train_args(
+            &[
+                &["--steps", steps, "--data", TINY_DATA, "--no-eval"],
+                extra,
+                &["--out", out.to_str().unwrap()],
+            ]
+            .concat(),
+        ));
+        assert!(o.status.success(), "{}", stderr(&o));
+        o
+    };
+    let listing = || {
+        let mut v: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let last_step = |dir: &std::path::Path| {
+        let m = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        let last: serde_json::Value = serde_json::from_str(m.lines().last().unwrap()).unwrap();
+        last["step"].as_u64().unwrap()
+    };
+    run("2", &[]);
+    assert!(
+        out.join("checkpoint.safetensors").exists(),
+        "{:?}",
+        listing()
+    );
+    let o = run("4", &[]);
+    let err = stderr(&o);
+    assert!(err.contains("continuing it from"), "{err}");
+    assert!(
+        err.contains("resumed from") && err.contains("at step 2 of 4"),
+        "{err}"
+    );
+    assert!(err.contains("steps: 2 -> 4"), "{err}");
+    assert!(out.join("checkpoint-00000004.safetensors").exists());
+    assert_eq!(last_step(&out), 4);
+
+    let before = listing();
+    let o = run("4", &[]);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains("is finished") && said.contains("step 4 of 4"),
+        "{said}"
+    );
+    assert_eq!(listing(), before, "a finished run writes nothing");
+
+    let o = run("1", &["--no-resume"]);
+    assert!(stderr(&o).contains("previous-run"), "{}", stderr(&o));
+    let aside = out.join("previous-run");
+    assert!(aside.join("checkpoint-00000004.safetensors").exists());
+    assert_eq!(last_step(&aside), 4);
+    assert_eq!(last_step(&out), 1);
+    assert!(!out.join("checkpoint-00000004.safetensors").exists());
+}
+
+/// `--train-images N` trains on N images: epochs shrink with it.
+#[test]
+fn train_images_shortens_the_epoch() {
+    let out = tmp("train-images").join("run");
+    let o = sere(&train_args(&[
+        "--steps",
+        "1",
+        "--data",
+        TINY_DATA,
+        "--no-eval",
+        "--train-images",
+        "8",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("training on 8 of them"), "{err}");
+    assert!(err.contains("2 steps per epoch"), "{err}");
+}
+
+/// `--keep-last K` leaves the newest K numbered checkpoints after each save,
+/// and the run resumes from the newest.
 #[test]
 fn keep_last_prunes_old_checkpoints_and_the_run_resumes() {
     let d = tmp("keep-last");
@@ -960,6 +1052,8 @@ fn keep_last_prunes_old_checkpoints_and_the_run_resumes() {
         "--data",
         TINY_DATA,
         "--checkpoint-every",
+        "1",
+        "--keep-every",
         "1",
         "--keep-last",
         "2",

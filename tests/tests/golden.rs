@@ -14,7 +14,7 @@
 
 use sere_host::checkpoint::Checkpoint;
 use sere_host::config::TrainConfig;
-use sere_host::train::train;
+use sere_host::train::{train, Start};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -44,7 +44,7 @@ fn tiny(out: &Path) -> TrainConfig {
         steps = 3
         warmup_epochs = 1
         freeze_last_layer = 1
-        checkpoint_every = 3
+        keep_every = 3
         log_every = 1
         seed = 7
         out = "{}"
@@ -97,7 +97,7 @@ fn three_steps_reproduce_the_blessed_state_bit_for_bit() {
         .build()
         .expect("a 2-thread pool");
     let summary = pool
-        .install(|| train(tiny(&root), None))
+        .install(|| train(tiny(&root), Start::Fresh))
         .expect("golden run trains");
     let ck = Checkpoint::load(&summary.checkpoint).expect("checkpoint loads");
     assert_eq!(ck.meta("step"), Some("3"));

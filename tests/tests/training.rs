@@ -4,7 +4,7 @@
 
 use sere_host::checkpoint::Checkpoint;
 use sere_host::config::TrainConfig;
-use sere_host::train::train;
+use sere_host::train::{train, Start};
 use std::path::Path;
 
 /// A tiny but complete configuration: every loss term and every schedule
@@ -38,7 +38,7 @@ fn tiny_with(out: &Path, steps: u64, extra: &str) -> TrainConfig {
         warmup_teacher_temp_epochs = 2
         warmup_teacher_temp = 0.04
         teacher_temp = 0.07
-        checkpoint_every = 3
+        keep_every = 3
         log_every = 1
         out = "{}"
         {extra}
@@ -80,8 +80,8 @@ fn check_reproducible_and_resumable(tag: &str, extra: &str) -> Checkpoint {
     let (a, b, c) = (root.join("a"), root.join("b"), root.join("c"));
 
     // Two identical runs of 7 steps (checkpoints at 3 and 6 and 7).
-    let ra = train(tiny(&a, 7), None).expect("run a");
-    let rb = train(tiny(&b, 7), None).expect("run b");
+    let ra = train(tiny(&a, 7), Start::Fresh).expect("run a");
+    let rb = train(tiny(&b, 7), Start::Fresh).expect("run b");
     let (ca, cb) = (tensors(&ra.checkpoint), tensors(&rb.checkpoint));
     assert_eq!(
         ca.tensors, cb.tensors,
@@ -93,7 +93,7 @@ fn check_reproducible_and_resumable(tag: &str, extra: &str) -> Checkpoint {
     // resumed in its own directory from that checkpoint ends exactly where
     // the uninterrupted run did.
     let at3 = a.join("checkpoint-00000003.safetensors");
-    assert!(at3.exists(), "checkpoint_every = 3 writes step 3");
+    assert!(at3.exists(), "keep_every = 3 keeps step 3");
     std::fs::create_dir_all(&c).unwrap();
     let c3 = c.join("checkpoint-00000003.safetensors");
     std::fs::copy(&at3, &c3).unwrap();
@@ -104,7 +104,7 @@ fn check_reproducible_and_resumable(tag: &str, extra: &str) -> Checkpoint {
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(c.join("metrics.jsonl"), lines5).unwrap();
-    let resumed = train(tiny(&c, 7), Some(c3)).expect("run c, resumed");
+    let resumed = train(tiny(&c, 7), Start::Resume(c3)).expect("run c, resumed");
     let cc = tensors(&resumed.checkpoint);
     assert_eq!(cc.meta("step"), Some("7"));
     let mut differ = Vec::new();

@@ -33,6 +33,22 @@ pub struct TrainSummary {
     pub last: StepMetrics,
     /// The configuration the run trained with.
     pub config: TrainConfig,
+    /// The checkpoint resumed from had already reached the end of the
+    /// schedule: nothing was trained (`last` is empty).
+    pub already_finished: bool,
+}
+
+/// How [`train`] begins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// A new run. A folder holding a run is refused ([`SereError::RunExists`]);
+    /// one left by a run that stopped before its first checkpoint is not.
+    Fresh,
+    /// A new run that first moves a run already in the folder into
+    /// `previous-run/` (`--no-resume`): nothing is lost.
+    FreshMovingAside,
+    /// Continue from this checkpoint file.
+    Resume(PathBuf),
 }
 
 /// The per-step schedules of a run (DINO's: cosine learning rate with
@@ -328,7 +344,7 @@ fn clear_incomplete_run(dir: &Path) -> Result<(), SereError> {
     let mut names = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if checkpoint::step_in_name(&name).is_some() {
+        if checkpoint::is_checkpoint_name(&name) {
             return Ok(()); // a real run: refuse_existing_run says so
         }
         if name == METRICS_FILE || name == CONFIG_FILE {
@@ -360,9 +376,12 @@ fn set_aside_newer_branch(dir: &Path, step: u64) -> Result<(), SereError> {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| {
-            checkpoint::step_in_name(n)
-                .and_then(|s| s.parse::<u64>().ok())
-                .is_some_and(|s| s > step)
+            let stored = if n == checkpoint::ROLLING {
+                checkpoint::step_of(dir.join(n))
+            } else {
+                checkpoint::step_in_name(n).and_then(|s| s.parse::<u64>().ok())
+            };
+            stored.is_some_and(|s| s > step)
         })
         .collect();
     if newer.is_empty() {
@@ -380,6 +399,37 @@ fn set_aside_newer_branch(dir: &Path, step: u64) -> Result<(), SereError> {
          and a copy of its metrics to {}",
         newer.len(),
         newer.join(", "),
+        aside.display()
+    );
+    Ok(())
+}
+
+/// `--no-resume` in a folder holding a run: the run's own files (its
+/// checkpoints, metrics, config and evaluation) move into
+/// `DIR/previous-run/` (or `previous-run-2`, ...), so the new run starts in
+/// an empty folder and nothing already written is lost.
+fn set_aside_previous_run(dir: &Path) -> Result<(), SereError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let own = |n: &str| {
+        checkpoint::is_checkpoint_name(n)
+            || [METRICS_FILE, CONFIG_FILE, crate::eval::report::EVAL_FILE].contains(&n)
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| own(n))
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let aside = move_aside(dir, "previous-run", &names)?;
+    eprintln!(
+        "note: --no-resume: moved the run already in {} ({}) to {}",
+        dir.display(),
+        names.join(", "),
         aside.display()
     );
     Ok(())
@@ -406,7 +456,7 @@ fn refuse_existing_run(dir: &Path, leftovers_ok: bool) -> Result<(), SereError> 
         let name = name.to_string_lossy();
         if name == METRICS_FILE {
             metrics = true;
-        } else if checkpoint::step_in_name(&name).is_some() {
+        } else if checkpoint::is_checkpoint_name(&name) {
             checkpoints += 1;
         }
     }
@@ -458,8 +508,12 @@ fn print_run_summary(
         .test
         .as_ref()
         .map_or("no test split".to_string(), |t| format!("{} test", t.len()));
+    let used = match cfg.train_images {
+        n if n > 0 && n < data.train.len() => format!(" (training on {n} of them, spread evenly)"),
+        _ => String::new(),
+    };
     eprintln!(
-        "data: {}: {} training images, {} classes ({test})",
+        "data: {}: {} training images{used}, {} classes ({test})",
         cfg.data,
         data.train.len(),
         data.num_classes()
@@ -515,17 +569,25 @@ fn crop_warnings(cfg: &TrainConfig, side: Option<usize>) -> Vec<String> {
     out
 }
 
-/// Trains with `cfg`, optionally resuming from a checkpoint file. Only a run
-/// resumed in its own directory may write where a run already is: a fresh
-/// run, or one resumed into another `--out`, refuses a directory that holds
-/// a run ([`SereError::RunExists`]).
-pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, SereError> {
+/// Trains with `cfg`, from scratch or resuming from a checkpoint file
+/// ([`Start`]). Only a run resumed in its own directory may write where a
+/// run already is: a fresh run, or one resumed into another `--out`,
+/// refuses a directory that holds a run ([`SereError::RunExists`]), unless
+/// [`Start::FreshMovingAside`] moves that run aside first. A checkpoint
+/// already at the end of the schedule trains nothing and says so
+/// ([`TrainSummary::already_finished`]).
+pub fn train(cfg: TrainConfig, start: Start) -> Result<TrainSummary, SereError> {
     cfg.validate()?;
     let out_dir = cfg.out_dir();
+    let resume = match &start {
+        Start::Resume(path) => Some(path.clone()),
+        _ => None,
+    };
     let in_own_dir = resume
         .as_deref()
         .is_some_and(|ck| is_parent_of(&out_dir, ck));
-    if !in_own_dir {
+    let moving_aside = start == Start::FreshMovingAside;
+    if !in_own_dir && !moving_aside {
         refuse_existing_run(&out_dir, true)?;
     }
     check_memory(&cfg)?;
@@ -535,7 +597,9 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
         .map_err(|e| SereError::io("cannot create output directory", &out_dir, e))?;
     // Held until the run ends: a second run into this folder is refused.
     let _lock = lock_run_dir(&out_dir)?;
-    if !in_own_dir {
+    if moving_aside {
+        set_aside_previous_run(&out_dir)?;
+    } else if !in_own_dir {
         // Again under the lock: another run may have started meanwhile.
         refuse_existing_run(&out_dir, true)?;
         clear_incomplete_run(&out_dir)?;
@@ -554,7 +618,10 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
         .and_then(|s| s.open())
         .map_err(SereError::data)?;
     let mut monitor = KnnMonitor::new(&cfg, &dataset)?;
-    let split = dataset.train.clone();
+    let split = match cfg.train_images {
+        0 => dataset.train.clone(),
+        n => dataset.train.spread(n),
+    };
     let spe = crate::data::steps_per_epoch(split.len(), cfg.batch) as u64;
     if spe == 0 {
         return Err(SereError::Other(format!(
@@ -564,23 +631,27 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
         )));
     }
     let total = cfg.total_steps(spe);
+    let mut done = 0u64;
+    if let Some(path) = &resume {
+        let ck = Checkpoint::load(path)?;
+        ck.check_values()?;
+        done = engine.restore(&ck)?;
+        if done >= total {
+            return Ok(TrainSummary {
+                out_dir,
+                checkpoint: path.clone(),
+                steps: done,
+                last: StepMetrics::default(),
+                config: cfg,
+                already_finished: true,
+            });
+        }
+        eprintln!("resumed from {} at step {done} of {total}", path.display());
+    }
     print_run_summary(&cfg, engine.net(), &dataset, spe, total, &out_dir);
     let sched = Schedules::new(&cfg, total, spe);
     for w in schedule_warnings(&cfg, total, spe) {
         eprintln!("warning: {w}");
-    }
-
-    let mut done = 0u64;
-    if let Some(path) = resume {
-        let ck = Checkpoint::load(&path)?;
-        ck.check_values()?;
-        done = engine.restore(&ck)?;
-        eprintln!("resumed from {} at step {done}", path.display());
-    }
-    if done >= total {
-        return Err(SereError::Other(format!(
-            "the checkpoint is already at step {done} of {total}; raise --epochs or --steps to train further"
-        )));
     }
     if in_own_dir {
         set_aside_newer_branch(&out_dir, done)?;
@@ -697,8 +768,8 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
                 .map_err(|e| SereError::io("cannot append metrics to", &metrics_path, e))?;
             progress.update(&last);
         }
-        if (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || done == total {
-            last_ck = Some(save(&engine, &out_dir, done, cfg.keep_last)?);
+        if let Some(keep) = save_point(&cfg, done, spe, total) {
+            last_ck = Some(save(&engine, &out_dir, done, keep, cfg.keep_last)?);
         }
     }
     progress.finish();
@@ -708,15 +779,47 @@ pub fn train(cfg: TrainConfig, resume: Option<PathBuf>) -> Result<TrainSummary, 
         steps: done,
         last,
         config: cfg,
+        already_finished: false,
     })
 }
 
-/// Writes `checkpoint-<step>.safetensors` atomically (`--resume DIR` takes
-/// the newest one).
-fn save(engine: &AnyEngine, dir: &Path, step: u64, keep_last: usize) -> Result<PathBuf, SereError> {
+/// Whether the run saves after `done` steps, and if so whether it keeps a
+/// numbered checkpoint besides rewriting the rolling one: `None` (no
+/// save), `Some(false)` (rolling only) or `Some(true)`. The rolling one is
+/// rewritten every `checkpoint_every` steps and at the end of every epoch;
+/// a numbered one is kept every `keep_every` steps, at the end of every
+/// `keep_every_epochs` epochs and at the end of the run.
+fn save_point(cfg: &TrainConfig, done: u64, steps_per_epoch: u64, total: u64) -> Option<bool> {
+    let every = |n: u64, of: u64| n > 0 && of % n == 0;
+    let epoch_end = done % steps_per_epoch == 0;
+    let keep = done == total
+        || every(cfg.keep_every, done)
+        || (epoch_end && every(cfg.keep_every_epochs as u64, done / steps_per_epoch));
+    let rolling = epoch_end || every(cfg.checkpoint_every, done);
+    (keep || rolling).then_some(keep)
+}
+
+/// Writes the rolling `checkpoint.safetensors` atomically and, with
+/// `keep`, keeps it as `checkpoint-<step>.safetensors` too (a hard link:
+/// no second copy on disk), then prunes the numbered ones to `keep_last`.
+/// Returns the path a later `eval` should name: the numbered file when
+/// kept, else the rolling one.
+fn save(
+    engine: &AnyEngine,
+    dir: &Path,
+    step: u64,
+    keep: bool,
+    keep_last: usize,
+) -> Result<PathBuf, SereError> {
     let ck = engine.snapshot(step)?;
+    let rolling = dir.join(checkpoint::ROLLING);
+    ck.save_atomic(&rolling)?;
+    if !keep {
+        return Ok(rolling);
+    }
     let path = dir.join(checkpoint::file_name(step));
-    ck.save_atomic(&path)?;
+    checkpoint::keep_as(&rolling, &path)
+        .map_err(|e| SereError::io("cannot keep a numbered checkpoint at", &path, e))?;
     // Only after the new one is safely on disk.
     checkpoint::prune(dir, keep_last)
         .map_err(|e| SereError::io("cannot remove old checkpoints in", dir, e))?;
@@ -726,6 +829,35 @@ fn save(engine: &AnyEngine, dir: &Path, step: u64, keep_last: usize) -> Result<P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rolling_checkpoint_is_saved_more_often_than_one_is_kept() {
+        let cfg = TrainConfig {
+            checkpoint_every: 4,
+            keep_every: 0,
+            keep_every_epochs: 2,
+            ..TrainConfig::default()
+        };
+        // 10 steps per epoch, 45 in all.
+        let at = |done| save_point(&cfg, done, 10, 45);
+        assert_eq!(at(3), None);
+        assert_eq!(at(4), Some(false), "every checkpoint_every steps");
+        assert_eq!(at(10), Some(false), "each epoch's end");
+        assert_eq!(at(20), Some(true), "every keep_every_epochs epochs");
+        assert_eq!(at(45), Some(true), "the end of the run");
+        let by_steps = TrainConfig {
+            keep_every: 3,
+            ..cfg.clone()
+        };
+        assert_eq!(save_point(&by_steps, 3, 10, 45), Some(true));
+        let never = TrainConfig {
+            checkpoint_every: 0,
+            keep_every_epochs: 0,
+            ..cfg
+        };
+        assert_eq!(save_point(&never, 8, 10, 45), None);
+        assert_eq!(save_point(&never, 20, 10, 45), Some(false));
+    }
 
     #[test]
     fn crops_that_show_little_are_warned_about() {
