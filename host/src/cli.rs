@@ -262,6 +262,11 @@ pub struct TrainArgs {
     /// (DINO's behaviour: rerun the same command after an interruption).
     #[arg(long, value_name = "FILE|DIR", num_args = 0..=1)]
     pub resume: Option<Option<PathBuf>>,
+    /// Start the student and teacher from this backbone: a `sere export`
+    /// file, a timm / Hugging Face ViT saved with safetensors, or a training
+    /// checkpoint (its teacher); every tensor must match the model.
+    #[arg(long, value_name = "FILE")]
+    pub init_from: Option<PathBuf>,
     /// Start a new run even when --out holds one: the old run's files
     /// (checkpoints, metrics, config, eval.json) are moved into
     /// `--out/previous-run/` first, nothing is deleted.
@@ -471,6 +476,9 @@ impl TrainArgs {
         if let Some(o) = &self.out {
             cfg.out = Some(o.clone());
         }
+        if let Some(f) = &self.init_from {
+            cfg.init_from = Some(f.clone());
+        }
         if self.no_eval {
             cfg.final_eval = false;
         }
@@ -600,9 +608,10 @@ pub enum EvalCommand {
 #[derive(Debug, Clone, Args)]
 pub struct KnnArgs {
     /// Checkpoint file (or run directory) to evaluate; its teacher backbone
-    /// is used, as DINO evaluates.
-    #[arg(long, value_name = "FILE")]
-    pub checkpoint: PathBuf,
+    /// is used, as DINO evaluates. Also a backbone file (`sere export`'s or
+    /// a timm ViT's safetensors).
+    #[arg(long, value_name = "FILE", required_unless_present = "load_features")]
+    pub checkpoint: Option<PathBuf>,
     /// Labelled dataset (train and test splits) or "synthetic" (default:
     /// the data the checkpoint was trained on).
     #[arg(long, value_name = "PATH")]
@@ -611,6 +620,14 @@ pub struct KnnArgs {
     /// and SERE evaluate) or the student (DINO's `--checkpoint_key`).
     #[arg(long, value_enum, default_value_t = Network::Teacher, alias = "checkpoint_key")]
     pub network: Network,
+    /// Save the extracted features and labels (train and test) to FILE, a
+    /// new safetensors file (DINO's `--dump_features`).
+    #[arg(long, value_name = "FILE", alias = "dump_features")]
+    pub dump_features: Option<PathBuf>,
+    /// Score features saved by --dump-features instead of extracting them:
+    /// no checkpoint, data or model needed (DINO's `--load_features`).
+    #[arg(long, value_name = "FILE", alias = "load_features", conflicts_with_all = ["checkpoint", "dump_features", "pixels"])]
+    pub load_features: Option<PathBuf>,
     /// Neighbours voting per test image; several values give one line each
     /// from one pass (DINO reports `--k 10 20 100 200`).
     #[arg(long, num_args = 1.., default_values_t = [20])]

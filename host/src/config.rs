@@ -346,6 +346,11 @@ pub struct TrainConfig {
     /// Output directory for checkpoints and metrics (default:
     /// `runs/<UTC date-time>`, see [`TrainConfig::out_dir`]).
     pub out: Option<PathBuf>,
+    /// Start the student and the teacher from this backbone (timm's names:
+    /// a `sere export` file, a timm/Hugging Face safetensors `state_dict`,
+    /// or a training checkpoint's teacher), matched strictly; the heads keep
+    /// their initialisation. Read at step 0 only (default: none).
+    pub init_from: Option<PathBuf>,
     /// Train on this many images of the training split, spread evenly over
     /// it (default 0: all). An epoch is then shorter, so every schedule
     /// counted in epochs keeps its shape in a short run: what a recipe
@@ -451,6 +456,7 @@ impl Default for TrainConfig {
             threads: None,
             device: Device::Cpu,
             out: None,
+            init_from: None,
             train_images: 0,
             checkpoint_every: 200,
             keep_every: 0,

@@ -17,6 +17,7 @@ pub mod metrics;
 
 pub mod eval;
 pub mod export;
+pub mod import;
 pub mod recipe;
 pub mod train;
 pub mod visualize;

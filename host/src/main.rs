@@ -14,6 +14,7 @@ use sere_host::cli::{
 use sere_host::config::Device;
 use sere_host::data::DataSpec;
 use sere_host::error::{report, SereError};
+use sere_host::eval::dump::FeatureDump;
 use sere_host::eval::{features, features::Embedder, knn, linear, report};
 use sere_host::export::{self, Network};
 use sere_host::metrics;
@@ -337,6 +338,15 @@ fn run_bench(args: &BenchStepArgs) -> Result<(), SereError> {
 fn eval_data(given: Option<&str>, ck: &Checkpoint) -> Result<String, SereError> {
     let data = match given {
         Some(d) => d.to_string(),
+        // A bare timm backbone does not say what it was trained on.
+        None if sere_host::import::is_backbone(ck)
+            && ck.meta(export::meta::TRAIN_CONFIG).is_none() =>
+        {
+            return Err(SereError::Other(
+                "the backbone file does not say which data it was trained on; pass --data".into(),
+            ))
+        }
+        None if sere_host::import::is_backbone(ck) => sere_host::import::backbone_config(ck)?.data,
         None => ck.training_config()?.data,
     };
     train::check_data_memory(&data)?;
@@ -347,14 +357,48 @@ fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
     for &k in &args.k {
         knn::check_params(k, args.temperature)?;
     }
-    let path = checkpoint_in(&args.checkpoint)?;
+    if let Some(file) = &args.load_features {
+        let dump = FeatureDump::load(file)?;
+        eprintln!(
+            "scoring the {} features saved in {} ({} training, {} test, width {})",
+            dump.features,
+            file.display(),
+            dump.train_labels.len(),
+            dump.test_labels.len(),
+            dump.dim
+        );
+        print_knn_scores(args, &dump);
+        return Ok(());
+    }
+    if let Some(out) = &args.dump_features {
+        // Before the extraction, not after it: nothing is replaced.
+        if out.symlink_metadata().is_ok() {
+            return Err(SereError::Other(format!(
+                "--dump-features {} already exists; name a new file (nothing was replaced)",
+                out.display()
+            )));
+        }
+    }
+    let given = args
+        .checkpoint
+        .as_deref()
+        .expect("clap requires --checkpoint without --load-features");
+    let path = checkpoint_in(given)?;
     let ck = Checkpoint::load(&path)?;
     let data = eval_data(args.data.as_deref(), &ck)?;
-    on_device!(args.device, &ck, args.network, emb => knn_on(&emb, args, &data))
+    let source = (path.display().to_string(), ck.meta(checkpoint::meta::STEP));
+    let source = (source.0, source.1.unwrap_or("").to_string());
+    on_device!(args.device, &ck, args.network, emb => knn_on(&emb, args, &data, &source))
 }
 
-fn knn_on<B: Backend>(emb: &Embedder<B>, args: &KnnArgs, data: &str) -> Result<(), SereError> {
+fn knn_on<B: Backend>(
+    emb: &Embedder<B>,
+    args: &KnnArgs,
+    data: &str,
+    (source, step): &(String, String),
+) -> Result<(), SereError> {
     train::set_threads(args.threads.or(emb.config().threads));
+    let spec_str = data;
     let data = DataSpec::parse(data)
         .and_then(|s| s.open())
         .map_err(SereError::data)?;
@@ -362,32 +406,32 @@ fn knn_on<B: Backend>(emb: &Embedder<B>, args: &KnnArgs, data: &str) -> Result<(
     let batch = args.batch.unwrap_or(emb.config().batch).max(1);
     let spec = args.features;
     eprintln!(
-        "extracting {} features of {} training and {} test images ...",
+        "extracting {} features of {} training and {} test images of {source} (step {step}) ...",
         spec.name(),
         data.train.len(),
         test.len()
     );
-    let (train_f, train_l) = emb.embed(&data.train, batch, spec)?;
-    let (test_f, test_l) = emb.embed(test, batch, spec)?;
-    let scores = knn::weighted_knn(
-        &train_f,
-        &train_l,
-        &test_f,
-        &test_l,
-        spec.dim(emb.dim()),
-        &args.k,
-        args.temperature as f32,
-        data.num_classes(),
-    );
-    let sizes = (train_l.len(), test_l.len());
-    for s in &scores {
-        print_knn(
-            &feature_name(spec, args.network),
-            args.temperature,
-            sizes,
-            s,
-        );
+    let (train_f, train_l) = emb.embed_reporting(&data.train, batch, spec, "train")?;
+    let (test_f, test_l) = emb.embed_reporting(test, batch, spec, "test")?;
+    let dump = FeatureDump {
+        train_features: train_f,
+        train_labels: train_l,
+        test_features: test_f,
+        test_labels: test_l,
+        dim: spec.dim(emb.dim()),
+        num_classes: data.num_classes(),
+        features: feature_name(spec, args.network),
+        provenance: vec![
+            ("source".into(), source.clone()),
+            ("step".into(), step.clone()),
+            ("data".into(), spec_str.to_string()),
+        ],
+    };
+    if let Some(out) = &args.dump_features {
+        dump.save(out)?;
+        eprintln!("features saved to {}", out.display());
     }
+    print_knn_scores(args, &dump);
     if args.pixels {
         let (tr, trl, te, tel, d) =
             features::pixel_baseline(&data.train, test, emb.config().img, batch)?;
@@ -406,6 +450,24 @@ fn knn_on<B: Backend>(emb: &Embedder<B>, args: &KnnArgs, data: &str) -> Result<(
         }
     }
     Ok(())
+}
+
+/// The k-NN lines of features extracted now or loaded from a dump.
+fn print_knn_scores(args: &KnnArgs, d: &FeatureDump) {
+    let scores = knn::weighted_knn(
+        &d.train_features,
+        &d.train_labels,
+        &d.test_features,
+        &d.test_labels,
+        d.dim,
+        &args.k,
+        args.temperature as f32,
+        d.num_classes,
+    );
+    let sizes = (d.train_labels.len(), d.test_labels.len());
+    for s in &scores {
+        print_knn(&d.features, args.temperature, sizes, s);
+    }
 }
 
 /// The features' name in the output lines: `teacher_cls...`, or

@@ -328,7 +328,7 @@ fn eval_linear_without_a_checkpoint_is_a_clear_error() {
         "--data",
         "synthetic",
     ]);
-    assert_fails_with(&o, "no checkpoint-");
+    assert_fails_with(&o, "no checkpoint.safetensors or checkpoint-");
 }
 
 #[test]
@@ -549,14 +549,28 @@ fn export_writes_the_backbone_under_timm_names() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(same_as(&read_safetensors(&student).0, "student"));
 
-    // An exported backbone is not a training checkpoint: eval says so.
+    // eval reads an exported backbone as it is: the teacher's k-NN.
+    let knn = |ck: &std::path::Path| {
+        let o = sere(&[
+            "eval",
+            "knn",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--data",
+            TINY_DATA,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        json_lines(&o)[0]["top1"].clone()
+    };
+    assert_eq!(knn(&out), knn(run));
+    // It is not a training checkpoint: exporting it again says so.
+    let again = dir.join("again.safetensors");
     let o = sere(&[
-        "eval",
-        "knn",
+        "export",
         "--checkpoint",
         out.to_str().unwrap(),
-        "--data",
-        TINY_DATA,
+        "--out",
+        again.to_str().unwrap(),
     ]);
     assert_fails_with(&o, "exported by `sere export`");
 }
@@ -1017,6 +1031,158 @@ fn rerunning_the_command_continues_the_run_dino_style() {
     assert_eq!(last_step(&aside), 4);
     assert_eq!(last_step(&out), 1);
     assert!(!out.join("checkpoint-00000004.safetensors").exists());
+}
+
+/// A ViT of one block and one 64-channel head that timm saved (bench/
+/// check_export.py --resave): timm's names, no metadata but `format: pt`.
+fn timm_fixture() -> String {
+    format!(
+        "{}/tests/fixtures/timm_tiny.safetensors",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// The flags of the model in [`timm_fixture`].
+const TIMM_TINY: &[&str] = &[
+    "--preset",
+    "custom",
+    "--dim",
+    "64",
+    "--depth",
+    "1",
+    "--heads",
+    "1",
+    "--img",
+    "16",
+    "--local-img",
+    "8",
+    "--patch",
+    "4",
+    "--batch",
+    "4",
+    "--locals",
+    "0",
+    "--out-dim",
+    "64",
+    "--set",
+    "head_hidden=64",
+    "--set",
+    "bottleneck=32",
+    "--threads",
+    "2",
+];
+
+/// The round trip of issue 18: a backbone exported, loaded into timm and
+/// saved from there is read by `eval` as it is, and `--init-from` starts a
+/// run from it: the run's teacher after a step at learning rate 0 (the
+/// warm-up's first) has the same features, to float rounding.
+#[test]
+fn a_timm_backbone_is_evaluated_and_trained_from() {
+    use sere_host::eval::dump::FeatureDump;
+    let d = tmp("timm");
+    let (a, b) = (d.join("timm.safetensors"), d.join("run.safetensors"));
+    let knn = |ck: &str, dump: &std::path::Path| {
+        let o = sere(&[
+            "eval",
+            "knn",
+            "--checkpoint",
+            ck,
+            "--data",
+            TINY_DATA,
+            "--dump-features",
+            dump.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        o
+    };
+    let from_timm = knn(&timm_fixture(), &a);
+    assert!(
+        stderr(&from_timm).contains("train: 64/64 images (100%"),
+        "{}",
+        stderr(&from_timm)
+    );
+    let run = d.join("run");
+    let mut train = vec!["train"];
+    train.extend_from_slice(TIMM_TINY);
+    let fixture = timm_fixture();
+    let o = sere(
+        &[
+            &train[..],
+            &[
+                "--data",
+                TINY_DATA,
+                "--steps",
+                "1",
+                "--no-eval",
+                "--init-from",
+                &fixture,
+            ],
+            &["--out", run.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("backbone of student and teacher from"),
+        "{}",
+        stderr(&o)
+    );
+    knn(run.to_str().unwrap(), &b);
+    let (fa, fb) = (
+        FeatureDump::load(&a).unwrap(),
+        FeatureDump::load(&b).unwrap(),
+    );
+    assert_eq!(fa.train_labels, fb.train_labels);
+    let worst = fa
+        .train_features
+        .iter()
+        .chain(&fa.test_features)
+        .zip(fb.train_features.iter().chain(&fb.test_features))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-5, "features differ by {worst}");
+
+    // The dump scores as the extraction did, and is never replaced.
+    let o = sere(&["eval", "knn", "--load-features", a.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json_lines(&o)[0]["top1"], json_lines(&from_timm)[0]["top1"]);
+    let o = sere(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        &fixture,
+        "--data",
+        TINY_DATA,
+        "--dump-features",
+        a.to_str().unwrap(),
+    ]);
+    assert_fails_with(&o, "already exists");
+    // Without --data a bare timm file cannot say what to evaluate on.
+    let o = sere(&["eval", "knn", "--checkpoint", &fixture]);
+    assert_fails_with(&o, "pass --data");
+}
+
+/// `--init-from` a backbone of another model lists every mismatch.
+#[test]
+fn init_from_another_model_is_refused_with_the_mismatches() {
+    let out = tmp("init-mismatch").join("run");
+    let fixture = timm_fixture();
+    let o = sere(&train_args(&[
+        "--data",
+        TINY_DATA,
+        "--steps",
+        "1",
+        "--init-from",
+        &fixture,
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert_fails_with(&o, "does not fit the model");
+    assert_fails_with(
+        &o,
+        "of another shape: cls_token [1, 1, 64] (the model's: [1, 1, 32])",
+    );
+    assert_fails_with(&o, "missing: blocks.1.");
 }
 
 /// `--train-images N` trains on N images: epochs shrink with it.

@@ -111,12 +111,22 @@ impl<B: Backend> Embedder<B> {
         Self::from_checkpoint_network(be, ck, Network::Teacher)
     }
 
-    /// Loads `network` (the teacher or the student) of `ck` onto `be`.
+    /// Loads `network` (the teacher or the student) of `ck` onto `be`; a
+    /// backbone file (`sere export`'s or timm's, [`crate::import`]) is
+    /// loaded as it is, whatever `network` says.
     pub fn from_checkpoint_network(
         be: B,
         ck: &Checkpoint,
         network: Network,
     ) -> Result<Self, SereError> {
+        if crate::import::is_backbone(ck) {
+            // An exported or timm backbone is one network already.
+            let cfg = crate::import::backbone_config(ck)?;
+            let net = SereNet::new(&cfg);
+            let mut host = vec![0.0; net.layout.len()];
+            crate::import::read_backbone(ck, &net, &mut host)?;
+            return Self::from_params(be, cfg, net, &host);
+        }
         let cfg = ck.training_config()?;
         let net = SereNet::new(&cfg);
         let mut host = vec![0.0; net.layout.len()];
@@ -202,6 +212,18 @@ impl<B: Backend> Embedder<B> {
     ) -> Result<(Vec<f32>, Vec<u32>), SereError> {
         self.backbone().embed(split, batch, spec)
     }
+
+    /// [`Embedder::embed`] saying on stderr how far it got (every tenth of
+    /// the split, as `label`), for the commands a person waits on.
+    pub fn embed_reporting(
+        &self,
+        split: &Split,
+        batch: usize,
+        spec: FeatureSpec,
+        label: &str,
+    ) -> Result<(Vec<f32>, Vec<u32>), SereError> {
+        self.backbone().embed_inner(split, batch, spec, Some(label))
+    }
 }
 
 /// A backbone's parameters on a backend, borrowed: an [`Embedder`]'s, or a
@@ -240,7 +262,19 @@ impl<B: Backend> Backbone<'_, B> {
         batch: usize,
         spec: FeatureSpec,
     ) -> Result<(Vec<f32>, Vec<u32>), SereError> {
+        self.embed_inner(split, batch, spec, None)
+    }
+
+    fn embed_inner(
+        &self,
+        split: &Split,
+        batch: usize,
+        spec: FeatureSpec,
+        progress: Option<&str>,
+    ) -> Result<(Vec<f32>, Vec<u32>), SereError> {
         spec.check(self.cfg.depth)?;
+        let started = std::time::Instant::now();
+        let mut shown = 0;
         let img = self.cfg.img;
         let mut feats = Vec::with_capacity(split.len() * spec.dim(self.cfg.dim));
         let mut labels = Vec::with_capacity(split.len());
@@ -260,6 +294,19 @@ impl<B: Backend> Backbone<'_, B> {
                 .map_err(device_error)?;
             feats.extend_from_slice(&f);
             labels.extend_from_slice(&b.labels);
+            if let Some(label) = progress {
+                let tenth = labels.len() * 10 / split.len().max(1);
+                if tenth > shown {
+                    shown = tenth;
+                    eprintln!(
+                        "  {label}: {}/{} images ({}%, {:.1} s)",
+                        labels.len(),
+                        split.len(),
+                        tenth * 10,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            }
         }
         super::knn::l2_normalize_rows(&mut feats, spec.dim(self.cfg.dim));
         Ok((feats, labels))

@@ -1,5 +1,6 @@
 //! Evaluation of learned representations.
 
+pub mod dump;
 pub mod features;
 pub mod knn;
 pub mod linear;

@@ -1124,6 +1124,22 @@ impl<B: Backend> Engine<B> {
         Ok(snapshot_state(&view, &self.cfg, step))
     }
 
+    /// Starts the student and the teacher from the backbone in `file`
+    /// (timm's names, matched strictly, see [`crate::import`]); the heads
+    /// keep their initialisation. For step 0 only: the optimizer state is
+    /// untouched.
+    pub fn init_backbone(&mut self, file: &Checkpoint) -> Result<(), SereError> {
+        let device = |e: OpError| SereError::Device(e.to_string());
+        let mut host = self.be.download(&self.student).map_err(device)?;
+        crate::import::read_backbone(file, &self.net, &mut host)?;
+        self.be
+            .upload_into(&host, &mut self.student)
+            .map_err(device)?;
+        self.be
+            .upload_into(&host, &mut self.teacher)
+            .map_err(device)
+    }
+
     /// Restores the run's state from a checkpoint (written by any backend);
     /// returns the step to continue from. The model shape must match.
     pub fn restore(&mut self, ck: &Checkpoint) -> Result<u64, SereError> {
@@ -1269,6 +1285,12 @@ impl AnyEngine {
     /// Restores the run's state; returns the step to continue from.
     pub fn restore(&mut self, ck: &Checkpoint) -> Result<u64, SereError> {
         on_engine!(self, e => e.restore(ck))
+    }
+
+    /// Starts student and teacher from a backbone file (see
+    /// [`Engine::init_backbone`]).
+    pub fn init_backbone(&mut self, file: &Checkpoint) -> Result<(), SereError> {
+        on_engine!(self, e => e.init_backbone(file))
     }
 }
 

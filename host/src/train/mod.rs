@@ -648,6 +648,10 @@ pub fn train(cfg: TrainConfig, start: Start) -> Result<TrainSummary, SereError> 
         }
         eprintln!("resumed from {} at step {done} of {total}", path.display());
     }
+    if let (0, Some(file)) = (done, &cfg.init_from) {
+        engine.init_backbone(&crate::import::load_backbone(file)?)?;
+        eprintln!("backbone of student and teacher from {}", file.display());
+    }
     print_run_summary(&cfg, engine.net(), &dataset, spe, total, &out_dir);
     let sched = Schedules::new(&cfg, total, spe);
     for w in schedule_warnings(&cfg, total, spe) {
