@@ -705,6 +705,15 @@ pub struct LinearArgs {
     /// same features, saving a second pass of the backbone over the data.
     #[arg(long)]
     pub knn: bool,
+    /// Save the fitted probe (`linear.weight`, `linear.bias` as DINO's
+    /// LinearClassifier, and the features' standardisation) to FILE, a new
+    /// safetensors file.
+    #[arg(long, value_name = "FILE")]
+    pub save_probe: Option<PathBuf>,
+    /// Score a probe saved by --save-probe on the test split instead of
+    /// fitting one (the features must be those it was fitted on).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["save_probe", "pixels"])]
+    pub load_probe: Option<PathBuf>,
     /// Which frozen features.
     #[command(flatten)]
     pub features: FeatureSpec,

@@ -492,6 +492,15 @@ fn print_knn(features: &str, temperature: f64, (train, test): (usize, usize), s:
 }
 
 fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
+    if let Some(out) = &args.save_probe {
+        // Before any work, not after it: nothing is replaced.
+        if out.symlink_metadata().is_ok() {
+            return Err(SereError::Other(format!(
+                "--save-probe {} already exists; name a new file (nothing was replaced)",
+                out.display()
+            )));
+        }
+    }
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
     let data = eval_data(args.data.as_deref(), &ck)?;
@@ -507,6 +516,7 @@ fn linear_on<B: Backend>(
 ) -> Result<(), SereError> {
     let cfg = args.probe_config();
     train::set_threads(args.threads.or(emb.config().threads));
+    let data_name = data;
     let data = DataSpec::parse(data)
         .and_then(|s| s.open())
         .map_err(SereError::data)?;
@@ -514,6 +524,9 @@ fn linear_on<B: Backend>(
     let batch = args.batch.unwrap_or(emb.config().batch).max(1);
     let classes = data.num_classes();
     let spec = args.features;
+    if let Some(file) = &args.load_probe {
+        return score_saved_probe(emb, file, test, batch, args);
+    }
     let started = Instant::now();
     let (mut train_f, train_l) = emb.embed(&data.train, batch, spec)?;
     let (mut test_f, test_l) = emb.embed(test, batch, spec)?;
@@ -552,6 +565,24 @@ fn linear_on<B: Backend>(
         embed_s,
         started,
     );
+    if let Some(out) = &args.save_probe {
+        let saved = linear::SavedProbe {
+            probe: r.fit.probe.clone(),
+            mean: r.mean.clone(),
+            inv_std: r.inv_std.clone(),
+            features: feature_name(spec, args.network),
+        };
+        saved.save(
+            out,
+            &[
+                ("top1", format!("{:.4}", r.top1)),
+                ("train_top1", format!("{:.4}", r.train_top1)),
+                ("optimizer", cfg.optimizer.name().to_string()),
+                ("data", data_name.to_string()),
+            ],
+        )?;
+        eprintln!("probe saved to {}", out.display());
+    }
     if args.pixels {
         let started = Instant::now();
         let (mut tr, trl, mut te, tel, d) =
@@ -561,6 +592,45 @@ fn linear_on<B: Backend>(
         let r = linear::evaluate(&mut tr, &trl, &mut te, &tel, d, classes, &cfg)?;
         print_linear("pixels", &cfg, &r, (trl.len(), tel.len()), embed_s, started);
     }
+    Ok(())
+}
+
+/// `eval linear --load-probe`: a saved probe scored on the test split's
+/// features (which must be the ones it was fitted on).
+fn score_saved_probe<B: Backend>(
+    emb: &Embedder<B>,
+    file: &Path,
+    test: &sere_host::data::Split,
+    batch: usize,
+    args: &LinearArgs,
+) -> Result<(), SereError> {
+    let saved = linear::SavedProbe::load(file)?;
+    let spec = args.features;
+    let name = feature_name(spec, args.network);
+    if saved.probe.dim != spec.dim(emb.dim()) {
+        return Err(SereError::Other(format!(
+            "the probe in {} takes {} features ({}), these are {} ({name}); evaluate the \
+             features it was fitted on (--last-blocks, --avgpool, the same model)",
+            file.display(),
+            saved.probe.dim,
+            saved.features,
+            spec.dim(emb.dim())
+        )));
+    }
+    let (mut x, y) = emb.embed_reporting(test, batch, spec, "test")?;
+    let top1 = saved.accuracy(&mut x, &y)?;
+    println!(
+        "{{\"metric\":\"linear_top1\",\"features\":\"{name}\",\"probe\":{},\"test\":{},\"top1\":{top1:.4}}}",
+        serde_json::Value::from(file.display().to_string()),
+        y.len()
+    );
+    eprintln!(
+        "saved linear probe {} ({}) on {name}: top-1 {:.2}% on {} test images",
+        file.display(),
+        saved.features,
+        100.0 * top1,
+        y.len()
+    );
     Ok(())
 }
 

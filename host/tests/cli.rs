@@ -1162,6 +1162,36 @@ fn a_timm_backbone_is_evaluated_and_trained_from() {
     assert_fails_with(&o, "pass --data");
 }
 
+/// `eval linear --save-probe` writes the fitted probe; `--load-probe`
+/// scores it again on the test split with the same result, and an
+/// existing file is never replaced.
+#[test]
+fn a_saved_linear_probe_scores_again() {
+    let run = tiny_run().to_str().unwrap();
+    let probe = tmp("probe").join("probe.safetensors");
+    let p = probe.to_str().unwrap();
+    let linear = |extra: &[&str]| {
+        sere(
+            &[
+                &["eval", "linear", "--checkpoint", run, "--epochs", "30"],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let fitted = linear(&["--save-probe", p]);
+    assert!(fitted.status.success(), "{}", stderr(&fitted));
+    let again = linear(&["--load-probe", p]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(
+        json_lines(&again)[0]["top1"],
+        json_lines(&fitted)[0]["top1"]
+    );
+    assert_fails_with(&linear(&["--save-probe", p]), "already exists");
+    let o = linear(&["--load-probe", p, "--last-blocks", "2"]);
+    assert_fails_with(&o, "features it was fitted on");
+}
+
 /// `--init-from` a backbone of another model lists every mismatch.
 #[test]
 fn init_from_another_model_is_refused_with_the_mismatches() {

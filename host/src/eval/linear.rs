@@ -468,6 +468,10 @@ pub struct ProbeReport {
     pub train_top1: f32,
     /// The fit.
     pub fit: ProbeFit,
+    /// The training columns' mean the features were standardised with.
+    pub mean: Vec<f32>,
+    /// Their inverse standard deviations.
+    pub inv_std: Vec<f32>,
 }
 
 /// The linear evaluation: standardises both feature sets with the training
@@ -495,7 +499,103 @@ pub fn evaluate(
         top1: fit.probe.accuracy(test, test_labels),
         train_top1: fit.probe.accuracy(train, train_labels),
         fit,
+        mean,
+        inv_std,
     })
+}
+
+/// A fitted probe with the standardisation of its features: what
+/// `eval linear --save-probe` writes and `--load-probe` scores again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedProbe {
+    /// The probe.
+    pub probe: LinearProbe,
+    /// Column means subtracted before the probe.
+    pub mean: Vec<f32>,
+    /// Column inverse standard deviations applied after.
+    pub inv_std: Vec<f32>,
+    /// The features' name (e.g. `teacher_cls_last4_avgpool`).
+    pub features: String,
+}
+
+/// The `format` metadata of a saved probe.
+pub const PROBE_FORMAT: &str = "sere-linear-probe";
+
+impl SavedProbe {
+    /// Writes the probe to `path`, a new file, atomically; `meta` adds
+    /// provenance (checkpoint, step, accuracy).
+    pub fn save(&self, path: &std::path::Path, meta: &[(&str, String)]) -> Result<(), SereError> {
+        use crate::checkpoint::{self, Checkpoint};
+        if path.symlink_metadata().is_ok() {
+            return Err(SereError::Other(format!(
+                "--save-probe {} already exists; name a new file (nothing was replaced)",
+                path.display()
+            )));
+        }
+        let (c, d) = (self.probe.classes, self.probe.dim);
+        let (w, b) = self.probe.params.split_at(c * d);
+        let mut ck = Checkpoint::new();
+        ck.insert("linear.weight", &[c, d], w.to_vec());
+        ck.insert("linear.bias", &[c], b.to_vec());
+        ck.insert("features.mean", &[d], self.mean.clone());
+        ck.insert("features.inv_std", &[d], self.inv_std.clone());
+        ck.set_meta(checkpoint::meta::FORMAT, PROBE_FORMAT);
+        ck.set_meta("features", &self.features);
+        for (k, v) in meta {
+            ck.set_meta(*k, v);
+        }
+        Ok(ck.save_atomic(path)?)
+    }
+
+    /// Reads a probe written by [`SavedProbe::save`], checking its shapes.
+    pub fn load(path: &std::path::Path) -> Result<Self, SereError> {
+        use crate::checkpoint::{self, Checkpoint};
+        let ck = Checkpoint::load(path)?;
+        if ck.meta(checkpoint::meta::FORMAT) != Some(PROBE_FORMAT) {
+            return Err(SereError::Other(format!(
+                "{} is not a probe saved by `sere eval linear --save-probe`",
+                path.display()
+            )));
+        }
+        let (shape, w) = ck.tensor("linear.weight")?;
+        let [c, d] = *shape else {
+            return Err(SereError::Other(format!(
+                "{}: linear.weight has shape {shape:?}, not [classes, dim]",
+                path.display()
+            )));
+        };
+        let vector = |name: &str, n: usize| -> Result<Vec<f32>, SereError> {
+            let (s, v) = ck.tensor(name)?;
+            if *s != [n] {
+                return Err(SereError::Other(format!(
+                    "{}: {name} has shape {s:?}, not [{n}]",
+                    path.display()
+                )));
+            }
+            Ok(v.to_vec())
+        };
+        let mut params = w.to_vec();
+        params.extend(vector("linear.bias", c)?);
+        Ok(SavedProbe {
+            probe: LinearProbe {
+                dim: d,
+                classes: c,
+                params,
+            },
+            mean: vector("features.mean", d)?,
+            inv_std: vector("features.inv_std", d)?,
+            features: ck.meta("features").unwrap_or("features").to_string(),
+        })
+    }
+
+    /// Top-1 accuracy on `x` (`labels.len() x dim`, standardised here in
+    /// place with the probe's own statistics).
+    pub fn accuracy(&self, x: &mut [f32], labels: &[u32]) -> Result<f32, SereError> {
+        let (d, c) = (self.probe.dim, self.probe.classes);
+        check(x, labels, d, c, "test set")?;
+        standardize(x, &self.mean, &self.inv_std);
+        Ok(self.probe.accuracy(x, labels))
+    }
 }
 
 #[cfg(test)]
