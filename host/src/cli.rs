@@ -705,6 +705,12 @@ pub struct LinearArgs {
     /// same features, saving a second pass of the backbone over the data.
     #[arg(long)]
     pub knn: bool,
+    /// DINO's eval_linear.py probe: SGD (--optimizer sgd) on features of
+    /// augmented training views (RandomResizedCrop + flip) drawn anew each
+    /// batch, instead of fixed centre views; slower, one forward pass per
+    /// image and epoch.
+    #[arg(long)]
+    pub augment: bool,
     /// Save the fitted probe (`linear.weight`, `linear.bias` as DINO's
     /// LinearClassifier, and the features' standardisation) to FILE, a new
     /// safetensors file.

@@ -527,6 +527,9 @@ fn linear_on<B: Backend>(
     if let Some(file) = &args.load_probe {
         return score_saved_probe(emb, file, test, batch, args);
     }
+    if args.augment {
+        return linear_augmented(emb, args, &data, batch, data_name);
+    }
     let started = Instant::now();
     let (mut train_f, train_l) = emb.embed(&data.train, batch, spec)?;
     let (mut test_f, test_l) = emb.embed(test, batch, spec)?;
@@ -565,24 +568,7 @@ fn linear_on<B: Backend>(
         embed_s,
         started,
     );
-    if let Some(out) = &args.save_probe {
-        let saved = linear::SavedProbe {
-            probe: r.fit.probe.clone(),
-            mean: r.mean.clone(),
-            inv_std: r.inv_std.clone(),
-            features: feature_name(spec, args.network),
-        };
-        saved.save(
-            out,
-            &[
-                ("top1", format!("{:.4}", r.top1)),
-                ("train_top1", format!("{:.4}", r.train_top1)),
-                ("optimizer", cfg.optimizer.name().to_string()),
-                ("data", data_name.to_string()),
-            ],
-        )?;
-        eprintln!("probe saved to {}", out.display());
-    }
+    save_probe(args, &r, &feature_name(spec, args.network), &cfg, data_name)?;
     if args.pixels {
         let started = Instant::now();
         let (mut tr, trl, mut te, tel, d) =
@@ -592,6 +578,73 @@ fn linear_on<B: Backend>(
         let r = linear::evaluate(&mut tr, &trl, &mut te, &tel, d, classes, &cfg)?;
         print_linear("pixels", &cfg, &r, (trl.len(), tel.len()), embed_s, started);
     }
+    Ok(())
+}
+
+/// `eval linear --augment`: eval_linear.py's probe (SGD on augmented
+/// views), scored on the plain test views; saved as any probe.
+fn linear_augmented<B: Backend>(
+    emb: &Embedder<B>,
+    args: &LinearArgs,
+    data: &sere_host::data::Dataset,
+    batch: usize,
+    data_name: &str,
+) -> Result<(), SereError> {
+    let cfg = args.probe_config();
+    let spec = args.features;
+    let test = data.test_split().map_err(SereError::data)?;
+    let classes = data.num_classes();
+    let name = feature_name(spec, args.network);
+    eprintln!(
+        "linear probe on augmented views of {} training images, {} epochs ...",
+        data.train.len(),
+        cfg.epochs
+    );
+    let started = Instant::now();
+    let fit = sere_host::eval::linear_aug::fit_augmented(emb, &data.train, spec, classes, &cfg)?;
+    let (train_f, train_l) = emb.embed(&data.train, batch, spec)?;
+    let (test_f, test_l) = emb.embed(test, batch, spec)?;
+    let d = spec.dim(emb.dim());
+    let r = linear::ProbeReport {
+        top1: fit.probe.accuracy(&test_f, &test_l),
+        train_top1: fit.probe.accuracy(&train_f, &train_l),
+        fit,
+        mean: vec![0.0; d],
+        inv_std: vec![1.0; d],
+    };
+    let sizes = (train_l.len(), test_l.len());
+    print_linear(&format!("{name}_augmented"), &cfg, &r, sizes, 0.0, started);
+    save_probe(args, &r, &name, &cfg, data_name)
+}
+
+/// `--save-probe`: the fitted probe with its features' standardisation.
+fn save_probe(
+    args: &LinearArgs,
+    r: &linear::ProbeReport,
+    features: &str,
+    cfg: &linear::ProbeConfig,
+    data_name: &str,
+) -> Result<(), SereError> {
+    let Some(out) = &args.save_probe else {
+        return Ok(());
+    };
+    let saved = linear::SavedProbe {
+        probe: r.fit.probe.clone(),
+        mean: r.mean.clone(),
+        inv_std: r.inv_std.clone(),
+        features: features.to_string(),
+    };
+    saved.save(
+        out,
+        &[
+            ("top1", format!("{:.4}", r.top1)),
+            ("train_top1", format!("{:.4}", r.train_top1)),
+            ("optimizer", cfg.optimizer.name().to_string()),
+            ("augmented", args.augment.to_string()),
+            ("data", data_name.to_string()),
+        ],
+    )?;
+    eprintln!("probe saved to {}", out.display());
     Ok(())
 }
 

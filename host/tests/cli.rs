@@ -1192,6 +1192,47 @@ fn a_saved_linear_probe_scores_again() {
     assert_fails_with(&o, "features it was fitted on");
 }
 
+/// `eval linear --augment`: eval_linear.py's SGD probe on augmented views,
+/// reproducible run to run; it needs SGD.
+#[test]
+fn the_augmented_linear_probe_runs_reproducibly() {
+    let run = tiny_run().to_str().unwrap();
+    let linear = |extra: &[&str]| {
+        sere(
+            &[
+                &[
+                    "eval",
+                    "linear",
+                    "--checkpoint",
+                    run,
+                    "--epochs",
+                    "2",
+                    "--augment",
+                ],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let sgd = ["--optimizer", "sgd", "--probe-batch", "16", "--lr", "0.5"];
+    let a = linear(&sgd);
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(stderr(&a).contains("probe epoch 2/2"), "{}", stderr(&a));
+    let line = &json_lines(&a)[0];
+    assert_eq!(line["features"], "teacher_cls_augmented");
+    assert_eq!(
+        line["iterations"], 8,
+        "2 epochs of 64 images in batches of 16"
+    );
+    let b = linear(&sgd);
+    assert_eq!(
+        json_lines(&b)[0]["loss"],
+        line["loss"],
+        "same views, same probe"
+    );
+    assert_fails_with(&linear(&[]), "add --optimizer sgd");
+}
+
 /// `--init-from` a backbone of another model lists every mismatch.
 #[test]
 fn init_from_another_model_is_refused_with_the_mismatches() {

@@ -213,6 +213,18 @@ impl<B: Backend> Embedder<B> {
         self.backbone().embed(split, batch, spec)
     }
 
+    /// L2-normalised features (`n x spec.dim(dim)`) of `n` prepared images
+    /// (`[n][3][S][S]`, normalised), `acts` the reusable activations.
+    pub fn features(
+        &self,
+        images: &[f32],
+        n: usize,
+        spec: FeatureSpec,
+        acts: &mut Option<VitActs<B>>,
+    ) -> Result<Vec<f32>, SereError> {
+        self.backbone().features(images, n, spec, acts)
+    }
+
     /// [`Embedder::embed`] saying on stderr how far it got (every tenth of
     /// the split, as `label`), for the commands a person waits on.
     pub fn embed_reporting(
@@ -265,6 +277,26 @@ impl<B: Backend> Backbone<'_, B> {
         self.embed_inner(split, batch, spec, None)
     }
 
+    /// See [`Embedder::features`].
+    pub fn features(
+        &self,
+        images: &[f32],
+        n: usize,
+        spec: FeatureSpec,
+        acts: &mut Option<VitActs<B>>,
+    ) -> Result<Vec<f32>, SereError> {
+        spec.check(self.cfg.depth)?;
+        self.forward(images, n, acts)?;
+        let acts = acts.as_ref().expect("forward shaped it");
+        let mut f = self
+            .net
+            .vit
+            .eval_features(self.be, self.params, acts, spec.last_blocks, spec.avgpool)
+            .map_err(device_error)?;
+        super::knn::l2_normalize_rows(&mut f, spec.dim(self.cfg.dim));
+        Ok(f)
+    }
+
     fn embed_inner(
         &self,
         split: &Split,
@@ -285,13 +317,7 @@ impl<B: Backend> Backbone<'_, B> {
         };
         for b in EvalBatches::new(split, transform, batch).map_err(SereError::data)? {
             let b = b.map_err(SereError::data)?;
-            self.forward(&b.images, b.len(), &mut acts)?;
-            let acts = acts.as_ref().expect("forward shaped it");
-            let f = self
-                .net
-                .vit
-                .eval_features(self.be, self.params, acts, spec.last_blocks, spec.avgpool)
-                .map_err(device_error)?;
+            let f = self.features(&b.images, b.len(), spec, &mut acts)?;
             feats.extend_from_slice(&f);
             labels.extend_from_slice(&b.labels);
             if let Some(label) = progress {
@@ -308,7 +334,6 @@ impl<B: Backend> Backbone<'_, B> {
                 }
             }
         }
-        super::knn::l2_normalize_rows(&mut feats, spec.dim(self.cfg.dim));
         Ok((feats, labels))
     }
 }
