@@ -63,7 +63,9 @@ pub fn fit_augmented<B: Backend>(
     if cfg.optimizer != Optimizer::Sgd {
         return bad("it trains by SGD on views drawn anew each batch; add --optimizer sgd".into());
     }
-    if cfg.epochs == 0 || cfg.batch == 0 || !(cfg.lr > 0.0) || !(cfg.weight_decay >= 0.0) {
+    let positive = |v: f32| v.is_finite() && v > 0.0;
+    let bad_decay = cfg.weight_decay.is_nan() || cfg.weight_decay < 0.0;
+    if cfg.epochs == 0 || cfg.batch == 0 || !positive(cfg.lr) || bad_decay {
         return bad(format!(
             "need --epochs >= 1, --probe-batch >= 1, --lr > 0 and --weight-decay >= 0 (got {}, {}, {}, {})",
             cfg.epochs, cfg.batch, cfg.lr, cfg.weight_decay
