@@ -73,13 +73,14 @@ pub struct ModelArgs {
     /// win). DINO's `--arch vit_tiny|vit_small|vit_base` is accepted.
     #[arg(long, value_enum, alias = "arch")]
     pub preset: Option<Preset>,
-    /// Global crop size in pixels.
+    /// Global crop size in pixels (DINO: 224; small, so that the default
+    /// run trains in minutes on a CPU).
     #[arg(long, value_name = "PX")]
     pub img: Option<usize>,
-    /// Local crop size in pixels.
+    /// Local crop size in pixels (DINO: 96).
     #[arg(long, value_name = "PX")]
     pub local_img: Option<usize>,
-    /// Patch size in pixels.
+    /// Patch size in pixels (DINO: 16; 4 keeps an 8 x 8 grid on 32 px crops).
     #[arg(long, value_name = "PX")]
     pub patch: Option<usize>,
     /// Token width.
@@ -99,7 +100,8 @@ pub struct ModelArgs {
     /// alias --local_crops_number).
     #[arg(long, alias = "local_crops_number")]
     pub locals: Option<usize>,
-    /// Prototypes K of the DINO head.
+    /// Prototypes K of the DINO head (DINO: 65536, sized for ImageNet;
+    /// 1024 for the embedded data's 10 classes and a run of minutes).
     #[arg(long, value_name = "K")]
     pub out_dim: Option<usize>,
     /// Overlap grid side for two global crops.
@@ -243,13 +245,15 @@ pub struct TrainArgs {
     /// Optimiser, teacher, head and crop hyperparameters.
     #[command(flatten)]
     pub hyper: HyperArgs,
-    /// Training length in epochs.
+    /// Training length in epochs (DINO: 100).
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Training length in steps (overrides --epochs).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Base learning rate for batch 256; the peak rate is lr * batch / 256.
+    /// Base learning rate for batch 256; the peak rate is lr * batch / 256
+    /// (DINO: 0.0005; the small default model and a run of minutes take a
+    /// larger one, measured in BENCHMARKS.md "The default run").
     #[arg(long)]
     pub lr: Option<f64>,
     /// Output directory for checkpoints and metrics (default
@@ -333,7 +337,8 @@ pub struct HyperArgs {
     /// Teacher temperature after the warm-up.
     #[arg(long, value_name = "T")]
     pub teacher_temp: Option<f64>,
-    /// Epochs of the teacher temperature's linear warm-up.
+    /// Epochs of the teacher temperature's linear warm-up (DINO's default:
+    /// 0, its ViT-S recipe: 30).
     #[arg(long, value_name = "EPOCHS")]
     pub warmup_teacher_temp_epochs: Option<usize>,
     /// Student temperature of the DINO and iBOT losses.
