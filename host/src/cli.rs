@@ -15,6 +15,7 @@ use crate::config::{
 use crate::eval::features::FeatureSpec;
 use crate::eval::linear::{Optimizer, ProbeConfig};
 use crate::export::Network;
+use crate::plot::XAxis;
 use crate::recipe::{Provenance, Recipe, Source};
 
 /// `sere`: self-supervised ViT pre-training with feature self-relations.
@@ -38,6 +39,9 @@ pub enum Command {
     BenchStep(Box<BenchStepArgs>),
     /// Draw attention maps and spatial self-relations of a checkpoint.
     Visualize(VisualizeArgs),
+    /// Draw the learning curves of one or more runs (their metrics.jsonl)
+    /// as one PNG, the runs overlaid.
+    Plot(PlotArgs),
     /// Write a checkpoint's backbone as a standalone safetensors file under
     /// timm's parameter names (for PyTorch / timm / DINO code).
     Export(ExportArgs),
@@ -52,6 +56,7 @@ impl Command {
             Command::Eval(EvalCommand::Linear(_)) => "eval linear",
             Command::BenchStep(_) => "bench-step",
             Command::Visualize(_) => "visualize",
+            Command::Plot(_) => "plot",
             Command::Export(_) => "export",
         }
     }
@@ -715,6 +720,29 @@ pub struct VisualizeArgs {
     pub device: Option<Device>,
 }
 
+/// Flags of `sere plot`.
+#[derive(Debug, Clone, Args)]
+pub struct PlotArgs {
+    /// Run folders (their metrics.jsonl) or metrics.jsonl files; several
+    /// are overlaid, one colour each, named after their folders.
+    #[arg(value_name = "RUN", required = true, num_args = 1..)]
+    pub runs: Vec<PathBuf>,
+    /// Output PNG file (written atomically; its folder must exist).
+    #[arg(long, value_name = "FILE.png")]
+    pub out: PathBuf,
+    /// Replace --out if it exists (without it an existing file is kept and
+    /// the command fails).
+    #[arg(long)]
+    pub force: bool,
+    /// Picture size in pixels, WIDTHxHEIGHT (each 200 to 8000).
+    #[arg(long, value_name = "WxH", default_value = "1600x1000", value_parser = crate::plot::parse_size)]
+    pub size: (u32, u32),
+    /// X axis of every chart: optimizer steps, or elapsed wall-clock
+    /// minutes.
+    #[arg(long, value_enum, value_name = "AXIS", default_value_t = XAxis::Step)]
+    pub x: XAxis,
+}
+
 /// Flags of `sere export`.
 #[derive(Debug, Clone, Args)]
 pub struct ExportArgs {
@@ -1213,5 +1241,39 @@ mod tests {
             ("synthetic", 4, Some(2))
         );
         assert!(Cli::try_parse_from(["sere", "visualize", "--checkpoint", "c"]).is_err());
+    }
+
+    #[test]
+    fn plot_flags_parse() {
+        let p = match parse(&["plot", "runs/a", "runs/b/metrics.jsonl", "--out", "c.png"]).command {
+            Command::Plot(p) => p,
+            c => panic!("{c:?}"),
+        };
+        assert_eq!(
+            p.runs,
+            [
+                PathBuf::from("runs/a"),
+                PathBuf::from("runs/b/metrics.jsonl")
+            ]
+        );
+        assert_eq!((p.size, p.x, p.force), ((1600, 1000), XAxis::Step, false));
+        let p = match parse(&[
+            "plot", "r", "--out", "c.png", "--size", "800x600", "--x", "elapsed", "--force",
+        ])
+        .command
+        {
+            Command::Plot(p) => p,
+            c => panic!("{c:?}"),
+        };
+        assert_eq!((p.size, p.x, p.force), ((800, 600), XAxis::Elapsed, true));
+        for bad in [
+            &["plot", "--out", "c.png"][..],
+            &["plot", "r"],
+            &["plot", "r", "--out", "c.png", "--size", "big"],
+        ] {
+            assert!(
+                Cli::try_parse_from(std::iter::once("sere").chain(bad.iter().copied())).is_err()
+            );
+        }
     }
 }

@@ -396,6 +396,97 @@ fn visualize_writes_decodable_pngs_of_the_expected_size() {
     );
 }
 
+/// Decodes a PNG and returns its size.
+fn png_size(path: &std::path::Path) -> (u32, u32) {
+    let img = image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (img.width(), img.height())
+}
+
+/// `sere plot`: a decodable PNG of the requested size from one run, two
+/// runs overlaid in two colours, no silent overwrite, and clear errors
+/// for a folder without metrics, a malformed file and a missing --out
+/// folder.
+#[test]
+fn plot_draws_learning_curves_of_one_or_more_runs() {
+    let run = tiny_run();
+    let d = tmp("plot");
+    let png = d.join("curves.png");
+    let plot = |args: &[&str]| sere(&[&["plot"], args].concat());
+    let o = plot(&[
+        run.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+        "--size",
+        "800x500",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        png.to_str().unwrap()
+    );
+    assert_eq!(png_size(&png), (800, 500));
+
+    // A second run: the tiny run's records, a k-NN score added, as a file.
+    let other = d.join("other-run");
+    std::fs::create_dir_all(&other).unwrap();
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let mut lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    lines.last_mut().unwrap()["knn_top1"] = 0.25.into();
+    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(other.join("metrics.jsonl"), body).unwrap();
+    let two = d.join("two.png");
+    let o = plot(&[
+        run.to_str().unwrap(),
+        other.join("metrics.jsonl").to_str().unwrap(),
+        "--out",
+        two.to_str().unwrap(),
+        "--x",
+        "elapsed",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = image::open(&two).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (1600, 1000), "the default size");
+    for colour in [[31, 119, 180], [255, 127, 14]] {
+        assert!(img.pixels().any(|p| p.0 == colour), "a curve in {colour:?}");
+    }
+
+    // An existing file is kept unless --force.
+    let before = std::fs::read(&png).unwrap();
+    let o = plot(&[run.to_str().unwrap(), "--out", png.to_str().unwrap()]);
+    assert_fails_with(&o, "already exists; pass --force");
+    assert_eq!(std::fs::read(&png).unwrap(), before);
+    let o = plot(&[
+        run.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(png_size(&png), (1600, 1000));
+
+    // A folder without metrics, a malformed file, a missing --out folder.
+    let empty = d.join("not-a-run");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = d.join("never.png");
+    let o = plot(&[empty.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_fails_with(&o, "not-a-run has no metrics.jsonl");
+    let broken = d.join("broken.jsonl");
+    std::fs::write(&broken, format!("{{\"step\": 1,\n{}", text)).unwrap();
+    let o = plot(&[broken.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_fails_with(&o, "broken.jsonl");
+    assert_fails_with(&o, "line 1");
+    let o = plot(&[
+        run.to_str().unwrap(),
+        "--out",
+        d.join("missing/x.png").to_str().unwrap(),
+    ]);
+    assert_fails_with(&o, "does not exist; create it first");
+    assert!(!out.exists());
+}
+
 #[test]
 fn visualize_names_an_unreadable_image_and_writes_nothing() {
     let run = tiny_run().to_str().unwrap();
