@@ -37,7 +37,8 @@ pub enum Command {
     Eval(EvalCommand),
     /// Time full training steps on random data (throughput benchmark).
     BenchStep(Box<BenchStepArgs>),
-    /// Draw attention maps and spatial self-relations of a checkpoint.
+    /// Draw attention maps (per head, overlaid on the image, optionally
+    /// thresholded as DINO's) and spatial self-relations of a checkpoint.
     Visualize(VisualizeArgs),
     /// Draw the learning curves of one or more runs (their metrics.jsonl)
     /// as one PNG, the runs overlaid.
@@ -705,9 +706,25 @@ pub struct VisualizeArgs {
     /// Number of dataset images to draw.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub count: usize,
-    /// Output directory for the PNGs (created if missing).
+    /// Output directory for the PNGs (created if missing). Files are named
+    /// after the input (`dog_attn.png` for --image dog.jpg, `test00003_attn.png`
+    /// for the dataset's fourth test image).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Replace files of the same names already in --out (without it the
+    /// command refuses before drawing anything).
+    #[arg(long)]
+    pub force: bool,
+    /// Run the backbone at this input side instead of the checkpoint's
+    /// (a multiple of its patch size; the position embedding is
+    /// interpolated), for maps of more patches, e.g. 480 for a ViT/16.
+    #[arg(long, value_name = "PX")]
+    pub image_size: Option<usize>,
+    /// DINO's --threshold: also draw, per head, the patches holding this
+    /// fraction of the CLS attention mass (0 < T <= 1; DINO uses 0.6) as a
+    /// mask over the image.
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    pub threshold: Option<f64>,
     /// Integer magnification of every panel (default: panels of at least
     /// 128 px).
     #[arg(long, value_name = "N")]
@@ -1241,6 +1258,28 @@ mod tests {
             ("synthetic", 4, Some(2))
         );
         assert!(Cli::try_parse_from(["sere", "visualize", "--checkpoint", "c"]).is_err());
+        assert_eq!((v.image_size, v.threshold, v.force), (None, None, false));
+        let v = match parse(&[
+            "visualize",
+            "--checkpoint",
+            "c",
+            "--out",
+            "o",
+            "--image-size",
+            "480",
+            "--threshold",
+            "0.6",
+            "--force",
+        ])
+        .command
+        {
+            Command::Visualize(v) => v,
+            c => panic!("{c:?}"),
+        };
+        assert_eq!(
+            (v.image_size, v.threshold, v.force),
+            (Some(480), Some(0.6), true)
+        );
     }
 
     #[test]
