@@ -15,6 +15,7 @@ use crate::config::{
 use crate::eval::features::FeatureSpec;
 use crate::eval::linear::{Optimizer, ProbeConfig};
 use crate::export::Network;
+use crate::plot::XAxis;
 use crate::recipe::{Provenance, Recipe, Source};
 
 /// `sere`: self-supervised ViT pre-training with feature self-relations.
@@ -36,8 +37,12 @@ pub enum Command {
     Eval(EvalCommand),
     /// Time full training steps on random data (throughput benchmark).
     BenchStep(Box<BenchStepArgs>),
-    /// Draw attention maps and spatial self-relations of a checkpoint.
+    /// Draw attention maps (per head, overlaid on the image, optionally
+    /// thresholded as DINO's) and spatial self-relations of a checkpoint.
     Visualize(VisualizeArgs),
+    /// Draw the learning curves of one or more runs (their metrics.jsonl)
+    /// as one PNG, the runs overlaid.
+    Plot(PlotArgs),
     /// Write a checkpoint's backbone as a standalone safetensors file under
     /// timm's parameter names (for PyTorch / timm / DINO code).
     Export(ExportArgs),
@@ -52,6 +57,7 @@ impl Command {
             Command::Eval(EvalCommand::Linear(_)) => "eval linear",
             Command::BenchStep(_) => "bench-step",
             Command::Visualize(_) => "visualize",
+            Command::Plot(_) => "plot",
             Command::Export(_) => "export",
         }
     }
@@ -761,9 +767,25 @@ pub struct VisualizeArgs {
     /// Number of dataset images to draw.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub count: usize,
-    /// Output directory for the PNGs (created if missing).
+    /// Output directory for the PNGs (created if missing). Files are named
+    /// after the input (`dog_attn.png` for --image dog.jpg, `test00003_attn.png`
+    /// for the dataset's fourth test image).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Replace files of the same names already in --out (without it the
+    /// command refuses before drawing anything).
+    #[arg(long)]
+    pub force: bool,
+    /// Run the backbone at this input side instead of the checkpoint's
+    /// (a multiple of its patch size; the position embedding is
+    /// interpolated), for maps of more patches, e.g. 480 for a ViT/16.
+    #[arg(long, value_name = "PX")]
+    pub image_size: Option<usize>,
+    /// DINO's --threshold: also draw, per head, the patches holding this
+    /// fraction of the CLS attention mass (0 < T <= 1; DINO uses 0.6) as a
+    /// mask over the image.
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    pub threshold: Option<f64>,
     /// Integer magnification of every panel (default: panels of at least
     /// 128 px).
     #[arg(long, value_name = "N")]
@@ -774,6 +796,29 @@ pub struct VisualizeArgs {
     /// Device that runs the backbone (default: cpu).
     #[arg(long, value_enum, value_name = "DEVICE")]
     pub device: Option<Device>,
+}
+
+/// Flags of `sere plot`.
+#[derive(Debug, Clone, Args)]
+pub struct PlotArgs {
+    /// Run folders (their metrics.jsonl) or metrics.jsonl files; several
+    /// are overlaid, one colour each, named after their folders.
+    #[arg(value_name = "RUN", required = true, num_args = 1..)]
+    pub runs: Vec<PathBuf>,
+    /// Output PNG file (written atomically; its folder must exist).
+    #[arg(long, value_name = "FILE.png")]
+    pub out: PathBuf,
+    /// Replace --out if it exists (without it an existing file is kept and
+    /// the command fails).
+    #[arg(long)]
+    pub force: bool,
+    /// Picture size in pixels, WIDTHxHEIGHT (each 200 to 8000).
+    #[arg(long, value_name = "WxH", default_value = "1600x1000", value_parser = crate::plot::parse_size)]
+    pub size: (u32, u32),
+    /// X axis of every chart: optimizer steps, or elapsed wall-clock
+    /// minutes.
+    #[arg(long, value_enum, value_name = "AXIS", default_value_t = XAxis::Step)]
+    pub x: XAxis,
 }
 
 /// Flags of `sere export`.
@@ -1277,5 +1322,61 @@ mod tests {
             ("synthetic", 4, Some(2))
         );
         assert!(Cli::try_parse_from(["sere", "visualize", "--checkpoint", "c"]).is_err());
+        assert_eq!((v.image_size, v.threshold, v.force), (None, None, false));
+        let v = match parse(&[
+            "visualize",
+            "--checkpoint",
+            "c",
+            "--out",
+            "o",
+            "--image-size",
+            "480",
+            "--threshold",
+            "0.6",
+            "--force",
+        ])
+        .command
+        {
+            Command::Visualize(v) => v,
+            c => panic!("{c:?}"),
+        };
+        assert_eq!(
+            (v.image_size, v.threshold, v.force),
+            (Some(480), Some(0.6), true)
+        );
+    }
+
+    #[test]
+    fn plot_flags_parse() {
+        let p = match parse(&["plot", "runs/a", "runs/b/metrics.jsonl", "--out", "c.png"]).command {
+            Command::Plot(p) => p,
+            c => panic!("{c:?}"),
+        };
+        assert_eq!(
+            p.runs,
+            [
+                PathBuf::from("runs/a"),
+                PathBuf::from("runs/b/metrics.jsonl")
+            ]
+        );
+        assert_eq!((p.size, p.x, p.force), ((1600, 1000), XAxis::Step, false));
+        let p = match parse(&[
+            "plot", "r", "--out", "c.png", "--size", "800x600", "--x", "elapsed", "--force",
+        ])
+        .command
+        {
+            Command::Plot(p) => p,
+            c => panic!("{c:?}"),
+        };
+        assert_eq!((p.size, p.x, p.force), ((800, 600), XAxis::Elapsed, true));
+        for bad in [
+            &["plot", "--out", "c.png"][..],
+            &["plot", "r"],
+            &["plot", "r", "--out", "c.png", "--size", "big"],
+        ] {
+            assert!(
+                Cli::try_parse_from(std::iter::once("sere").chain(bad.iter().copied())).is_err()
+            );
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Host side of SERE: data and multi-crop augmentation, the ViT and its
 //! heads written once over a [`backend::Backend`] (CPU or CUDA), the
-//! trainer, evaluation, maps, export and the `sere` command. See the
-//! project's ARCHITECTURE.md for how the pieces fit.
+//! trainer, evaluation, maps, learning-curve plots, export and the `sere`
+//! command. See the project's ARCHITECTURE.md for how the pieces fit.
 
 pub mod backend;
 pub mod model;
@@ -17,7 +17,9 @@ pub mod metrics;
 
 pub mod eval;
 pub mod export;
+pub mod font;
 pub mod import;
+pub mod plot;
 pub mod recipe;
 pub mod train;
 pub mod visualize;

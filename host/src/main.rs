@@ -1,5 +1,5 @@
-//! The `sere` command: train, evaluate, visualise, export and benchmark
-//! SERE, on the CPU or a CUDA GPU (`--device`).
+//! The `sere` command: train, evaluate, visualise, plot, export and
+//! benchmark SERE, on the CPU or a CUDA GPU (`--device`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,8 +8,8 @@ use std::time::Instant;
 use sere_host::backend::{Backend, Cpu};
 use sere_host::checkpoint::{self, Checkpoint};
 use sere_host::cli::{
-    BenchStepArgs, Command, EvalCommand, ExportArgs, KnnArgs, LinearArgs, Resume, TrainArgs,
-    VisualizeArgs,
+    BenchStepArgs, Command, EvalCommand, ExportArgs, KnnArgs, LinearArgs, PlotArgs, Resume,
+    TrainArgs, VisualizeArgs,
 };
 use sere_host::config::Device;
 use sere_host::data::DataSpec;
@@ -18,6 +18,7 @@ use sere_host::eval::dump::FeatureDump;
 use sere_host::eval::{features, features::Embedder, knn, linear, report};
 use sere_host::export::{self, Network};
 use sere_host::metrics;
+use sere_host::plot;
 use sere_host::train::engine::open_cuda;
 use sere_host::train::{self, Start};
 use sere_host::visualize;
@@ -58,6 +59,7 @@ fn run(cmd: Command) -> Result<(), SereError> {
         Command::Eval(EvalCommand::Knn(args)) => run_knn(&args),
         Command::Eval(EvalCommand::Linear(args)) => run_linear(&args),
         Command::Visualize(args) => run_visualize(&args),
+        Command::Plot(args) => run_plot(&args),
         Command::Export(args) => run_export(&args),
     }
 }
@@ -734,6 +736,12 @@ fn visualize_on<B: Backend>(emb: &Embedder<B>, args: &VisualizeArgs) -> Result<(
     for file in visualize::run(emb, args)? {
         println!("{}", file.display());
     }
+    Ok(())
+}
+
+/// `sere plot`: prints the file written.
+fn run_plot(args: &PlotArgs) -> Result<(), SereError> {
+    println!("{}", plot::run(args)?.display());
     Ok(())
 }
 

@@ -331,6 +331,17 @@ fn eval_linear_without_a_checkpoint_is_a_clear_error() {
     assert_fails_with(&o, "no checkpoint.safetensors or checkpoint-");
 }
 
+/// The size of a `sere visualize` sheet of `rows` rows of `cols` panels.
+fn sheet(cols: usize, rows: usize, side: usize) -> (u32, u32) {
+    sere_host::visualize::sheet_size(cols, rows, side)
+}
+
+/// Decodes a PNG and returns its size.
+fn png_size(path: &std::path::Path) -> (u32, u32) {
+    let img = image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (img.width(), img.height())
+}
+
 #[test]
 fn visualize_writes_decodable_pngs_of_the_expected_size() {
     let run = tiny_run().to_str().unwrap();
@@ -353,20 +364,19 @@ fn visualize_writes_decodable_pngs_of_the_expected_size() {
         .lines()
         .map(String::from)
         .collect();
-    // 2 heads: input + 2 heads + mean; input + 5 query maps; 16 px panels.
+    // 2 heads: input + 2 heads + mean, over their overlays; input + 5
+    // query maps; 16 px panels; dataset images named by split and index.
     let expected = [
-        ("img000_attn.png", 4),
-        ("img000_relation.png", 6),
-        ("img001_attn.png", 4),
-        ("img001_relation.png", 6),
+        ("test00000_attn.png", sheet(4, 2, 16)),
+        ("test00000_relation.png", sheet(6, 1, 16)),
+        ("test00001_attn.png", sheet(4, 2, 16)),
+        ("test00001_relation.png", sheet(6, 1, 16)),
     ];
     assert_eq!(listed.len(), expected.len(), "{listed:?}");
-    for ((name, panels), line) in expected.iter().zip(&listed) {
+    for ((name, size), line) in expected.iter().zip(&listed) {
         let path = out.join(name);
         assert_eq!(PathBuf::from(line), path);
-        let img = image::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let w = sere_host::visualize::row_width(*panels, 16);
-        assert_eq!((img.width(), img.height()), (w as u32, 16), "{name}");
+        assert_eq!(png_size(&path), *size, "{name}");
     }
     let names: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
@@ -374,7 +384,8 @@ fn visualize_writes_decodable_pngs_of_the_expected_size() {
         .collect();
     assert_eq!(names.len(), 4, "no temporary files left: {names:?}");
 
-    // An image file, drawn at the default zoom (panels of 128 px).
+    // An image file, drawn at the default zoom (panels of 128 px), its
+    // files named after it.
     let png = out.join("input.png");
     image::RgbImage::from_fn(40, 24, |x, y| {
         image::Rgb([(x * 6) as u8, (y * 10) as u8, 90])
@@ -392,11 +403,189 @@ fn visualize_writes_decodable_pngs_of_the_expected_size() {
         out2.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let img = image::open(out2.join("img000_attn.png")).unwrap();
+    assert_eq!(png_size(&out2.join("input_attn.png")), sheet(4, 2, 128));
+}
+
+/// `--image-size` runs the backbone on more patches (larger panels at
+/// zoom 1) and refuses a size that is not a multiple of the patch;
+/// `--threshold` adds the row of masks and refuses a fraction outside
+/// (0, 1]; two inputs of one name get files of two names, and a second
+/// run into the folder needs --force.
+#[test]
+fn visualize_image_size_threshold_and_file_names() {
+    let run = tiny_run().to_str().unwrap();
+    let d = tmp("vis-options");
+    let vis = |extra: &[&str], out: &str| {
+        let base = [
+            "visualize",
+            "--checkpoint",
+            run,
+            "--data",
+            TINY_DATA,
+            "--count",
+            "1",
+            "--zoom",
+            "1",
+            "--out",
+        ];
+        sere(&[&base[..], &[out], extra].concat())
+    };
+    let out = d.join("size");
+    let o = vis(&["--image-size", "32"], out.to_str().unwrap());
+    assert!(o.status.success(), "{}", stderr(&o));
+    // 32 px at patch 4: an 8 x 8 grid instead of 4 x 4, panels of 32 px.
+    assert_eq!(png_size(&out.join("test00000_attn.png")), sheet(4, 2, 32));
     assert_eq!(
-        (img.width(), img.height()),
-        (sere_host::visualize::row_width(4, 128) as u32, 128)
+        png_size(&out.join("test00000_relation.png")),
+        sheet(6, 1, 32)
     );
+    let bad = d.join("bad");
+    let o = vis(&["--image-size", "30"], bad.to_str().unwrap());
+    assert_fails_with(&o, "not a multiple of the checkpoint's patch size 4");
+    assert_fails_with(&o, "nearest valid sizes are 28 and 32");
+
+    let out = d.join("threshold");
+    let o = vis(&["--threshold", "0.6"], out.to_str().unwrap());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(png_size(&out.join("test00000_attn.png")), sheet(4, 3, 16));
+    for t in ["0", "1.5", "-0.2"] {
+        let o = vis(&["--threshold", t], bad.to_str().unwrap());
+        assert_fails_with(&o, "must be in (0, 1]");
+    }
+    assert!(!bad.exists(), "nothing written on a refused flag");
+
+    // Two files named dog in two folders, and a cat.
+    for (dir, name) in [("a", "dog.png"), ("b", "dog.png"), ("a", "cat.png")] {
+        std::fs::create_dir_all(d.join(dir)).unwrap();
+        image::RgbImage::from_fn(20, 20, |x, y| {
+            image::Rgb([(x * 12) as u8, (y * 12) as u8, 0])
+        })
+        .save(d.join(dir).join(name))
+        .unwrap();
+    }
+    let out = d.join("named");
+    let files: Vec<String> = ["a/dog.png", "b/dog.png", "a/cat.png"]
+        .iter()
+        .map(|f| d.join(f).to_str().unwrap().to_string())
+        .collect();
+    let images = |out: &PathBuf, extra: &[&str]| {
+        let mut args = vec!["visualize", "--checkpoint", run, "--zoom", "1"];
+        for f in &files {
+            args.extend(["--image", f.as_str()]);
+        }
+        args.extend(["--out", out.to_str().unwrap()]);
+        args.extend(extra);
+        sere(&args)
+    };
+    let o = images(&out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "cat_attn.png",
+            "cat_relation.png",
+            "dog-2_attn.png",
+            "dog-2_relation.png",
+            "dog_attn.png",
+            "dog_relation.png"
+        ]
+    );
+    let before = std::fs::read(out.join("dog_attn.png")).unwrap();
+    let o = images(&out, &[]);
+    assert_fails_with(&o, "dog_attn.png already exists; pass --force");
+    assert_eq!(std::fs::read(out.join("dog_attn.png")).unwrap(), before);
+    let o = images(&out, &["--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// `sere plot`: a decodable PNG of the requested size from one run, two
+/// runs overlaid in two colours, no silent overwrite, and clear errors
+/// for a folder without metrics, a malformed file and a missing --out
+/// folder.
+#[test]
+fn plot_draws_learning_curves_of_one_or_more_runs() {
+    let run = tiny_run();
+    let d = tmp("plot");
+    let png = d.join("curves.png");
+    let plot = |args: &[&str]| sere(&[&["plot"], args].concat());
+    let o = plot(&[
+        run.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+        "--size",
+        "800x500",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        png.to_str().unwrap()
+    );
+    assert_eq!(png_size(&png), (800, 500));
+
+    // A second run: the tiny run's records, a k-NN score added, as a file.
+    let other = d.join("other-run");
+    std::fs::create_dir_all(&other).unwrap();
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let mut lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    lines.last_mut().unwrap()["knn_top1"] = 0.25.into();
+    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(other.join("metrics.jsonl"), body).unwrap();
+    let two = d.join("two.png");
+    let o = plot(&[
+        run.to_str().unwrap(),
+        other.join("metrics.jsonl").to_str().unwrap(),
+        "--out",
+        two.to_str().unwrap(),
+        "--x",
+        "elapsed",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = image::open(&two).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (1600, 1000), "the default size");
+    for colour in [[31, 119, 180], [255, 127, 14]] {
+        assert!(img.pixels().any(|p| p.0 == colour), "a curve in {colour:?}");
+    }
+
+    // An existing file is kept unless --force.
+    let before = std::fs::read(&png).unwrap();
+    let o = plot(&[run.to_str().unwrap(), "--out", png.to_str().unwrap()]);
+    assert_fails_with(&o, "already exists; pass --force");
+    assert_eq!(std::fs::read(&png).unwrap(), before);
+    let o = plot(&[
+        run.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(png_size(&png), (1600, 1000));
+
+    // A folder without metrics, a malformed file, a missing --out folder.
+    let empty = d.join("not-a-run");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = d.join("never.png");
+    let o = plot(&[empty.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_fails_with(&o, "not-a-run has no metrics.jsonl");
+    let broken = d.join("broken.jsonl");
+    std::fs::write(&broken, format!("{{\"step\": 1,\n{}", text)).unwrap();
+    let o = plot(&[broken.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_fails_with(&o, "broken.jsonl");
+    assert_fails_with(&o, "line 1");
+    let o = plot(&[
+        run.to_str().unwrap(),
+        "--out",
+        d.join("missing/x.png").to_str().unwrap(),
+    ]);
+    assert_fails_with(&o, "does not exist; create it first");
+    assert!(!out.exists());
 }
 
 #[test]

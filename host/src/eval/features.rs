@@ -192,6 +192,22 @@ impl<B: Backend> Embedder<B> {
         self.backbone().forward(images, n, acts)
     }
 
+    /// [`Embedder::forward`] on images of side `img` instead of the
+    /// checkpoint's: the ViT interpolates its position embedding to the
+    /// other grid, as DINO's does, so a larger input gives maps of more
+    /// patches. `img` must be a multiple of the patch size (the workspace
+    /// panics otherwise; callers check it first, as
+    /// [`check_image_size`](crate::visualize::check_image_size) does).
+    pub fn forward_at(
+        &self,
+        images: &[f32],
+        n: usize,
+        img: usize,
+        acts: &mut Option<VitActs<B>>,
+    ) -> Result<(), SereError> {
+        self.backbone().forward_at(images, n, img, acts)
+    }
+
     /// The backbone as a borrowed [`Backbone`].
     fn backbone(&self) -> Backbone<'_, B> {
         Backbone {
@@ -259,7 +275,18 @@ impl<B: Backend> Backbone<'_, B> {
         n: usize,
         acts: &mut Option<VitActs<B>>,
     ) -> Result<(), SereError> {
-        let (vit, img) = (&self.net.vit, self.cfg.img);
+        self.forward_at(images, n, self.cfg.img, acts)
+    }
+
+    /// See [`Embedder::forward_at`].
+    pub fn forward_at(
+        &self,
+        images: &[f32],
+        n: usize,
+        img: usize,
+        acts: &mut Option<VitActs<B>>,
+    ) -> Result<(), SereError> {
+        let vit = &self.net.vit;
         vit.prepare_forward(self.be, acts, n, img)
             .map_err(device_error)?;
         let acts = acts.as_mut().expect("prepared");
