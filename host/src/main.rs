@@ -225,7 +225,7 @@ fn rerun_of(cfg: &sere_host::config::TrainConfig) -> Result<Option<PathBuf>, Ser
     let model = stored.architecture_changes(cfg);
     if !model.is_empty() {
         return Err(SereError::Other(format!(
-            "{} holds a run of another model ({}, checkpoint -> this command); rerun its own              command to continue it, or start a new run with --no-resume (the old one is moved              into {}/previous-run/) or another --out",
+            "{} holds a run of another model ({}, checkpoint -> this command); rerun its own command to continue it, or start a new run with --no-resume (the old one is moved into {}/previous-run/) or another --out",
             dir.display(),
             model.join(", "),
             dir.display()
@@ -251,7 +251,7 @@ fn rerun_of(cfg: &sere_host::config::TrainConfig) -> Result<Option<PathBuf>, Ser
 /// stopped between its last checkpoint and its evaluation).
 fn finished_already(summary: &train::TrainSummary) -> Result<(), SereError> {
     println!(
-        "the run in {} is finished: {} is at step {} of {}; nothing to train (raise --epochs or          --steps to train further, or start a new run with --no-resume or another --out)",
+        "the run in {} is finished: {} is at step {} of {}; nothing to train (raise --epochs or --steps to train further, or start a new run with --no-resume or another --out)",
         summary.out_dir.display(),
         summary.checkpoint.display(),
         summary.steps,
