@@ -368,7 +368,7 @@ pub struct HyperArgs {
     /// epoch ends and the end only); a rerun of the command resumes from it.
     #[arg(long, value_name = "STEPS")]
     pub checkpoint_every: Option<u64>,
-    /// Also keep a numbered checkpoint-<step>.safetensors every N steps
+    /// Also keep a numbered `checkpoint-<step>.safetensors` every N steps
     /// (0: none but by --keep-every-epochs and the final one).
     #[arg(long, value_name = "STEPS")]
     pub keep_every: Option<u64>,

@@ -1231,35 +1231,16 @@ fn timm_fixture() -> String {
     )
 }
 
-/// The flags of the model in [`timm_fixture`].
-const TIMM_TINY: &[&str] = &[
-    "--preset",
-    "custom",
-    "--dim",
-    "64",
-    "--depth",
-    "1",
-    "--heads",
-    "1",
-    "--img",
-    "16",
-    "--local-img",
-    "8",
-    "--patch",
-    "4",
-    "--batch",
-    "4",
-    "--locals",
-    "0",
-    "--out-dim",
-    "64",
-    "--set",
-    "head_hidden=64",
-    "--set",
-    "bottleneck=32",
-    "--threads",
-    "2",
-];
+/// The flags of the model in [`timm_fixture`]: the tiny model's, one block
+/// of one 64-channel head (timm's head width).
+fn timm_tiny() -> Vec<&'static str> {
+    let mut flags = common::TINY.to_vec();
+    for (flag, value) in [("--dim", "64"), ("--depth", "1"), ("--heads", "1")] {
+        let at = flags.iter().position(|f| *f == flag).expect("a tiny flag");
+        flags[at + 1] = value;
+    }
+    flags
+}
 
 /// The round trip of issue 18: a backbone exported, loaded into timm and
 /// saved from there is read by `eval` as it is, and `--init-from` starts a
@@ -1292,7 +1273,7 @@ fn a_timm_backbone_is_evaluated_and_trained_from() {
     );
     let run = d.join("run");
     let mut train = vec!["train"];
-    train.extend_from_slice(TIMM_TINY);
+    train.extend(timm_tiny());
     let fixture = timm_fixture();
     let o = sere(
         &[
