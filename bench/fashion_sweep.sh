@@ -117,10 +117,11 @@ for name in sorted(os.listdir(out)):
     if not knn:
         continue
     flags_file = os.path.join(out, name, "sweep-flags")
-    flags = open(flags_file).read().strip() if os.path.exists(flags_file) else "?"
+    if not os.path.exists(flags_file):
+        continue  # still training (the flags are written when a run ends)
+    flags = open(flags_file).read().strip()
     last = lines[-1]
     train_s = last["elapsed_s"] - last.get("eval_s", 0.0)
-    ips = last["step"] * 16 / train_s if train_s > 0 else 0.0
     rows.append((knn[-1][1], name, flags, knn, train_s, last))
 rows.sort(key=lambda r: -r[0])
 print("| config | flags | k-NN at half | k-NN at end | final DINO loss | teacher entropy | training s |")

@@ -468,7 +468,7 @@ fn print_knn_scores(args: &KnnArgs, d: &FeatureDump) {
     );
     let sizes = (d.train_labels.len(), d.test_labels.len());
     for s in &scores {
-        print_knn(&d.features, args.temperature, sizes, s);
+        print_knn_from(&d.features, args.temperature, sizes, s, &d.provenance);
     }
 }
 
@@ -479,11 +479,45 @@ fn feature_name(spec: features::FeatureSpec, network: Network) -> String {
 }
 
 /// One JSON line per k-NN evaluation (one per `k`).
-fn print_knn(features: &str, temperature: f64, (train, test): (usize, usize), s: &knn::KnnScore) {
-    println!(
-        "{{\"metric\":\"knn_top1\",\"features\":\"{features}\",\"k\":{},\"temperature\":{temperature},\"train\":{train},\"test\":{test},\"top1\":{:.4},\"top5\":{:.4}}}",
-        s.k, s.top1, s.top5
-    );
+fn print_knn(features: &str, temperature: f64, sizes: (usize, usize), s: &knn::KnnScore) {
+    print_knn_from(features, temperature, sizes, s, &[]);
+}
+
+/// [`print_knn`] with the checkpoint and step the features came from
+/// (`provenance`: the dump's `source` and `step`) in the JSON line.
+fn print_knn_from(
+    features: &str,
+    temperature: f64,
+    (train, test): (usize, usize),
+    s: &knn::KnnScore,
+    provenance: &[(String, String)],
+) {
+    let mut line = serde_json::json!({
+        "metric": "knn_top1",
+        "features": features,
+        "k": s.k,
+        "temperature": temperature,
+        "train": train,
+        "test": test,
+        "top1": (s.top1 as f64 * 1e4).round() / 1e4,
+        "top5": (s.top5 as f64 * 1e4).round() / 1e4,
+    });
+    for (key, value) in provenance {
+        let value = match key.as_str() {
+            "source" => serde_json::Value::from(value.as_str()),
+            "step" => value
+                .parse::<u64>()
+                .map_or(serde_json::Value::Null, Into::into),
+            _ => continue,
+        };
+        let key = if key == "source" {
+            "checkpoint"
+        } else {
+            key.as_str()
+        };
+        line[key] = value;
+    }
+    println!("{line}");
     eprintln!(
         "weighted {}-NN (T = {temperature}) on {features}: top-1 {:.2}%, top-5 {:.2}% on {test} \
          test images ({train} training images)",

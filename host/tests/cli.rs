@@ -1297,7 +1297,14 @@ fn a_timm_backbone_is_evaluated_and_trained_from() {
         "{}",
         stderr(&o)
     );
-    knn(run.to_str().unwrap(), &b);
+    let scored = knn(run.to_str().unwrap(), &b);
+    // The line names what it scored: the run's checkpoint and its step.
+    let line = &json_lines(&scored)[0];
+    assert_eq!(line["step"], 1, "{line}");
+    assert!(line["checkpoint"]
+        .as_str()
+        .unwrap()
+        .ends_with("checkpoint-00000001.safetensors"));
     let (fa, fb) = (
         FeatureDump::load(&a).unwrap(),
         FeatureDump::load(&b).unwrap(),
