@@ -6,8 +6,11 @@
 pub mod backend;
 pub mod model;
 
-pub mod augment;
 pub mod data;
+// The augmentation stage lives in the data pipeline (`data::augment`): it
+// works on `data::Raster` images and `data`'s errors, and the loader drives
+// it. Re-exported here under its old path.
+pub use data::augment;
 
 pub mod checkpoint;
 pub mod cli;

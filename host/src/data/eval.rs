@@ -4,9 +4,9 @@
 
 use rayon::prelude::*;
 
+use super::augment::{colour, resize_crop, PixelRect, IMAGENET_MEAN, IMAGENET_STD};
 use super::dataset::{Raster, Split};
 use super::error::{DataError, Result};
-use crate::augment::{colour, resize_crop, PixelRect, IMAGENET_MEAN, IMAGENET_STD};
 
 /// Centre crop + resize + normalise.
 #[derive(Debug, Clone, PartialEq)]

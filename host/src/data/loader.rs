@@ -18,11 +18,11 @@ use std::thread::JoinHandle;
 use rayon::prelude::*;
 use sere_core::geometry::CropBox;
 
+use super::augment::mask::{draw_mask, MaskConfig};
+use super::augment::{batch_pair_grids, BatchPairGrids, GridSizes, MultiCrop, N_GLOBAL};
 use super::dataset::Split;
 use super::error::{DataError, Result};
 use super::rng::{epoch_order, stream, Purpose};
-use crate::augment::mask::{draw_mask, MaskConfig};
-use crate::augment::{batch_pair_grids, BatchPairGrids, GridSizes, MultiCrop, N_GLOBAL};
 
 /// How batches are drawn.
 #[derive(Debug, Clone, PartialEq)]

@@ -3,9 +3,11 @@
 //! Sources ([`DataSpec`]): the embedded synthetic set, image folders, IDX
 //! (MNIST-format) and CIFAR-10 binary files, each opened into a
 //! [`Dataset`] of [`Split`]s. The [`Loader`] turns a split into multi-crop
-//! [`Batch`]es on a background thread; [`EvalBatches`] gives the plain,
+//! [`Batch`]es on a background thread, through the multi-crop
+//! augmentation of [`augment`]; [`EvalBatches`] gives the plain,
 //! non-augmented views for k-NN and linear evaluation.
 
+pub mod augment;
 pub mod cifar;
 pub mod dataset;
 pub mod error;

@@ -1,8 +1,8 @@
 //! Loader behaviour: shapes, determinism across threads and resumption,
 //! epochs, drop-last, errors and shutdown.
 
+use super::augment::{view_pairs, MultiCrop};
 use super::*;
-use crate::augment::{view_pairs, MultiCrop};
 
 fn tiny_split(n: usize) -> Split {
     SyntheticConfig {
@@ -100,7 +100,7 @@ fn same_batches_for_any_thread_count_and_on_resume() {
 
 #[test]
 fn masks_of_the_global_crops_are_reproducible_and_leave_the_crops_alone() {
-    use crate::augment::mask::MaskConfig;
+    use super::augment::mask::MaskConfig;
     let split = tiny_split(12);
     let grid = (4, 4); // 16-px global crops, 4-px patches
     let masked = LoaderConfig {
