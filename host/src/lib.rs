@@ -3,6 +3,7 @@
 //! trainer, evaluation, maps, learning-curve plots, export and the `sere`
 //! command. See the project's ARCHITECTURE.md for how the pieces fit.
 
+pub mod api;
 pub mod backend;
 pub mod model;
 
