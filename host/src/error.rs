@@ -113,6 +113,20 @@ impl SereError {
     }
 }
 
+/// Refuses to write a new file over an existing one (a link counts as
+/// existing, even a dangling one): `flag` names the option that chose
+/// `path`, so the message says what to change. Output files that must not
+/// replace anything call this before any work and again when they write.
+pub fn refuse_existing(flag: &str, path: &std::path::Path) -> Result<(), SereError> {
+    if path.symlink_metadata().is_ok() {
+        return Err(SereError::Other(format!(
+            "{flag} {} already exists; name a new file (nothing was replaced)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The message of `err` followed by its causes, one per line as
 /// `  caused by: ...`. A cause whose text the message before it already
 /// contains is skipped, so errors that print their source inline are not

@@ -13,7 +13,7 @@ use sere_host::cli::{
 };
 use sere_host::config::Device;
 use sere_host::data::DataSpec;
-use sere_host::error::{report, SereError};
+use sere_host::error::{self, report, SereError};
 use sere_host::eval::dump::FeatureDump;
 use sere_host::eval::{features, features::Embedder, knn, linear, report};
 use sere_host::export::{self, Network};
@@ -374,12 +374,7 @@ fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
     }
     if let Some(out) = &args.dump_features {
         // Before the extraction, not after it: nothing is replaced.
-        if out.symlink_metadata().is_ok() {
-            return Err(SereError::Other(format!(
-                "--dump-features {} already exists; name a new file (nothing was replaced)",
-                out.display()
-            )));
-        }
+        error::refuse_existing("--dump-features", out)?;
     }
     let given = args
         .checkpoint
@@ -530,12 +525,7 @@ fn print_knn_from(
 fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
     if let Some(out) = &args.save_probe {
         // Before any work, not after it: nothing is replaced.
-        if out.symlink_metadata().is_ok() {
-            return Err(SereError::Other(format!(
-                "--save-probe {} already exists; name a new file (nothing was replaced)",
-                out.display()
-            )));
-        }
+        error::refuse_existing("--save-probe", out)?;
     }
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;

@@ -43,12 +43,7 @@ impl FeatureDump {
     /// Writes the dump to `path`, a new file (an existing one is refused:
     /// nothing already written is replaced), atomically.
     pub fn save(&self, path: &Path) -> Result<(), SereError> {
-        if path.symlink_metadata().is_ok() {
-            return Err(SereError::Other(format!(
-                "--dump-features {} already exists; name a new file (nothing was replaced)",
-                path.display()
-            )));
-        }
+        crate::error::refuse_existing("--dump-features", path)?;
         let labels = |l: &[u32]| l.iter().map(|&v| v as f32).collect::<Vec<_>>();
         let mut ck = Checkpoint::new();
         let (n, m) = (self.train_labels.len(), self.test_labels.len());

@@ -526,12 +526,7 @@ impl SavedProbe {
     /// provenance (checkpoint, step, accuracy).
     pub fn save(&self, path: &std::path::Path, meta: &[(&str, String)]) -> Result<(), SereError> {
         use crate::checkpoint::{self, Checkpoint};
-        if path.symlink_metadata().is_ok() {
-            return Err(SereError::Other(format!(
-                "--save-probe {} already exists; name a new file (nothing was replaced)",
-                path.display()
-            )));
-        }
+        crate::error::refuse_existing("--save-probe", path)?;
         let (c, d) = (self.probe.classes, self.probe.dim);
         let (w, b) = self.probe.params.split_at(c * d);
         let mut ck = Checkpoint::new();
