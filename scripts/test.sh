@@ -17,6 +17,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The workspace build enables sere-core's `std` (the host asks for it); lint
 # the default, allocation-free configuration on its own too.
 cargo clippy -p sere-core -p sere-core-embedded-example --all-targets --locked -- -D warnings
+# And with the optional ndarray wrappers (sere_core::nd, core/tests/nd.rs).
+cargo clippy -p sere-core --all-targets --features ndarray --locked -- -D warnings
 
 echo "== sere-core for thumbv7em-none-eabihf (no_std, no allocator)"
 cargo build -p sere-core --target thumbv7em-none-eabihf --locked
@@ -45,6 +47,12 @@ cargo test --workspace --locked
 
 echo "== sere-core and its no_std consumer without the std feature (allocation-free GEMM)"
 cargo test -p sere-core -p sere-core-embedded-example --locked
+
+echo "== sere-core's ndarray feature (sere_core::nd: every kernel on ndarray views)"
+cargo test -p sere-core --features ndarray --locked
+# ndarray without its std feature is no_std + alloc: the library still builds
+# for the bare-metal target (a firmware using it needs a global allocator).
+cargo build -p sere-core --target thumbv7em-none-eabihf --features ndarray --locked
 
 echo "== sere-core's host example (core/examples/two_views.rs)"
 cargo run -p sere-core --example two_views --locked

@@ -24,6 +24,7 @@
 //! | [`loss`] | relation cross-entropy, DINO loss, centre update, iBOT's weighted (masked-patch) cross-entropy |
 //! | [`norm`], [`activation`], [`linalg`] | layer/batch norm, GELU, SGEMM and linear layers |
 //! | [`optim`], [`schedule`] | AdamW, EMA, clipping; cosine and warm-up schedules |
+//! | `nd` (feature `ndarray`) | every tensor kernel above on `ndarray` views, shapes read from the views |
 //!
 //! ```
 //! use sere_core::{relation, softmax, loss};
@@ -60,6 +61,12 @@
 //! - `std`: `alloc`, plus run-time CPU feature detection: matrixmultiply's
 //!   AVX/AVX2/FMA/AVX-512 kernels (about 3x faster SGEMM on x86-64) and the
 //!   AVX2 + FMA copies of the row kernels.
+//! - `ndarray`: the module `nd`, wrappers of every tensor kernel that take
+//!   `ndarray` views (`ArrayView`, `ArrayViewMut`) and read the shapes from
+//!   them. Zero-copy for standard-layout views; other views are copied into
+//!   temporaries, which allocates. It brings in the `ndarray` crate (without
+//!   its `std` feature, so still `no_std`) and the `alloc` crate, so a final
+//!   binary needs a global allocator; it does not turn on `alloc`'s SGEMM.
 //!
 //! The features change speed and the SGEMM's summation order, not the
 //! results beyond `f32` rounding.
@@ -85,6 +92,10 @@
 // Only for run-time CPU feature detection (`simd`); no allocation.
 #[cfg(feature = "std")]
 extern crate std;
+// Only for `nd`'s copies of non-standard-layout views (ndarray links `alloc`
+// anyway).
+#[cfg(feature = "ndarray")]
+extern crate alloc;
 
 pub mod activation;
 pub mod bilinear;
@@ -93,6 +104,8 @@ mod fastmath;
 pub mod geometry;
 pub mod linalg;
 pub mod loss;
+#[cfg(feature = "ndarray")]
+pub mod nd;
 pub mod norm;
 pub mod optim;
 pub mod relation;
