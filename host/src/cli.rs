@@ -631,13 +631,18 @@ pub struct KnnArgs {
     /// and SERE evaluate) or the student (DINO's `--checkpoint_key`).
     #[arg(long, value_enum, default_value_t = Network::Teacher, alias = "checkpoint_key")]
     pub network: Network,
+    /// Evaluate the network the checkpoint's run started from instead (its
+    /// random initialisation, drawn from the run's seed): the baseline that
+    /// says what training added to these features.
+    #[arg(long, conflicts_with = "network")]
+    pub random_init: bool,
     /// Save the extracted features and labels (train and test) to FILE, a
     /// new safetensors file (DINO's `--dump_features`).
     #[arg(long, value_name = "FILE", alias = "dump_features")]
     pub dump_features: Option<PathBuf>,
     /// Score features saved by --dump-features instead of extracting them:
     /// no checkpoint, data or model needed (DINO's `--load_features`).
-    #[arg(long, value_name = "FILE", alias = "load_features", conflicts_with_all = ["checkpoint", "dump_features", "pixels"])]
+    #[arg(long, value_name = "FILE", alias = "load_features", conflicts_with_all = ["checkpoint", "dump_features", "pixels", "random_init"])]
     pub load_features: Option<PathBuf>,
     /// Neighbours voting per test image; several values give one line each
     /// from one pass (DINO reports `--k 10 20 100 200`).
@@ -679,6 +684,11 @@ pub struct LinearArgs {
     /// student (DINO's `--checkpoint_key`).
     #[arg(long, value_enum, default_value_t = Network::Teacher, alias = "checkpoint_key")]
     pub network: Network,
+    /// Evaluate the network the checkpoint's run started from instead (its
+    /// random initialisation, drawn from the run's seed): the baseline that
+    /// says what training added to these features.
+    #[arg(long, conflicts_with = "network")]
+    pub random_init: bool,
     /// Optimiser of the probe.
     #[arg(long, value_enum, default_value_t = Optimizer::Lbfgs)]
     pub optimizer: Optimizer,

@@ -28,20 +28,43 @@ use sere_host::visualize;
 /// no-GPU error: never a silent CPU run when CUDA was asked for.
 macro_rules! on_device {
     ($device:expr, $ck:expr, $emb:ident => $body:expr) => {
-        on_device!($device, $ck, Network::Teacher, $emb => $body)
+        on_device!($device, $ck, Network::Teacher, false, $emb => $body)
     };
-    ($device:expr, $ck:expr, $network:expr, $emb:ident => $body:expr) => {
+    ($device:expr, $ck:expr, $network:expr, $random_init:expr, $emb:ident => $body:expr) => {
         match $device.unwrap_or(Device::Cpu) {
             Device::Cpu => {
-                let $emb = Embedder::from_checkpoint_network(Cpu, $ck, $network)?;
+                let $emb = load_embedder(Cpu, $ck, $network, $random_init)?;
                 $body
             }
             Device::Cuda => {
-                let $emb = Embedder::from_checkpoint_network(open_cuda()?, $ck, $network)?;
+                let $emb = load_embedder(open_cuda()?, $ck, $network, $random_init)?;
                 $body
             }
         }
     };
+}
+
+/// `network` of `ck` on `be`, or with `random_init` the network its run
+/// started from (drawn from the run's seed): the baseline that says what
+/// training added, for any choice of features.
+fn load_embedder<B: Backend>(
+    be: B,
+    ck: &Checkpoint,
+    network: Network,
+    random_init: bool,
+) -> Result<Embedder<B>, SereError> {
+    if !random_init {
+        return Embedder::from_checkpoint_network(be, ck, network);
+    }
+    if sere_host::import::is_backbone(ck) {
+        return Err(SereError::Other(
+            "--random-init needs a training checkpoint: its config and seed say which initialisation \
+             the run drew, and a backbone file (`sere export`'s or timm's) has neither; pass the \
+             checkpoint the backbone was exported from"
+                .into(),
+        ));
+    }
+    Embedder::random_init(be, &ck.training_config()?)
 }
 
 fn main() -> ExitCode {
@@ -383,9 +406,13 @@ fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
     let path = checkpoint_in(given)?;
     let ck = Checkpoint::load(&path)?;
     let data = eval_data(args.data.as_deref(), &ck)?;
-    let source = (path.display().to_string(), ck.meta(checkpoint::meta::STEP));
-    let source = (source.0, source.1.unwrap_or("").to_string());
-    on_device!(args.device, &ck, args.network, emb => knn_on(&emb, args, &data, &source))
+    // The initialisation is the network of step 0, whatever the file's step.
+    let step = match ck.meta(checkpoint::meta::STEP) {
+        _ if args.random_init => "0",
+        step => step.unwrap_or(""),
+    };
+    let source = (path.display().to_string(), step.to_string());
+    on_device!(args.device, &ck, args.network, args.random_init, emb => knn_on(&emb, args, &data, &source))
 }
 
 fn knn_on<B: Backend>(
@@ -404,7 +431,7 @@ fn knn_on<B: Backend>(
     let spec = args.features;
     eprintln!(
         "extracting {} features of {} training and {} test images of {source} (step {step}) ...",
-        spec.name(),
+        feature_name(spec, args.network, args.random_init),
         data.train.len(),
         test.len()
     );
@@ -417,7 +444,7 @@ fn knn_on<B: Backend>(
         test_labels: test_l,
         dim: spec.dim(emb.dim()),
         num_classes: data.num_classes(),
-        features: feature_name(spec, args.network),
+        features: feature_name(spec, args.network, args.random_init),
         provenance: vec![
             ("source".into(), source.clone()),
             ("step".into(), step.clone()),
@@ -469,8 +496,9 @@ fn print_knn_scores(args: &KnnArgs, d: &FeatureDump) {
 
 /// The features' name in the output lines: `teacher_cls...`, or
 /// `student_cls...` when the student is evaluated.
-fn feature_name(spec: features::FeatureSpec, network: Network) -> String {
-    spec.name().replacen("teacher", network.name(), 1)
+fn feature_name(spec: features::FeatureSpec, network: Network, random_init: bool) -> String {
+    let source = if random_init { "init" } else { network.name() };
+    spec.name().replacen("teacher", source, 1)
 }
 
 /// One JSON line per k-NN evaluation (one per `k`).
@@ -530,7 +558,7 @@ fn run_linear(args: &LinearArgs) -> Result<(), SereError> {
     let path = checkpoint_in(&args.checkpoint)?;
     let ck = Checkpoint::load(&path)?;
     let data = eval_data(args.data.as_deref(), &ck)?;
-    on_device!(args.device, &ck, args.network, emb => linear_on(&emb, args, &data))
+    on_device!(args.device, &ck, args.network, args.random_init, emb => linear_on(&emb, args, &data))
 }
 
 /// The linear probe on `emb`'s features; the probe itself is fitted on the
@@ -573,7 +601,7 @@ fn linear_on<B: Backend>(
             t as f32,
             classes,
         );
-        let name = feature_name(spec, args.network);
+        let name = feature_name(spec, args.network, args.random_init);
         print_knn(&name, t, (train_l.len(), test_l.len()), &scores[0]);
     }
     let started = Instant::now();
@@ -587,14 +615,20 @@ fn linear_on<B: Backend>(
         &cfg,
     )?;
     print_linear(
-        &feature_name(spec, args.network),
+        &feature_name(spec, args.network, args.random_init),
         &cfg,
         &r,
         (train_l.len(), test_l.len()),
         embed_s,
         started,
     );
-    save_probe(args, &r, &feature_name(spec, args.network), &cfg, data_name)?;
+    save_probe(
+        args,
+        &r,
+        &feature_name(spec, args.network, args.random_init),
+        &cfg,
+        data_name,
+    )?;
     if args.pixels {
         let started = Instant::now();
         let (mut tr, trl, mut te, tel, d) =
@@ -620,7 +654,7 @@ fn linear_augmented<B: Backend>(
     let spec = args.features;
     let test = data.test_split().map_err(SereError::data)?;
     let classes = data.num_classes();
-    let name = feature_name(spec, args.network);
+    let name = feature_name(spec, args.network, args.random_init);
     eprintln!(
         "linear probe on augmented views of {} training images, {} epochs ...",
         data.train.len(),
@@ -685,7 +719,7 @@ fn score_saved_probe<B: Backend>(
 ) -> Result<(), SereError> {
     let saved = linear::SavedProbe::load(file)?;
     let spec = args.features;
-    let name = feature_name(spec, args.network);
+    let name = feature_name(spec, args.network, args.random_init);
     if saved.probe.dim != spec.dim(emb.dim()) {
         return Err(SereError::Other(format!(
             "the probe in {} takes {} features ({}), these are {} ({name}); evaluate the \

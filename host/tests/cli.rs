@@ -871,6 +871,63 @@ fn train_ends_with_the_evaluation_and_eval_defaults_to_the_training_data() {
         close(line["top1"].as_f64().unwrap(), acc("linear_teacher")),
         "{line} {report}"
     );
+    // --random-init scores the run's starting network: the report's
+    // baseline, named as such, at step 0, from other features than the
+    // teacher's (3 steps move the teacher too little to change a score).
+    let dumps = [d.join("teacher.safetensors"), d.join("init.safetensors")];
+    let o = sere(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        ck,
+        "--dump-features",
+        dumps[0].to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = sere(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        ck,
+        "--random-init",
+        "--dump-features",
+        dumps[1].to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let [teacher, init] = dumps.map(|p| sere_host::eval::dump::FeatureDump::load(&p).unwrap());
+    assert!(
+        teacher.train_features != init.train_features,
+        "--random-init embedded with the trained teacher"
+    );
+    let line = &json_lines(&o)[0];
+    assert_eq!(
+        (line["features"].as_str(), line["step"].as_u64()),
+        (Some("init_cls"), Some(0)),
+        "{line}"
+    );
+    assert!(
+        close(line["top1"].as_f64().unwrap(), acc("knn_random_init")),
+        "{line} {report}"
+    );
+    let o = sere(&["eval", "linear", "--checkpoint", ck, "--random-init"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        close(
+            json_lines(&o)[0]["top1"].as_f64().unwrap(),
+            acc("linear_random_init")
+        ),
+        "{report}"
+    );
+    let o = sere(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        ck,
+        "--random-init",
+        "--network",
+        "student",
+    ]);
+    assert_fails_with(&o, "--network");
     // --data still wins over the stored data.
     let o = sere(&[
         "eval",

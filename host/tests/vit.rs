@@ -107,8 +107,18 @@ fn pytorch_reference<B: Backend>(be: &B) {
         );
         // DINO's evaluation features: every block's normed CLS, then the
         // mean normed patch token; the final CLS alone is the default.
-        let all = vit.eval_features(be, &p, &acts, 2, true).unwrap();
-        let last = vit.eval_features(be, &p, &acts, 1, false).unwrap();
+        let all = vit.eval_features(be, &p, &acts, 2, true, 0).unwrap();
+        let last = vit.eval_features(be, &p, &acts, 1, false, 0).unwrap();
+        // The final CLS and the patch tokens pooled onto 3 x 3 cells
+        // (overlapping windows at 4 x 4 patches, disjoint at 6 x 6).
+        let grid = vit.eval_features(be, &p, &acts, 1, false, 3).unwrap();
+        assert_close(
+            &format!("features_grid3@{img}"),
+            &grid,
+            &floats(&case["features_cls_grid3"]),
+            1e-4,
+            1e-5,
+        );
         assert_close(
             &format!("features@{img}"),
             &all,

@@ -18,9 +18,13 @@ use crate::train::network::SereNet;
 ///
 /// ```
 /// use sere_host::eval::features::FeatureSpec;
-/// let spec = FeatureSpec { last_blocks: 4, avgpool: true, crop_pct: 1.0 };
+/// let spec = FeatureSpec { last_blocks: 4, avgpool: true, patch_grid: 0, crop_pct: 1.0 };
 /// assert_eq!(spec.dim(128), 5 * 128);
 /// assert_eq!(spec.name(), "teacher_cls_last4+avgpool");
+/// // The final CLS token and the patch tokens pooled onto 4 x 4 cells.
+/// let dense = FeatureSpec { patch_grid: 4, ..FeatureSpec::default() };
+/// assert_eq!(dense.dim(64), (1 + 16) * 64);
+/// assert_eq!(dense.name(), "teacher_cls+grid4");
 /// assert_eq!(FeatureSpec::default().name(), "teacher_cls");
 /// let dino_crop = FeatureSpec { crop_pct: 0.875, ..FeatureSpec::default() };
 /// assert_eq!(dino_crop.name(), "teacher_cls@crop0.875");
@@ -36,6 +40,12 @@ pub struct FeatureSpec {
     /// `--avgpool_patchtokens`).
     #[arg(long)]
     pub avgpool: bool,
+    /// Append the last block's patch tokens average-pooled onto a G x G
+    /// grid (PyTorch's `adaptive_avg_pool2d`; G = the patch grid's side
+    /// keeps every token): features that keep where things are, as
+    /// SERE's dense objective trains them. 0: none. Not a DINO protocol.
+    #[arg(long, value_name = "G", default_value_t = 0)]
+    pub patch_grid: usize,
     /// Evaluation crop: the centre square keeping this fraction of the
     /// image's shorter side, resized to the training image size (1.0: the
     /// whole centre square; 0.875 is DINO's Resize(256) + CenterCrop(224);
@@ -49,6 +59,7 @@ impl Default for FeatureSpec {
         FeatureSpec {
             last_blocks: 1,
             avgpool: false,
+            patch_grid: 0,
             crop_pct: 1.0,
         }
     }
@@ -57,7 +68,7 @@ impl Default for FeatureSpec {
 impl FeatureSpec {
     /// Feature width for a backbone of width `dim`.
     pub fn dim(&self, dim: usize) -> usize {
-        (self.last_blocks + usize::from(self.avgpool)) * dim
+        (self.last_blocks + usize::from(self.avgpool) + self.patch_grid * self.patch_grid) * dim
     }
 
     /// The name reported in the evaluation's JSON line.
@@ -69,14 +80,24 @@ impl FeatureSpec {
         if self.avgpool {
             name += "+avgpool";
         }
+        if self.patch_grid > 0 {
+            name += &format!("+grid{}", self.patch_grid);
+        }
         if self.crop_pct != 1.0 {
             name += &format!("@crop{}", self.crop_pct);
         }
         name
     }
 
-    /// Checks the spec against a backbone of `depth` blocks.
-    pub fn check(&self, depth: usize) -> Result<(), SereError> {
+    /// Checks the spec against a backbone of `depth` blocks whose images
+    /// make a `side x side` patch grid.
+    pub fn check(&self, depth: usize, side: usize) -> Result<(), SereError> {
+        if self.patch_grid > side {
+            return Err(SereError::Other(format!(
+                "--patch-grid {} is finer than the checkpoint's {side} x {side} patch grid; use 1 to {side} (or 0 for none)",
+                self.patch_grid
+            )));
+        }
         if !(self.crop_pct > 0.0 && self.crop_pct <= 1.0) {
             return Err(SereError::Other(format!(
                 "--crop-pct {}: the centre crop keeps a fraction of the image in (0, 1] \
@@ -312,13 +333,20 @@ impl<B: Backend> Backbone<'_, B> {
         spec: FeatureSpec,
         acts: &mut Option<VitActs<B>>,
     ) -> Result<Vec<f32>, SereError> {
-        spec.check(self.cfg.depth)?;
+        spec.check(self.cfg.depth, self.cfg.img / self.cfg.patch)?;
         self.forward(images, n, acts)?;
         let acts = acts.as_ref().expect("forward shaped it");
         let mut f = self
             .net
             .vit
-            .eval_features(self.be, self.params, acts, spec.last_blocks, spec.avgpool)
+            .eval_features(
+                self.be,
+                self.params,
+                acts,
+                spec.last_blocks,
+                spec.avgpool,
+                spec.patch_grid,
+            )
             .map_err(device_error)?;
         super::knn::l2_normalize_rows(&mut f, spec.dim(self.cfg.dim));
         Ok(f)
@@ -331,7 +359,7 @@ impl<B: Backend> Backbone<'_, B> {
         spec: FeatureSpec,
         progress: Option<&str>,
     ) -> Result<(Vec<f32>, Vec<u32>), SereError> {
-        spec.check(self.cfg.depth)?;
+        spec.check(self.cfg.depth, self.cfg.img / self.cfg.patch)?;
         let started = std::time::Instant::now();
         let mut shown = 0;
         let img = self.cfg.img;
@@ -442,6 +470,25 @@ mod tests {
     use super::*;
     use crate::backend::Cpu;
     use crate::train::engine::CpuEngine;
+
+    /// A grid finer than the patches is refused, naming the range.
+    #[test]
+    fn a_grid_finer_than_the_patch_grid_is_refused() {
+        let fine = FeatureSpec {
+            patch_grid: 5,
+            ..FeatureSpec::default()
+        };
+        let e = fine.check(4, 4).unwrap_err().to_string();
+        assert!(
+            e.contains("--patch-grid 5") && e.contains("use 1 to 4"),
+            "{e}"
+        );
+        let every_token = FeatureSpec {
+            patch_grid: 4,
+            ..FeatureSpec::default()
+        };
+        assert!(every_token.check(4, 4).is_ok());
+    }
 
     /// The random-initialisation baseline is the network a run starts
     /// from: the engine's step-0 teacher, bit for bit, for its seed.

@@ -642,9 +642,13 @@ impl Vit {
     /// DINO's linear evaluation takes them (`get_intermediate_layers`): per
     /// image, the CLS token leaving each of the last `last_blocks` blocks,
     /// each through the final norm, oldest first; then, with `avgpool`, the
-    /// mean of the last block's normed patch tokens. Returns
-    /// `batch x (last_blocks + avgpool) * dim` values on the host.
-    /// `last_blocks` must be in `1..=depth`.
+    /// mean of the last block's normed patch tokens; then, with
+    /// `patch_grid` G > 0, those patch tokens average-pooled onto a G x G
+    /// grid (PyTorch's `adaptive_avg_pool2d`), cells in row-major order:
+    /// features that keep where things are, as a dense method's do.
+    /// Returns `batch x (last_blocks + avgpool + G^2) * dim` values on the
+    /// host. `last_blocks` must be in `1..=depth`, G at most the patch
+    /// grid's side.
     pub fn eval_features<B: Backend>(
         &self,
         be: &B,
@@ -652,11 +656,13 @@ impl Vit {
         acts: &VitActs<B>,
         last_blocks: usize,
         avgpool: bool,
+        patch_grid: usize,
     ) -> OpResult<Vec<f32>> {
         let (d, t, depth, batch) = (self.cfg.dim, acts.t, self.cfg.depth, acts.batch);
+        let side = acts.img / self.cfg.patch;
         assert!(
-            (1..=depth).contains(&last_blocks),
-            "eval_features: block count out of range"
+            (1..=depth).contains(&last_blocks) && patch_grid <= side,
+            "eval_features: block count or grid out of range"
         );
         let cls_rows = Blocks {
             count: batch,
@@ -686,24 +692,23 @@ impl Vit {
             per_block.push(be.download(&normed)?);
         }
         let out = be.download(&acts.out)?;
-        let width = (last_blocks + usize::from(avgpool)) * d;
+        let width = (last_blocks + usize::from(avgpool) + patch_grid * patch_grid) * d;
         let mut feats = Vec::with_capacity(batch * width);
         for b in 0..batch {
             for blk in &per_block {
                 feats.extend_from_slice(&blk[b * d..(b + 1) * d]);
             }
             feats.extend_from_slice(&out[b * t * d..(b * t + 1) * d]);
+            let patches = &out[(b * t + 1) * d..(b + 1) * t * d];
             if avgpool {
-                let start = feats.len();
-                feats.resize(start + d, 0.0);
-                let acc = &mut feats[start..];
-                for row in out[(b * t + 1) * d..(b + 1) * t * d].chunks_exact(d) {
-                    for (a, &v) in acc.iter_mut().zip(row) {
-                        *a += v;
-                    }
+                push_pooled_cell(&mut feats, patches, side, d, (0, side), (0, side));
+            }
+            for i in 0..patch_grid {
+                let rows = pool_window(i, side, patch_grid);
+                for j in 0..patch_grid {
+                    let cols = pool_window(j, side, patch_grid);
+                    push_pooled_cell(&mut feats, patches, side, d, rows, cols);
                 }
-                let inv = 1.0 / (t - 1).max(1) as f32;
-                acc.iter_mut().for_each(|a| *a *= inv);
             }
         }
         Ok(feats)
@@ -974,4 +979,36 @@ pub fn bicubic_matrix_2d(g0: usize, g: usize) -> Vec<f32> {
         }
     }
     m
+}
+
+/// Cell `i` of `cells` over `side` positions as `adaptive_avg_pool2d`
+/// windows it: `[floor(i side / cells), ceil((i + 1) side / cells))`, so
+/// the windows cover every position and overlap where `cells` does not
+/// divide `side`.
+fn pool_window(i: usize, side: usize, cells: usize) -> (usize, usize) {
+    (i * side / cells, ((i + 1) * side).div_ceil(cells))
+}
+
+/// Appends the mean of the `d`-wide tokens of `patches` (a `side x side`
+/// row-major grid) in rows `rows.0..rows.1` and columns `cols.0..cols.1`.
+fn push_pooled_cell(
+    feats: &mut Vec<f32>,
+    patches: &[f32],
+    side: usize,
+    d: usize,
+    rows: (usize, usize),
+    cols: (usize, usize),
+) {
+    let start = feats.len();
+    feats.resize(start + d, 0.0);
+    let acc = &mut feats[start..];
+    for r in rows.0..rows.1 {
+        for token in patches[(r * side + cols.0) * d..(r * side + cols.1) * d].chunks_exact(d) {
+            for (a, &v) in acc.iter_mut().zip(token) {
+                *a += v;
+            }
+        }
+    }
+    let inv = 1.0 / ((rows.1 - rows.0) * (cols.1 - cols.0)).max(1) as f32;
+    acc.iter_mut().for_each(|a| *a *= inv);
 }
