@@ -407,9 +407,10 @@ fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
     let ck = Checkpoint::load(&path)?;
     let data = eval_data(args.data.as_deref(), &ck)?;
     // The initialisation is the network of step 0, whatever the file's step.
-    let step = match ck.meta(checkpoint::meta::STEP) {
-        _ if args.random_init => "0",
-        step => step.unwrap_or(""),
+    let step = if args.random_init {
+        "0"
+    } else {
+        ck.meta(checkpoint::meta::STEP).unwrap_or("")
     };
     let source = (path.display().to_string(), step.to_string());
     on_device!(args.device, &ck, args.network, args.random_init, emb => knn_on(&emb, args, &data, &source))
@@ -429,9 +430,9 @@ fn knn_on<B: Backend>(
     let test = data.test_split().map_err(SereError::data)?;
     let batch = args.batch.unwrap_or(emb.config().batch).max(1);
     let spec = args.features;
+    let name = feature_name(spec, args.network, args.random_init);
     eprintln!(
-        "extracting {} features of {} training and {} test images of {source} (step {step}) ...",
-        feature_name(spec, args.network, args.random_init),
+        "extracting {name} features of {} training and {} test images of {source} (step {step}) ...",
         data.train.len(),
         test.len()
     );
@@ -444,7 +445,7 @@ fn knn_on<B: Backend>(
         test_labels: test_l,
         dim: spec.dim(emb.dim()),
         num_classes: data.num_classes(),
-        features: feature_name(spec, args.network, args.random_init),
+        features: name,
         provenance: vec![
             ("source".into(), source.clone()),
             ("step".into(), step.clone()),
@@ -584,6 +585,7 @@ fn linear_on<B: Backend>(
     if args.augment {
         return linear_augmented(emb, args, &data, batch, data_name);
     }
+    let name = feature_name(spec, args.network, args.random_init);
     let started = Instant::now();
     let (mut train_f, train_l) = emb.embed(&data.train, batch, spec)?;
     let (mut test_f, test_l) = emb.embed(test, batch, spec)?;
@@ -601,7 +603,6 @@ fn linear_on<B: Backend>(
             t as f32,
             classes,
         );
-        let name = feature_name(spec, args.network, args.random_init);
         print_knn(&name, t, (train_l.len(), test_l.len()), &scores[0]);
     }
     let started = Instant::now();
@@ -615,20 +616,14 @@ fn linear_on<B: Backend>(
         &cfg,
     )?;
     print_linear(
-        &feature_name(spec, args.network, args.random_init),
+        &name,
         &cfg,
         &r,
         (train_l.len(), test_l.len()),
         embed_s,
         started,
     );
-    save_probe(
-        args,
-        &r,
-        &feature_name(spec, args.network, args.random_init),
-        &cfg,
-        data_name,
-    )?;
+    save_probe(args, &r, &name, &cfg, data_name)?;
     if args.pixels {
         let started = Instant::now();
         let (mut tr, trl, mut te, tel, d) =
