@@ -7,7 +7,12 @@ against training minutes at the run's idle pace: steps x batch over the
 PNG, and the first such minute at which the subset k-NN beats raw pixels on
 the same subset (printed by the run at its start).
 
-Usage: python3 bench/fashion_report.py runs/fashion [figure.png]
+Usage: python3 bench/fashion_report.py runs/fashion [figure.png] [--pace CONFIG=IMG_PER_S ...]
+
+--pace sets a configuration's pace instead of its logged one: for runs
+trained with --threads 1 beside each other, whose own pace is not that of
+the 2 cores (give the 2-thread pace measured by another seed, or one
+scaled from a side-by-side run; say so beside the figure).
 """
 import json
 import pathlib
@@ -17,6 +22,21 @@ import sys
 COLOURS = {"sere": "tab:red", "dino": "tab:blue", "ibot": "tab:green", "ibot-sere": "tab:purple"}
 LABEL = {"sere": "DINO + SERE (alpha 0.5, beta 3)", "dino": "DINO only (alpha = beta = 0)",
          "ibot": "iBOT (DINO + MIM)", "ibot-sere": "iBOT + SERE"}
+
+
+def method(cfg):
+    """The method a configuration name starts with ("sere-p7-27k" -> "sere";
+    the longest match, so "ibot-sere-..." is iBOT + SERE)."""
+    names = [m for m in COLOURS if cfg == m or cfg.startswith(m + "-")]
+    return max(names, key=len) if names else None
+
+
+def label(cfg):
+    m = method(cfg)
+    if m is None:
+        return cfg
+    rest = cfg[len(m) + 1:]
+    return LABEL[m] + (f" [{rest}]" if rest else "")
 
 
 def runs(out):
@@ -34,10 +54,11 @@ def idle_rate(rows):
     return rates[int(0.9 * (len(rates) - 1))]
 
 
-def curve(d, batch):
-    """(rows, [(idle minutes, step, k-NN)], idle images/s)."""
+def curve(d, batch, pace=None):
+    """(rows, [(idle minutes, step, k-NN)], idle images/s); `pace` replaces
+    the logged idle images/s."""
     rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    rate = idle_rate(rows)
+    rate = pace or idle_rate(rows)
     pts = [(r["step"] * batch / rate / 60.0, r["step"], r["knn_top1"])
            for r in rows if r.get("knn_top1") is not None]
     return rows, pts, rate
@@ -58,12 +79,20 @@ def subset_pixels(d):
 
 
 def main():
-    out = pathlib.Path(sys.argv[1])
-    fig_path = pathlib.Path(sys.argv[2]) if len(sys.argv) > 2 else out / "knn_vs_minutes.png"
+    args, paces = [], {}
+    it = iter(sys.argv[1:])
+    for a in it:
+        if a == "--pace":
+            cfg, rate = next(it).split("=")
+            paces[cfg] = float(rate)
+        else:
+            args.append(a)
+    out = pathlib.Path(args[0])
+    fig_path = pathlib.Path(args[1]) if len(args) > 1 else out / "knn_vs_minutes.png"
     table, by_cfg, curves = [], {}, []
     for cfg, seed, d in runs(out):
         batch = batch_of(d)
-        rows, pts, rate = curve(d, batch)
+        rows, pts, rate = curve(d, batch, paces.get(cfg))
         wall_min = (rows[-1]["elapsed_s"] - rows[-1].get("eval_s", 0.0)) / 60.0
         idle_min = rows[-1]["step"] * batch / rate / 60.0
         pix = subset_pixels(d)
@@ -80,12 +109,12 @@ def main():
     for cfg, seed, r, (wall, idle, rate), beat in table:
         beat_s = f"{beat:.1f} min" if beat is not None else "not within the run"
         m = f"{wall:.1f} ({idle:.1f} at {rate:.0f})"
-        print(f"| {LABEL.get(cfg, cfg)} | {seed} | {r['step']} | {m} | {pct(r['knn_teacher'])} "
+        print(f"| {label(cfg)} | {seed} | {r['step']} | {m} | {pct(r['knn_teacher'])} "
               f"| {pct(r['linear_teacher'])} | {pct(r['knn_random_init'])} | {pct(r['linear_random_init'])} "
               f"| {pct(r['knn_pixels'])} | {beat_s} |")
     for cfg, rs in by_cfg.items():
         mean = lambda k: sum(r[k] for r in rs) / len(rs)
-        print(f"| **{LABEL.get(cfg, cfg)}, mean of {len(rs)}** | | | | {pct(mean('knn_teacher'))} "
+        print(f"| **{label(cfg)}, mean of {len(rs)}** | | | | {pct(mean('knn_teacher'))} "
               f"| {pct(mean('linear_teacher'))} | {pct(mean('knn_random_init'))} "
               f"| {pct(mean('linear_random_init'))} | {pct(mean('knn_pixels'))} | |")
 
@@ -100,8 +129,8 @@ def main():
         if not pts:
             continue
         ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], marker="o", markersize=3,
-                color=COLOURS.get(cfg, "black"), linestyle="-" if seed == 1 else "--",
-                label=f"{LABEL.get(cfg, cfg)}, seed {seed}")
+                color=COLOURS.get(method(cfg), "black"), linestyle="-" if seed == 1 else "--",
+                label=f"{label(cfg)}, seed {seed}")
         if pix is not None and not pix_drawn:
             ax.axhline(100 * pix, color="grey", linestyle=":", label="raw pixels (same subset)")
             pix_drawn = True

@@ -16,6 +16,10 @@
 #   DATA=/usr/share/datasets/fashion-mnist   STEPS=3000   TRAIN_IMAGES=15000   SEED=1
 #   OUT=runs/fashion-sweep   SERE=target/release/sere (SKIP_BUILD=1 to use it as it is)
 #   ONLY="base lr-x2"   run only these configurations (default: all)
+#   ROUND=p4   the base the configurations change: p4, the first round's
+#            (patch 4, 12 px locals), or p7, the second round's on its winner
+#            (patch 7: 4 x 4 tokens on 28 px, 2 x 2 on 14 px locals); the
+#            default OUT is then runs/fashion-sweep-p7
 #   NICE=1   run below normal priority (the sweep then shares the machine;
 #            its images/s column is not a clean speed figure)
 # A configuration whose folder holds a finished metrics.jsonl is not run
@@ -27,7 +31,12 @@ DATA="${DATA:-/usr/share/datasets/fashion-mnist}"
 STEPS="${STEPS:-3000}"
 TRAIN_IMAGES="${TRAIN_IMAGES:-15000}"
 SEED="${SEED:-1}"
-OUT="${OUT:-runs/fashion-sweep}"
+ROUND="${ROUND:-p4}"
+case "$ROUND" in
+    p4) OUT="${OUT:-runs/fashion-sweep}" ;;
+    p7) OUT="${OUT:-runs/fashion-sweep-p7}" ;;
+    *) echo "fashion_sweep.sh: ROUND must be p4 or p7, not '$ROUND'" >&2; exit 1 ;;
+esac
 SERE="${SERE:-target/release/sere}"
 ONLY="${ONLY:-}"
 PRIO=()
@@ -42,29 +51,49 @@ if [ -z "${SKIP_BUILD:-}" ]; then
 fi
 mkdir -p "$OUT"
 
-# The base: the default run's recipe on 28 px globals and 12 px locals with
-# patch 4, SERE weights alpha 0.5 / beta 3.0 (bench/fashion_mnist.sh). A
-# configuration's flags replace the base's flag of the same name.
-BASE=("--img 28" "--local-img 12" "--patch 4" "--overlap 7" "--local-overlap 3"
-      "--alpha 0.5" "--beta 3.0")
-
-# name | flags that replace or add to the base's.
-CONFIGS=(
-    "base|"
-    "dino-only|--alpha 0 --beta 0"
-    "lr-x2|--lr 0.04"
-    "lr-half|--lr 0.01"
-    "momentum-0.98|--momentum-teacher 0.98"
-    "teacher-temp-0.07|--teacher-temp 0.07 --warmup-teacher-temp 0.07"
-    "K-4096|--out-dim 4096"
-    "locals-8|--locals 8"
-    "local-16px|--local-img 16 --local-overlap 4"
-    "scales-0.25|--global-scale 0.25 1.0 --local-scale 0.05 0.25"
-    "patch-7|--patch 7 --local-img 14 --overlap 4 --local-overlap 2"
-    "dim-128|--dim 128"
-    "sere-x2|--alpha 1.0 --beta 6.0"
-    "mim|--mim"
-)
+# The first round's base (ROUND=p4): the default run's recipe on 28 px
+# globals and 12 px locals with patch 4, SERE weights alpha 0.5 / beta 3.0
+# (bench/fashion_mnist.sh). A configuration's flags replace the base's flag
+# of the same name.
+if [ "$ROUND" = p4 ]; then
+    BASE=("--img 28" "--local-img 12" "--patch 4" "--overlap 7" "--local-overlap 3"
+          "--alpha 0.5" "--beta 3.0")
+    # name | flags that replace or add to the base's.
+    CONFIGS=(
+        "base|"
+        "dino-only|--alpha 0 --beta 0"
+        "lr-x2|--lr 0.04"
+        "lr-half|--lr 0.01"
+        "momentum-0.98|--momentum-teacher 0.98"
+        "teacher-temp-0.07|--teacher-temp 0.07 --warmup-teacher-temp 0.07"
+        "K-4096|--out-dim 4096"
+        "locals-8|--locals 8"
+        "local-16px|--local-img 16 --local-overlap 4"
+        "scales-0.25|--global-scale 0.25 1.0 --local-scale 0.05 0.25"
+        "patch-7|--patch 7 --local-img 14 --overlap 4 --local-overlap 2"
+        "dim-128|--dim 128"
+        "sere-x2|--alpha 1.0 --beta 6.0"
+        "mim|--mim"
+    )
+else
+    # The second round (ROUND=p7): the first round's winner, patch 7, is the
+    # base; the changes the first round did not get to, with the locals'
+    # size moved to a multiple of 7.
+    BASE=("--img 28" "--local-img 14" "--patch 7" "--overlap 4" "--local-overlap 2"
+          "--alpha 0.5" "--beta 3.0")
+    CONFIGS=(
+        "base|"
+        "lr-half|--lr 0.01"
+        "locals-8|--locals 8"
+        "local-21px|--local-img 21 --local-overlap 3"
+        "scales-0.25|--global-scale 0.25 1.0 --local-scale 0.05 0.25"
+        "scales-narrow|--global-scale 0.6 1.0 --local-scale 0.2 0.6"
+        "dim-128|--dim 128"
+        "depth-6|--depth 6"
+        "sere-x2|--alpha 1.0 --beta 6.0"
+        "mim|--mim"
+    )
+fi
 
 # The base's flags with those `$1` names replaced, then the rest of `$1`.
 merged() {

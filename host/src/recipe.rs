@@ -1,6 +1,8 @@
-//! The authors' published training recipes as named presets
-//! (`sere train --recipe NAME`): every value of their command lines, so a
-//! run on ImageNet-sized hardware starts from what the papers trained with.
+//! Training recipes as named presets (`sere train --recipe NAME`): the
+//! authors' published ones, every value of their command lines, so a run on
+//! ImageNet-sized hardware starts from what the papers trained with; and
+//! `cpu-small`, found here by measurement for 30 minutes of a 2-core CPU on
+//! Fashion-MNIST (BENCHMARKS.md, "Fashion-MNIST at the 30-minute budget").
 //! A recipe is a layer of config keys below the command line: defaults <
 //! recipe < `--preset` < `--config` file < `--set` < flags, and
 //! `--print-config` shows the resolved configuration with where each value
@@ -22,7 +24,7 @@ use std::collections::BTreeMap;
 
 use crate::config::TrainConfig;
 
-/// One of the authors' recipes.
+/// A named training recipe: one of the authors', or one measured here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Recipe {
     /// iBOT + SERE, ViT-S/16, 100 epochs on ImageNet-1k, 8 GPUs x 128
@@ -39,6 +41,11 @@ pub enum Recipe {
     /// "vanilla DINO training": `main_dino.py --arch vit_small` with its
     /// defaults).
     DinoVitS16,
+    /// DINO + SERE for 30 minutes of a 2-core CPU on 28 px grey images
+    /// (Fashion-MNIST; found by measurement, BENCHMARKS.md): nano ViT
+    /// (dim 64, depth 4) with patch 7, 28 px globals and 14 px locals (4 x 4
+    /// and 2 x 2 tokens), batch 16, 4 locals, 27000 steps, alpha 0.5, beta 3.
+    CpuSmall,
 }
 
 /// Values all four recipes share: DINO's and iBOT's defaults for a ViT/16
@@ -156,13 +163,60 @@ global_scale = [0.4, 1.0]
 local_scale = [0.05, 0.4]
 "#;
 
+/// The 30-minute Fashion-MNIST recipe (BENCHMARKS.md, "Fashion-MNIST at
+/// the 30-minute budget"): the patch-7 winner of the short-run sweep, as
+/// many steps as 30 minutes of 2 AMD EPYC cores allowed (257 img/s: 28
+/// minutes). Every training value is pinned, the defaults' included, so
+/// the recipe stays what was measured when the defaults move.
+const CPU_SMALL: &str = r#"
+preset = "nano"
+img = 28
+local_img = 14
+patch = 7
+mlp_ratio = 4.0
+drop_path = 0.1
+batch = 16
+locals = 4
+steps = 27000
+alpha = 0.5
+beta = 3.0
+lr = 0.02
+min_lr = 1e-6
+warmup_epochs = 1
+weight_decay = 0.04
+weight_decay_end = 0.4
+weight_decay_rule = "dino"
+momentum_teacher = 0.95
+clip_grad = 3.0
+freeze_last_layer = 0
+out_dim = 1024
+head_hidden = 512
+bottleneck = 128
+norm_last_layer = true
+warmup_teacher_temp = 0.04
+teacher_temp = 0.04
+warmup_teacher_temp_epochs = 3
+student_temp = 0.1
+center_momentum = 0.9
+mim = false
+spatial_tau_t = 0.5
+channel_tau_t = 0.1
+overlap = 4
+local_overlap = 2
+overlap_grid = "centres"
+non_overlapping = "drop"
+global_scale = [0.4, 1.0]
+local_scale = [0.05, 0.4]
+"#;
+
 impl Recipe {
     /// Every recipe.
-    pub const ALL: [Recipe; 4] = [
+    pub const ALL: [Recipe; 5] = [
         Recipe::SereVitS16,
         Recipe::SereVitB16,
         Recipe::IbotVitS16,
         Recipe::DinoVitS16,
+        Recipe::CpuSmall,
     ];
 
     /// The name on the command line.
@@ -172,6 +226,7 @@ impl Recipe {
             Recipe::SereVitB16 => "sere-vit-b16",
             Recipe::IbotVitS16 => "ibot-vit-s16",
             Recipe::DinoVitS16 => "dino-vit-s16",
+            Recipe::CpuSmall => "cpu-small",
         }
     }
 
@@ -183,6 +238,9 @@ impl Recipe {
             Recipe::IbotVitS16 => "iBOT README, ViT-S/16 800 epochs, over main_ibot.py defaults",
             Recipe::DinoVitS16 => {
                 "DINO README, vanilla ViT-S/16 100 epochs (main_dino.py defaults)"
+            }
+            Recipe::CpuSmall => {
+                "BENCHMARKS.md, Fashion-MNIST at the 30-minute budget (2 CPU cores, 28 px)"
             }
         }
     }
@@ -197,6 +255,8 @@ impl Recipe {
             Recipe::IbotVitS16 | Recipe::DinoVitS16 => {
                 &["fp16 autocast (this trainer computes in fp32)"]
             }
+            // Measured with this trainer: nothing to reproduce elsewhere.
+            Recipe::CpuSmall => &[],
         }
     }
 
@@ -208,6 +268,7 @@ impl Recipe {
             Recipe::SereVitB16 => &[VIT16_COMMON, IBOT_MIM, SERE_COMMON, SERE_VIT_B16],
             Recipe::IbotVitS16 => &[VIT16_COMMON, IBOT_MIM, IBOT_VIT_S16],
             Recipe::DinoVitS16 => &[VIT16_COMMON, DINO_VIT_S16],
+            Recipe::CpuSmall => &[CPU_SMALL],
         };
         let mut table = toml::Table::new();
         for text in parts {
@@ -325,11 +386,15 @@ mod tests {
             let cfg = r.config();
             cfg.validate()
                 .unwrap_or_else(|e| panic!("{}: {e}", r.name()));
-            let known = table(&TrainConfig::default());
+            // The optional keys too (unset, they are not in the table).
+            let known = table(&TrainConfig {
+                steps: Some(1),
+                ..TrainConfig::default()
+            });
             for key in r.table().keys() {
                 assert!(known.contains_key(key), "{}: unknown key {key}", r.name());
             }
-            assert!(!r.unmatched().is_empty());
+            assert_eq!(r.unmatched().is_empty(), r == Recipe::CpuSmall);
             for key in ["dim", "depth", "heads"] {
                 assert!(
                     !r.table().contains_key(key),
@@ -371,6 +436,54 @@ mod tests {
             (d.out_dim, d.locals, d.batch, d.teacher_temp),
             (65536, 8, 512, 0.04)
         );
+    }
+
+    /// `cpu-small` is the measured run's configuration (BENCHMARKS.md):
+    /// every training key of its `config.toml`, whatever the defaults are.
+    #[test]
+    fn cpu_small_is_the_measured_run() {
+        let measured = r#"
+            preset = "nano"
+            dim = 64
+            depth = 4
+            heads = 4
+            img = 28
+            local_img = 14
+            patch = 7
+            batch = 16
+            locals = 4
+            steps = 27000
+            alpha = 0.5
+            beta = 3.0
+            lr = 0.02
+            momentum_teacher = 0.95
+            out_dim = 1024
+            head_hidden = 512
+            bottleneck = 128
+            overlap = 4
+            local_overlap = 2
+            global_scale = [0.4, 1.0]
+            local_scale = [0.05, 0.4]
+        "#;
+        let cfg = table(&Recipe::CpuSmall.config());
+        let measured: toml::Table = toml::from_str(measured).unwrap();
+        for (key, value) in &measured {
+            assert_eq!(cfg.get(key), Some(value), "{key}");
+        }
+        // Pinned: every training key is in the recipe, not left to defaults.
+        // Run control; `epochs` (overridden by `steps`) and the sizes (by
+        // preset); iBOT's masking, off in the recipe.
+        let left_out = "data seed device train_images checkpoint_every keep_every \
+            keep_every_epochs log_every keep_last final_eval eval_every eval_train_images \
+            eval_test_images epochs dim depth heads mask_probability mask_ratio shared_head \
+            patch_out_dim warmup_patch_teacher_temp patch_teacher_temp";
+        let left_out: Vec<&str> = left_out.split_whitespace().collect();
+        for key in table(&TrainConfig::default()).keys() {
+            assert!(
+                left_out.contains(&key.as_str()) || Recipe::CpuSmall.table().contains_key(key),
+                "cpu-small leaves {key} to the defaults"
+            );
+        }
     }
 
     #[test]
