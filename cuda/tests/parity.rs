@@ -18,45 +18,14 @@ use sere_core::linalg::MatRef;
 use sere_core::loss::DinoShape;
 use sere_core::optim::AdamW;
 use sere_cuda::{CudaSlice, Gpu, MatView};
+use sere_testkit::Rng;
 
 const TOL: f64 = 1e-5;
 
 /// The GPU, or `None` after printing why there is none (a failure when
 /// `SERE_REQUIRE_GPU` is set).
 fn gpu() -> Option<Gpu> {
-    match Gpu::new(0) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            if std::env::var("SERE_REQUIRE_GPU").is_ok_and(|v| !v.is_empty() && v != "0") {
-                panic!("SERE_REQUIRE_GPU is set, but {e}");
-            }
-            println!("skipped: {e}");
-            None
-        }
-    }
-}
-
-/// SplitMix64: a tiny seeded generator, identical on every platform.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[lo, hi)`.
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        lo + (hi - lo) * u
-    }
-
-    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(lo, hi)).collect()
-    }
+    sere_testkit::device_or_skip("CUDA", || Gpu::new(0))
 }
 
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
@@ -105,7 +74,7 @@ fn check(
 #[test]
 fn grid_sample_forward_and_backward() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     for (c, h, w, p) in [
         (3, 5, 7, 11),
         (37, 14, 14, 169),
@@ -120,10 +89,10 @@ fn grid_sample_forward_and_backward() {
                 points: p,
             };
             let what = format!("grid_sample {c}x{h}x{w} P={p} {layout:?}");
-            let map = rng.vec(c * h * w, -1.0, 1.0);
+            let map = rng.uniforms(c * h * w, -1.0, 1.0);
             // Some points outside [-1, 1]: partly and fully padded.
-            let grid = rng.vec(2 * p, -1.2, 1.2);
-            let gout = rng.vec(c * p, -1.0, 1.0);
+            let grid = rng.uniforms(2 * p, -1.2, 1.2);
+            let gout = rng.uniforms(c * p, -1.0, 1.0);
             check(
                 &g,
                 &format!("{what} forward"),
@@ -143,8 +112,8 @@ fn grid_sample_forward_and_backward() {
                 &format!("{what} backward"),
                 &[&map, &grid, &gout],
                 &[
-                    ("grad_map", rng.vec(c * h * w, -1.0, 1.0)),
-                    ("grad_grid", rng.vec(2 * p, -1.0, 1.0)),
+                    ("grad_map", rng.uniforms(c * h * w, -1.0, 1.0)),
+                    ("grad_grid", rng.uniforms(2 * p, -1.0, 1.0)),
                 ],
                 |g, i, o| {
                     let [gm, gg] = o else { unreachable!() };
@@ -169,7 +138,7 @@ fn grid_sample_forward_and_backward() {
                 &g,
                 &format!("{what} backward (map only)"),
                 &[&map, &grid, &gout],
-                &[("grad_map", rng.vec(c * h * w, -1.0, 1.0))],
+                &[("grad_map", rng.uniforms(c * h * w, -1.0, 1.0))],
                 |g, i, o| {
                     g.grid_sample_backward_map(&i[1], &i[2], shape, layout, &mut o[0])
                         .unwrap()
@@ -188,11 +157,11 @@ fn grid_sample_forward_and_backward() {
 #[test]
 fn spatial_relation_forward_and_backward() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(2);
+    let mut rng = Rng::new(2);
     for (batch, n, c, heads) in [(1, 7, 6, 2), (3, 169, 48, 3), (2, 36, 20, 4), (1, 1, 1, 1)] {
         let what = format!("spatial_relation b={batch} n={n} c={c} heads={heads}");
-        let x = rng.vec(batch * n * c, -1.0, 1.0);
-        let gl = rng.vec(batch * heads * n * n, -1.0, 1.0);
+        let x = rng.uniforms(batch * n * c, -1.0, 1.0);
+        let gl = rng.uniforms(batch * heads * n * n, -1.0, 1.0);
         let per_x = n * c;
         let per_l = heads * n * n;
         check(
@@ -221,7 +190,7 @@ fn spatial_relation_forward_and_backward() {
             &g,
             &format!("{what} backward"),
             &[&x, &gl],
-            &[("grad_x", rng.vec(batch * per_x, -1.0, 1.0))],
+            &[("grad_x", rng.uniforms(batch * per_x, -1.0, 1.0))],
             |g, i, o| {
                 g.spatial_relation_backward(&i[0], &i[1], batch, n, c, heads, &mut o[0])
                     .unwrap()
@@ -246,11 +215,11 @@ fn spatial_relation_forward_and_backward() {
 #[test]
 fn channel_relation_forward_and_backward() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     for (batch, n, c) in [(1, 7, 5), (2, 169, 40), (3, 36, 33), (1, 1, 1)] {
         let what = format!("channel_relation b={batch} n={n} c={c}");
-        let x = rng.vec(batch * n * c, -1.0, 1.0);
-        let gl = rng.vec(batch * c * c, -1.0, 1.0);
+        let x = rng.uniforms(batch * n * c, -1.0, 1.0);
+        let gl = rng.uniforms(batch * c * c, -1.0, 1.0);
         let (per_x, per_l) = (n * c, c * c);
         check(
             &g,
@@ -277,7 +246,7 @@ fn channel_relation_forward_and_backward() {
             &g,
             &format!("{what} backward"),
             &[&x, &gl],
-            &[("grad_x", rng.vec(batch * per_x, -1.0, 1.0))],
+            &[("grad_x", rng.uniforms(batch * per_x, -1.0, 1.0))],
             |g, i, o| {
                 g.channel_relation_backward(&i[0], &i[1], batch, n, c, &mut o[0])
                     .unwrap()
@@ -311,12 +280,12 @@ const ROW_SHAPES: [(usize, usize); 7] = [
 #[test]
 fn softmax_and_log_softmax_forward_and_backward() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(4);
+    let mut rng = Rng::new(4);
     for (rows, cols) in ROW_SHAPES {
         for amp in [3.0f32, 1e3] {
             let what = format!("softmax {rows}x{cols} |x|<{amp}");
             let n = rows * cols;
-            let x = rng.vec(n, -amp, amp);
+            let x = rng.uniforms(n, -amp, amp);
             check(
                 &g,
                 &format!("{what} forward"),
@@ -345,12 +314,12 @@ fn softmax_and_log_softmax_forward_and_backward() {
             sere_core::softmax::softmax_rows(&x, rows, cols, &mut y).unwrap();
             let mut l = vec![0.0; n];
             sere_core::softmax::log_softmax_rows(&x, rows, cols, &mut l).unwrap();
-            let dy = rng.vec(n, -1.0, 1.0);
+            let dy = rng.uniforms(n, -1.0, 1.0);
             check(
                 &g,
                 &format!("{what} backward"),
                 &[&y, &dy],
-                &[("dx", rng.vec(n, -1.0, 1.0))],
+                &[("dx", rng.uniforms(n, -1.0, 1.0))],
                 |g, i, o| {
                     g.softmax_backward_rows(&i[0], &i[1], rows, cols, &mut o[0])
                         .unwrap()
@@ -364,7 +333,7 @@ fn softmax_and_log_softmax_forward_and_backward() {
                 &g,
                 &format!("{what} log backward"),
                 &[&l, &dy],
-                &[("dx", rng.vec(n, -1.0, 1.0))],
+                &[("dx", rng.uniforms(n, -1.0, 1.0))],
                 |g, i, o| {
                     g.log_softmax_backward_rows(&i[0], &i[1], rows, cols, &mut o[0])
                         .unwrap()
@@ -381,13 +350,13 @@ fn softmax_and_log_softmax_forward_and_backward() {
 #[test]
 fn attention_softmax_forward_and_backward() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     // Attention rows: heads x tokens rows of `tokens` logits.
     for (rows, cols) in [(3 * 197, 197), (6 * 50, 50), (7, 1), (2, 1500)] {
         let scale = 1.0 / 64f32.sqrt();
         let what = format!("attention softmax {rows}x{cols}");
         let n = rows * cols;
-        let s = rng.vec(n, -20.0, 20.0);
+        let s = rng.uniforms(n, -20.0, 20.0);
         let scaled: Vec<f32> = s.iter().map(|v| v * scale).collect();
         check(
             &g,
@@ -413,12 +382,12 @@ fn attention_softmax_forward_and_backward() {
         );
         let mut p = vec![0.0; n];
         sere_core::softmax::softmax_rows(&scaled, rows, cols, &mut p).unwrap();
-        let dp = rng.vec(n, -1.0, 1.0);
+        let dp = rng.uniforms(n, -1.0, 1.0);
         check(
             &g,
             &format!("{what} backward"),
             &[&p, &dp],
-            &[("dlogits", rng.vec(n, -1.0, 1.0))],
+            &[("dlogits", rng.uniforms(n, -1.0, 1.0))],
             |g, i, o| {
                 g.attention_softmax_backward(&i[0], &i[1], rows, cols, scale, &mut o[0])
                     .unwrap()
@@ -437,13 +406,13 @@ fn attention_softmax_forward_and_backward() {
 #[test]
 fn relation_cross_entropy_forward_and_backward() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(6);
+    let mut rng = Rng::new(6);
     for (rows, cols) in [(1, 3), (3 * 169, 169), (384, 384), (10, 4097), (2, 1)] {
         for (tau_s, tau_t) in [(1.0f32, 0.5f32), (1.0, 0.1)] {
             let what = format!("relation CE {rows}x{cols} tau_t={tau_t}");
             let n = rows * cols;
-            let s = rng.vec(n, -3.0, 3.0);
-            let t = rng.vec(n, -3.0, 3.0);
+            let s = rng.uniforms(n, -3.0, 3.0);
+            let t = rng.uniforms(n, -3.0, 3.0);
             check(
                 &g,
                 &format!("{what} loss"),
@@ -465,7 +434,7 @@ fn relation_cross_entropy_forward_and_backward() {
                 &g,
                 &format!("{what} backward"),
                 &[&s, &t],
-                &[("grad", rng.vec(n, -1e-3, 1e-3)), ("loss", vec![0.0])],
+                &[("grad", rng.uniforms(n, -1e-3, 1e-3)), ("loss", vec![0.0])],
                 |g, i, o| {
                     let [gr, l] = o else { unreachable!() };
                     g.relation_cross_entropy_backward(
@@ -488,7 +457,7 @@ fn relation_cross_entropy_forward_and_backward() {
 #[test]
 fn dino_loss_forward_backward_and_centre() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     for (sv, tv, batch, dim) in [(2, 2, 1, 7), (4, 2, 3, 65), (6, 2, 5, 1000), (3, 1, 2, 33)] {
         let shape = DinoShape {
             student_views: sv,
@@ -497,9 +466,9 @@ fn dino_loss_forward_backward_and_centre() {
             dim,
         };
         let what = format!("DINO {sv}/{tv} views b={batch} K={dim}");
-        let s = rng.vec(sv * batch * dim, -2.0, 2.0);
-        let t = rng.vec(tv * batch * dim, -2.0, 2.0);
-        let c = rng.vec(dim, -0.5, 0.5);
+        let s = rng.uniforms(sv * batch * dim, -2.0, 2.0);
+        let t = rng.uniforms(tv * batch * dim, -2.0, 2.0);
+        let c = rng.uniforms(dim, -0.5, 0.5);
         let (tau_s, tau_t) = (0.1f32, 0.04f32);
         check(
             &g,
@@ -520,7 +489,7 @@ fn dino_loss_forward_backward_and_centre() {
             &format!("{what} backward"),
             &[&s, &t, &c],
             &[
-                ("grad", rng.vec(sv * batch * dim, -1e-2, 1e-2)),
+                ("grad", rng.uniforms(sv * batch * dim, -1e-2, 1e-2)),
                 ("loss", vec![0.0]),
             ],
             |g, i, o| {
@@ -554,11 +523,11 @@ fn dino_loss_forward_backward_and_centre() {
 #[test]
 fn row_dot_add_matches_a_plain_loop() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(23);
+    let mut rng = Rng::new(23);
     for (rows, cols) in [(1, 1), (7, 5), (1024, 128), (3, 4097)] {
-        let a = rng.vec(rows * cols, -1.0, 1.0);
-        let b = rng.vec(rows * cols, -1.0, 1.0);
-        let out0 = rng.vec(rows, -1.0, 1.0);
+        let a = rng.uniforms(rows * cols, -1.0, 1.0);
+        let b = rng.uniforms(rows * cols, -1.0, 1.0);
+        let out0 = rng.uniforms(rows, -1.0, 1.0);
         check(
             &g,
             &format!("row dots {rows}x{cols}"),
@@ -582,10 +551,10 @@ fn row_dot_add_matches_a_plain_loop() {
 #[test]
 fn teacher_entropy_matches_the_core() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(19);
+    let mut rng = Rng::new(19);
     for (rows, dim, spread) in [(1, 7, 0.1), (6, 65, 2.0), (64, 1000, 0.5), (3, 4096, 4.0)] {
-        let t = rng.vec(rows * dim, -spread, spread);
-        let c = rng.vec(dim, -0.5, 0.5);
+        let t = rng.uniforms(rows * dim, -spread, spread);
+        let c = rng.uniforms(dim, -0.5, 0.5);
         let tau_t = 0.04f32;
         check(
             &g,
@@ -606,16 +575,16 @@ fn teacher_entropy_matches_the_core() {
 #[test]
 fn weighted_cross_entropy_forward_and_backward() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(17);
+    let mut rng = Rng::new(17);
     for (images, patches, dim) in [(1, 4, 7), (4, 16, 65), (6, 49, 1000)] {
         let rows = images * patches;
         let what = format!("weighted CE {images}x{patches} K={dim}");
-        let s = rng.vec(rows * dim, -2.0, 2.0);
-        let t = rng.vec(rows * dim, -2.0, 2.0);
-        let c = rng.vec(dim, -0.5, 0.5);
+        let s = rng.uniforms(rows * dim, -2.0, 2.0);
+        let t = rng.uniforms(rows * dim, -2.0, 2.0);
+        let c = rng.uniforms(dim, -0.5, 0.5);
         // About a third of the rows masked, the first image not at all.
         let masks: Vec<bool> = (0..rows)
-            .map(|r| r >= patches && rng.vec(1, 0.0, 1.0)[0] < 0.35)
+            .map(|r| r >= patches && rng.uniforms(1, 0.0, 1.0)[0] < 0.35)
             .collect();
         let mut w = vec![0.0f32; rows];
         sere_core::loss::masked_patch_weights(&masks, patches, &mut w).unwrap();
@@ -646,7 +615,7 @@ fn weighted_cross_entropy_forward_and_backward() {
             &format!("{what} backward"),
             &[&s, &t, &c, &w],
             &[
-                ("grad", rng.vec(rows * dim, -1e-2, 1e-2)),
+                ("grad", rng.uniforms(rows * dim, -1e-2, 1e-2)),
                 ("loss", vec![0.0]),
             ],
             |g, i, o| {
@@ -679,14 +648,14 @@ fn weighted_cross_entropy_forward_and_backward() {
 #[test]
 fn layer_norm_forward_and_backward() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(8);
+    let mut rng = Rng::new(8);
     for (rows, cols) in [(1, 1), (3, 7), (197, 192), (5, 1000), (2, 3000), (33, 384)] {
         let what = format!("layer_norm {rows}x{cols}");
         let n = rows * cols;
         let eps = 1e-6;
-        let x = rng.vec(n, -2.0, 3.0);
-        let gamma = rng.vec(cols, 0.5, 1.5);
-        let beta = rng.vec(cols, -0.5, 0.5);
+        let x = rng.uniforms(n, -2.0, 3.0);
+        let gamma = rng.uniforms(cols, 0.5, 1.5);
+        let beta = rng.uniforms(cols, -0.5, 0.5);
         check(
             &g,
             &format!("{what} forward"),
@@ -712,15 +681,15 @@ fn layer_norm_forward_and_backward() {
             &x, &gamma, &beta, rows, cols, eps, &mut y, &mut mean, &mut rstd,
         )
         .unwrap();
-        let dy = rng.vec(n, -1.0, 1.0);
+        let dy = rng.uniforms(n, -1.0, 1.0);
         check(
             &g,
             &format!("{what} backward"),
             &[&x, &gamma, &mean, &rstd, &dy],
             &[
-                ("dx", rng.vec(n, -1.0, 1.0)),
-                ("dgamma", rng.vec(cols, -1.0, 1.0)),
-                ("dbeta", rng.vec(cols, -1.0, 1.0)),
+                ("dx", rng.uniforms(n, -1.0, 1.0)),
+                ("dgamma", rng.uniforms(cols, -1.0, 1.0)),
+                ("dbeta", rng.uniforms(cols, -1.0, 1.0)),
             ],
             |g, i, o| {
                 let [dx, dg, db] = o else { unreachable!() };
@@ -741,14 +710,14 @@ fn layer_norm_forward_and_backward() {
 #[test]
 fn batch_norm_train_eval_running_and_backward() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(9);
+    let mut rng = Rng::new(9);
     for (rows, cols) in [(2, 3), (197, 33), (1000, 70), (384, 384), (1, 5)] {
         let what = format!("batch_norm {rows}x{cols}");
         let n = rows * cols;
         let eps = 1e-5;
-        let x = rng.vec(n, -2.0, 3.0);
-        let gamma = rng.vec(cols, 0.5, 1.5);
-        let beta = rng.vec(cols, -0.5, 0.5);
+        let x = rng.uniforms(n, -2.0, 3.0);
+        let gamma = rng.uniforms(cols, 0.5, 1.5);
+        let beta = rng.uniforms(cols, -0.5, 0.5);
         check(
             &g,
             &format!("{what} stats"),
@@ -784,8 +753,8 @@ fn batch_norm_train_eval_running_and_backward() {
                     .unwrap()
             },
         );
-        let rm = rng.vec(cols, -0.5, 0.5);
-        let rv = rng.vec(cols, 0.5, 2.0);
+        let rm = rng.uniforms(cols, -0.5, 0.5);
+        let rv = rng.uniforms(cols, 0.5, 2.0);
         check(
             &g,
             &format!("{what} eval"),
@@ -829,15 +798,15 @@ fn batch_norm_train_eval_running_and_backward() {
                 sere_core::norm::batch_norm_update_running(i[0], i[1], rows, 0.1, m, v).unwrap()
             },
         );
-        let dy = rng.vec(n, -1.0, 1.0);
+        let dy = rng.uniforms(n, -1.0, 1.0);
         check(
             &g,
             &format!("{what} backward"),
             &[&x, &gamma, &mean, &rstd, &dy],
             &[
-                ("dx", rng.vec(n, -1.0, 1.0)),
-                ("dgamma", rng.vec(cols, -1.0, 1.0)),
-                ("dbeta", rng.vec(cols, -1.0, 1.0)),
+                ("dx", rng.uniforms(n, -1.0, 1.0)),
+                ("dgamma", rng.uniforms(cols, -1.0, 1.0)),
+                ("dbeta", rng.uniforms(cols, -1.0, 1.0)),
             ],
             |g, i, o| {
                 let [dx, dg, db] = o else { unreachable!() };
@@ -869,10 +838,10 @@ fn batch_norm_train_eval_running_and_backward() {
 #[test]
 fn gelu_forward_and_backward() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(10);
+    let mut rng = Rng::new(10);
     for n in [1usize, 1000, 100_003] {
-        let x = rng.vec(n, -6.0, 6.0);
-        let dy = rng.vec(n, -1.0, 1.0);
+        let x = rng.uniforms(n, -6.0, 6.0);
+        let dy = rng.uniforms(n, -1.0, 1.0);
         check(
             &g,
             &format!("gelu n={n} forward"),
@@ -885,7 +854,7 @@ fn gelu_forward_and_backward() {
             &g,
             &format!("gelu n={n} backward"),
             &[&x, &dy],
-            &[("dx", rng.vec(n, -1.0, 1.0))],
+            &[("dx", rng.uniforms(n, -1.0, 1.0))],
             |g, i, o| g.gelu_backward(&i[0], &i[1], &mut o[0]).unwrap(),
             |i, o| sere_core::activation::gelu_backward(i[0], i[1], &mut o[0]).unwrap(),
         );
@@ -895,13 +864,13 @@ fn gelu_forward_and_backward() {
 #[test]
 fn linear_layer_and_bias_forward_and_backward() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     for (rows, inp, out) in [(1, 1, 1), (7, 13, 5), (197, 192, 576), (33, 384, 100)] {
         let what = format!("linear {rows}x{inp}->{out}");
-        let x = rng.vec(rows * inp, -1.0, 1.0);
-        let w = rng.vec(out * inp, -0.2, 0.2);
-        let b = rng.vec(out, -0.5, 0.5);
-        let dy = rng.vec(rows * out, -1.0, 1.0);
+        let x = rng.uniforms(rows * inp, -1.0, 1.0);
+        let w = rng.uniforms(out * inp, -0.2, 0.2);
+        let b = rng.uniforms(out, -0.5, 0.5);
+        let dy = rng.uniforms(rows * out, -1.0, 1.0);
         check(
             &g,
             &format!("{what} forward + bias"),
@@ -922,9 +891,9 @@ fn linear_layer_and_bias_forward_and_backward() {
             &format!("{what} backward"),
             &[&x, &w, &dy],
             &[
-                ("dx", rng.vec(rows * inp, -1.0, 1.0)),
-                ("dweight", rng.vec(out * inp, -1.0, 1.0)),
-                ("dbias", rng.vec(out, -1.0, 1.0)),
+                ("dx", rng.uniforms(rows * inp, -1.0, 1.0)),
+                ("dweight", rng.uniforms(out * inp, -1.0, 1.0)),
+                ("dbias", rng.uniforms(out, -1.0, 1.0)),
             ],
             |g, i, o| {
                 let [dx, dw, db] = o else { unreachable!() };
@@ -956,12 +925,12 @@ fn linear_layer_and_bias_forward_and_backward() {
 #[test]
 fn gemm_all_transposes_batched_with_beta() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(12);
+    let mut rng = Rng::new(12);
     let (m, n, k, batch) = (3usize, 5usize, 7usize, 2usize);
     for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-        let a = rng.vec(batch * m * k, -1.0, 1.0);
-        let b = rng.vec(batch * k * n, -1.0, 1.0);
-        let c0 = rng.vec(batch * m * n, -1.0, 1.0);
+        let a = rng.uniforms(batch * m * k, -1.0, 1.0);
+        let b = rng.uniforms(batch * k * n, -1.0, 1.0);
+        let c0 = rng.uniforms(batch * m * n, -1.0, 1.0);
         // Stored shapes: A is m x k (or k x m when used transposed).
         let (ar, ac) = if ta { (k, m) } else { (m, k) };
         let (br, bc) = if tb { (n, k) } else { (k, n) };
@@ -1022,17 +991,17 @@ fn gemm_all_transposes_batched_with_beta() {
 #[test]
 fn adamw_ema_and_scaling() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(13);
+    let mut rng = Rng::new(13);
     let opt = AdamW {
         lr: 1e-3,
         weight_decay: 0.04,
         ..AdamW::default()
     };
     for n in [1usize, 1001, 300_007] {
-        let p = rng.vec(n, -1.0, 1.0);
-        let m = rng.vec(n, -0.1, 0.1);
-        let v = rng.vec(n, 0.0, 0.01);
-        let grads: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(n, -1.0, 1.0)).collect();
+        let p = rng.uniforms(n, -1.0, 1.0);
+        let m = rng.uniforms(n, -0.1, 0.1);
+        let v = rng.uniforms(n, 0.0, 0.01);
+        let grads: Vec<Vec<f32>> = (0..3).map(|_| rng.uniforms(n, -1.0, 1.0)).collect();
         check(
             &g,
             &format!("adamw n={n} steps 1..=3"),
@@ -1066,7 +1035,7 @@ fn adamw_ema_and_scaling() {
                 sere_core::optim::adamw_step(p, &scaled, m, v, &opt, 7).unwrap();
             },
         );
-        let s = rng.vec(n, -1.0, 1.0);
+        let s = rng.uniforms(n, -1.0, 1.0);
         check(
             &g,
             &format!("ema n={n}"),
@@ -1097,10 +1066,10 @@ fn adamw_ema_and_scaling() {
 #[test]
 fn l2_norm_and_gradient_clipping() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(14);
+    let mut rng = Rng::new(14);
     for n in [5usize, 1000, 100_003] {
         for max_norm in [0.1f32, 1e6] {
-            let x = rng.vec(n, -1.0, 1.0);
+            let x = rng.uniforms(n, -1.0, 1.0);
             check(
                 &g,
                 &format!("l2_norm n={n}"),
@@ -1163,13 +1132,13 @@ fn shape_errors_are_reported_not_panics() {
 #[test]
 fn im2col_copy_rows_keep_and_relu() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     for (b, ch, img, p) in [
         (2usize, 3usize, 8usize, 4usize),
         (3, 3, 20, 5),
         (1, 1, 16, 16),
     ] {
-        let x = rng.vec(b * ch * img * img, -1.0, 1.0);
+        let x = rng.uniforms(b * ch * img * img, -1.0, 1.0);
         let n = x.len();
         check(
             &g,
@@ -1205,13 +1174,13 @@ fn im2col_copy_rows_keep_and_relu() {
         (33, 300, 301, 300),
         (1, 1, 1, 1),
     ] {
-        let src = rng.vec((rows - 1) * ss + cols, -1.0, 1.0);
+        let src = rng.uniforms((rows - 1) * ss + cols, -1.0, 1.0);
         for acc in [false, true] {
             check(
                 &g,
                 &format!("copy_rows {rows}x{cols} strides {ss}/{ds} accumulate={acc}"),
                 &[&src],
-                &[("dst", rng.vec((rows - 1) * ds + cols, -1.0, 1.0))],
+                &[("dst", rng.uniforms((rows - 1) * ds + cols, -1.0, 1.0))],
                 |g, i, o| {
                     g.copy_rows(&i[0], ss, &mut o[0], ds, rows, cols, acc)
                         .unwrap()
@@ -1230,13 +1199,13 @@ fn im2col_copy_rows_keep_and_relu() {
     }
     for (imgs, per) in [(3usize, 5usize), (7, 1000), (1, 1)] {
         let n = imgs * per;
-        let x = rng.vec(n, -1.0, 1.0);
+        let x = rng.uniforms(n, -1.0, 1.0);
         let keep: Vec<f32> = (0..imgs).map(|i| [0.0, 1.0, 1.0 / 0.9][i % 3]).collect();
         check(
             &g,
             &format!("residual_keep_add {imgs}x{per}"),
             &[&x, &keep],
-            &[("out", rng.vec(n, -1.0, 1.0))],
+            &[("out", rng.uniforms(n, -1.0, 1.0))],
             |g, i, o| g.residual_keep_add(&mut o[0], &i[0], &i[1], per).unwrap(),
             |i, o| {
                 for (k, v) in o[0].iter_mut().enumerate() {
@@ -1248,7 +1217,7 @@ fn im2col_copy_rows_keep_and_relu() {
             &g,
             &format!("keep_scale {imgs}x{per}"),
             &[&x, &keep],
-            &[("out", rng.vec(n, -1.0, 1.0))],
+            &[("out", rng.uniforms(n, -1.0, 1.0))],
             |g, i, o| g.keep_scale(&i[0], &i[1], per, &mut o[0]).unwrap(),
             |i, o| {
                 for (k, v) in o[0].iter_mut().enumerate() {
@@ -1264,12 +1233,12 @@ fn im2col_copy_rows_keep_and_relu() {
             |g, _, o| g.relu_in_place(&mut o[0]).unwrap(),
             |_, o| o[0].iter_mut().for_each(|v| *v = v.max(0.0)),
         );
-        let dy = rng.vec(n, -1.0, 1.0);
+        let dy = rng.uniforms(n, -1.0, 1.0);
         check(
             &g,
             &format!("relu backward {n}"),
             &[&x, &dy],
-            &[("dx", rng.vec(n, -1.0, 1.0))],
+            &[("dx", rng.uniforms(n, -1.0, 1.0))],
             |g, i, o| g.relu_backward(&i[0], &i[1], &mut o[0]).unwrap(),
             |i, o| {
                 for (k, v) in o[0].iter_mut().enumerate() {
@@ -1283,9 +1252,9 @@ fn im2col_copy_rows_keep_and_relu() {
 #[test]
 fn l2_normalize_rows_forward_and_backward() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(22);
+    let mut rng = Rng::new(22);
     for (rows, cols, eps) in [(5usize, 7usize, 1e-12f32), (64, 256, 0.0), (3, 1000, 1e-12)] {
-        let mut x = rng.vec(rows * cols, -1.0, 1.0);
+        let mut x = rng.uniforms(rows * cols, -1.0, 1.0);
         // One row with a tiny norm: the clamp and its backward branch.
         x[..cols].iter_mut().for_each(|v| *v *= 1e-14);
         let reference = |x: &[f32]| -> (Vec<f32>, Vec<f32>) {
@@ -1316,13 +1285,13 @@ fn l2_normalize_rows_forward_and_backward() {
                 o[1].copy_from_slice(&nr);
             },
         );
-        let du = rng.vec(rows * cols, -1.0, 1.0);
+        let du = rng.uniforms(rows * cols, -1.0, 1.0);
         for acc in [false, true] {
             check(
                 &g,
                 &format!("l2_normalize_rows backward {rows}x{cols} eps={eps} accumulate={acc}"),
                 &[&du, &u, &nr],
-                &[("dst", rng.vec(rows * cols, -1.0, 1.0))],
+                &[("dst", rng.uniforms(rows * cols, -1.0, 1.0))],
                 |g, i, o| {
                     g.l2_normalize_rows_backward(
                         &i[0], &i[1], &i[2], rows, cols, eps, acc, &mut o[0],
@@ -1356,7 +1325,7 @@ fn l2_normalize_rows_forward_and_backward() {
 #[test]
 fn indexed_grid_sample_forward_and_backward() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(23);
+    let mut rng = Rng::new(23);
     for (nmaps, c, h, w, p, index) in [
         (4usize, 3usize, 5usize, 7usize, 11usize, vec![2i32, 0, 3]),
         (8, 64, 14, 14, 169, vec![7, 1, 1, 4, 0]),
@@ -1370,9 +1339,9 @@ fn indexed_grid_sample_forward_and_backward() {
             points: p,
         };
         let map_len = h * w * c;
-        let maps = rng.vec(nmaps * map_len, -1.0, 1.0);
-        let grids = rng.vec(slots * 2 * p, -1.2, 1.2);
-        let gout = rng.vec(slots * p * c, -1.0, 1.0);
+        let maps = rng.uniforms(nmaps * map_len, -1.0, 1.0);
+        let grids = rng.uniforms(slots * 2 * p, -1.2, 1.2);
+        let gout = rng.uniforms(slots * p * c, -1.0, 1.0);
         let what = format!("indexed grid_sample {nmaps} maps {h}x{w}x{c} P={p} slots={slots}");
         let idx = g.stream().clone_htod(&index).unwrap();
         check(
@@ -1402,7 +1371,7 @@ fn indexed_grid_sample_forward_and_backward() {
             &g,
             &format!("{what} backward"),
             &[&maps, &grids, &gout],
-            &[("grad_maps", rng.vec(nmaps * map_len, -1.0, 1.0))],
+            &[("grad_maps", rng.uniforms(nmaps * map_len, -1.0, 1.0))],
             |g, i, o| {
                 g.grid_sample_backward_indexed(&idx, &i[1], &i[2], slots, shape, nmaps, &mut o[0])
                     .unwrap()

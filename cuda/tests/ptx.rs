@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn required() -> bool {
-    std::env::var("SERE_REQUIRE_NVRTC").is_ok_and(|v| !v.is_empty() && v != "0")
+    sere_testkit::required("SERE_REQUIRE_NVRTC")
 }
 
 /// Skips (or fails, when required) with a one-line reason.

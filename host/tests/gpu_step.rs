@@ -19,19 +19,9 @@ use sere_host::train::engine::Engine;
 use sere_host::train::Schedules;
 
 fn gpu_or_skip() -> bool {
-    match sere_cuda::probe() {
-        Ok(info) => {
-            println!("device: {info}");
-            true
-        }
-        Err(e) => {
-            if std::env::var("SERE_REQUIRE_GPU").is_ok_and(|v| !v.is_empty() && v != "0") {
-                panic!("SERE_REQUIRE_GPU is set, but {e}");
-            }
-            println!("skipped: {e}");
-            false
-        }
-    }
+    sere_testkit::device_or_skip("CUDA", sere_cuda::probe)
+        .map(|info| println!("device: {info}"))
+        .is_some()
 }
 
 fn tiny() -> TrainConfig {

@@ -44,17 +44,12 @@ fn tiny(drop_path: f32, mask_token: bool) -> (ParamLayout, Vit) {
     (layout, vit)
 }
 
-/// `|a - b| <= atol + rtol * |b|` elementwise, reporting the worst element.
+/// `|a - b| <= atol + rtol * |b|` elementwise (in f32), `atol = atol_frac *
+/// max|b|`; the message names the worst element.
+#[track_caller]
 fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol_frac: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let atol = atol_frac * scale;
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= atol + rtol * w.abs(),
-            "{what}[{i}]: got {g}, want {w} (scale {scale})"
-        );
-    }
+    let atol = atol_frac * sere_testkit::max_abs_f32(want);
+    sere_testkit::assert_close_f32(what, got, want, rtol, atol);
 }
 
 fn pytorch_reference<B: Backend>(be: &B) {

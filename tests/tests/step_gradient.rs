@@ -8,6 +8,8 @@ use sere_host::augment::{batch_pair_grids, BatchPairGrids};
 use sere_host::config::TrainConfig;
 use sere_host::train::engine::{CpuEngine, StepInput, StepSchedule};
 use sere_host::train::network::BACKBONE_PREFIX;
+// The LCG stream these inputs always came from (bit-for-bit).
+use sere_testkit::Lcg;
 
 fn config() -> TrainConfig {
     let text = r#"
@@ -32,13 +34,6 @@ fn config() -> TrainConfig {
         steps = 10
     "#;
     TrainConfig::from_toml(text).expect("config parses")
-}
-
-fn lcg(state: &mut u64) -> f32 {
-    *state = state
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    ((*state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
 }
 
 /// A tiny batch and its overlap grids (owned; [`Batch::input`] borrows).
@@ -70,25 +65,25 @@ fn setup(cfg: &TrainConfig) -> (CpuEngine, Batch) {
     cfg.validate().unwrap();
     let mut engine = CpuEngine::cpu(cfg);
     // Larger weights than the 0.02 init so every path carries signal.
-    let mut s = 11u64;
+    let mut s = Lcg::new(11);
     for p in engine.student.iter_mut() {
-        *p += 0.3 * lcg(&mut s);
+        *p += 0.3 * s.signed_f32();
     }
     engine.teacher = engine
         .student
         .iter()
-        .map(|&p| p + 0.05 * lcg(&mut s))
+        .map(|&p| p + 0.05 * s.signed_f32())
         .collect();
     for c in engine
         .centre
         .iter_mut()
         .chain(engine.patch_centre.iter_mut())
     {
-        *c = 0.1 * lcg(&mut s);
+        *c = 0.1 * s.signed_f32();
     }
     let (b, l) = (cfg.batch, cfg.locals);
-    let globals: Vec<f32> = (0..2 * b * 3 * 64).map(|_| lcg(&mut s)).collect();
-    let locals: Vec<f32> = (0..l * b * 3 * 16).map(|_| lcg(&mut s)).collect();
+    let globals: Vec<f32> = (0..2 * b * 3 * 64).map(|_| s.signed_f32()).collect();
+    let locals: Vec<f32> = (0..l * b * 3 * 16).map(|_| s.signed_f32()).collect();
     let views = 2 + l;
     let crop = |x: f32, y: f32, w: f32, f: bool| CropBox::new(x, y, w, w, f).unwrap();
     let mut crops = Vec::new();

@@ -86,16 +86,15 @@ fn config(fx: &Fixture) -> TrainConfig {
 }
 
 /// `|got - want| <= rtol |want| + atol_frac max|want|` element-wise.
+#[track_caller]
 fn assert_close(what: &str, got: &[f32], want: &[f64], rtol: f64, atol_frac: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g as f64 - w).abs();
-        assert!(
-            err <= rtol * w.abs() + atol_frac * scale,
-            "{what}[{i}]: got {g}, want {w} (scale {scale:.3e})"
-        );
-    }
+    sere_testkit::assert_close(
+        what,
+        got,
+        want,
+        rtol,
+        atol_frac * sere_testkit::max_abs(want),
+    );
 }
 
 #[test]

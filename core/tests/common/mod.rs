@@ -1,7 +1,8 @@
 //! Shared helpers of the reference and finite-difference tests: reading the
 //! PyTorch fixtures (`tests/fixtures/*.txt`, written by `gen_fixtures.py`),
-//! comparing f32 kernel results with float64 references, a small
-//! deterministic RNG and a central finite-difference gradient checker.
+//! comparing f32 kernel results with float64 references (on
+//! `sere_testkit`'s checks), its seeded RNG and a central finite-difference
+//! gradient checker.
 //!
 //! Set `SERE_TOL_REPORT=1` (with `-- --nocapture --test-threads 1`) to print
 //! how much of its tolerance every comparison used.
@@ -137,10 +138,8 @@ fn parse(text: &str, path: &str) -> Vec<Case> {
     cases
 }
 
-/// Largest absolute value (0 for an empty slice).
-pub fn max_abs(xs: &[f64]) -> f64 {
-    xs.iter().fold(0.0, |m, v| m.max(v.abs()))
-}
+#[allow(unused_imports)] // reference.rs uses it, finite_diff.rs does not
+pub use sere_testkit::max_abs;
 
 /// Default relative tolerance of the reference comparisons: an f32 kernel
 /// (24-bit mantissa, ~6e-8 per rounding) over the short reductions of these
@@ -172,38 +171,14 @@ pub fn check_close_abs(
     check_close_f64(what, &got, want, |w| atol + rtol * w.abs())
 }
 
-/// Element-wise `|got - want| <= bound(want)`; reports the first offenders.
+/// Element-wise `|got - want| <= bound(want)` (`sere_testkit::check_bound`,
+/// which names the worst offender), with the `SERE_TOL_REPORT` line.
 pub fn check_close_f64(
     what: &str,
     got: &[f64],
     want: &[f64],
     bound: impl Fn(f64) -> f64,
 ) -> Result<(), String> {
-    if got.len() != want.len() {
-        return Err(format!(
-            "{what}: length {} != reference length {}",
-            got.len(),
-            want.len()
-        ));
-    }
-    let mut msg = String::new();
-    let mut bad = 0usize;
-    let mut worst = 0.0f64;
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs();
-        let lim = bound(w);
-        // NaN (from the kernel or the bound) fails too.
-        if err.is_nan() || lim.is_nan() || err > lim {
-            bad += 1;
-            worst = worst.max(err / lim.max(f64::MIN_POSITIVE));
-            if bad <= 5 {
-                let _ = writeln!(
-                    msg,
-                    "  [{i}] got {g:e} want {w:e} |diff| {err:.3e} > {lim:.3e}"
-                );
-            }
-        }
-    }
     if std::env::var_os("SERE_TOL_REPORT").is_some() {
         let used = got
             .iter()
@@ -212,14 +187,7 @@ pub fn check_close_f64(
             .fold(0.0, f64::max);
         println!("tolerance used {used:9.3e}  {what}");
     }
-    if bad == 0 {
-        Ok(())
-    } else {
-        Err(format!(
-            "{what}: {bad}/{} elements out of tolerance (worst {worst:.1}x the bound)\n{msg}",
-            got.len()
-        ))
-    }
+    sere_testkit::check_bound(what, got, want, bound)
 }
 
 /// [`check_close`] with the default tolerances (rtol 1e-5, atol 1e-5 max|want|).
@@ -308,45 +276,10 @@ pub fn close_accumulated(what: &str, got: &[f32], want: &[f64]) -> Result<(), St
     })
 }
 
-/// SplitMix64: a tiny deterministic generator for the finite-difference
-/// inputs (no external crates).
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in [lo, hi).
-    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * self.uniform()
-    }
-
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-
-    /// `n` normal values times `scale`, as f32.
-    pub fn normals(&mut self, n: usize, scale: f64) -> Vec<f32> {
-        (0..n).map(|_| (self.normal() * scale) as f32).collect()
-    }
-}
+/// The seeded SplitMix64 generator of the finite-difference inputs
+/// (`uniform`, `range`, `normal`, `normals`).
+#[allow(unused_imports)] // finite_diff.rs uses it, reference.rs does not
+pub use sere_testkit::Rng;
 
 /// `sum_i w_i y_i` accumulated in f64: the scalar objective whose gradient
 /// the backward kernels compute for upstream gradient `w`.

@@ -208,13 +208,8 @@ mod tests {
     /// among the five heaviest classes.
     #[test]
     fn several_k_at_once_and_top5() {
-        let mut rng = 7u64;
-        let mut next = || {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((rng >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
+        let mut rng = sere_testkit::Lcg::new(7);
+        let mut next = || ((rng.next_u64() >> 33) as f32 / (1u64 << 31) as f32) - 0.5;
         let (n_train, n_test, dim, classes) = (300, 57, 8, 10);
         let mut train: Vec<f32> = (0..n_train * dim).map(|_| next()).collect();
         let mut test: Vec<f32> = (0..n_test * dim).map(|_| next()).collect();

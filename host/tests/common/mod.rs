@@ -14,16 +14,7 @@ use sere_host::backend::{Backend, Cuda};
 /// CUDA device 0, or `None` after printing why the CUDA variant is skipped;
 /// with `SERE_REQUIRE_GPU=1` (cuda/gpu-check.sh) a missing GPU fails.
 pub fn cuda_or_skip() -> Option<Cuda> {
-    match sere_host::train::engine::open_cuda() {
-        Ok(cuda) => Some(cuda),
-        Err(e) => {
-            if std::env::var("SERE_REQUIRE_GPU").is_ok_and(|v| !v.is_empty() && v != "0") {
-                panic!("SERE_REQUIRE_GPU is set, but {e}");
-            }
-            println!("skipped: {e}");
-            None
-        }
-    }
+    sere_testkit::device_or_skip("CUDA", sere_host::train::engine::open_cuda)
 }
 
 /// Runs `sere` with `args`, killing it (and failing) after `timeout`.

@@ -1422,39 +1422,21 @@ mod tests {
 
     /// The device, or `None` (with the reason printed) without one.
     fn device() -> Option<Cuda> {
-        match sere_cuda::probe() {
-            Err(e) => {
-                if std::env::var("SERE_REQUIRE_GPU").is_ok_and(|v| !v.is_empty() && v != "0") {
-                    panic!("SERE_REQUIRE_GPU is set, but {e}");
-                }
-                println!("skipped: {e}");
-                None
-            }
-            Ok(_) => Some(Cuda::new(0).expect("probe found a device, so it must open")),
-        }
+        sere_testkit::device_or_skip("CUDA", sere_cuda::probe)
+            .map(|_| Cuda::new(0).expect("probe found a device, so it must open"))
     }
 
-    /// `n` values in [-1, 1) from a xorshift stream.
+    /// `n` values in [-1, 1) from the kit's xorshift stream.
     fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        sere_testkit::XorShift::new(seed).signeds(n)
     }
 
+    /// Every element within `tol (1 + |want|)`, in f32.
     #[track_caller]
     fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= tol * (1.0 + w.abs()),
-                "{what}[{i}]: got {g}, want {w}"
-            );
+        let bound = |w: f32| tol * (1.0 + w.abs());
+        if let Err(e) = sere_testkit::check_bound_f32(what, got, want, bound) {
+            panic!("{e}");
         }
     }
 

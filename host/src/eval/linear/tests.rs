@@ -2,6 +2,8 @@ use super::*;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+// rand_chacha's ChaCha8 (the host's data generator), not the kit's SplitMix64:
+// the fit and chance thresholds below were set on these draws.
 fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut r = ChaCha8Rng::seed_from_u64(seed);
     (0..n).map(|_| r.random_range(-scale..scale)).collect()

@@ -28,18 +28,11 @@ fn view(rows: usize, cols: usize, transposed: bool, pad: usize, offset: usize) -
     }
 }
 
+/// `len` values in [-1, 1): the kit's LCG stream started one step past `seed`.
 fn fill(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    let mut lcg = sere_testkit::Lcg::new(seed);
+    lcg.next_u64();
+    lcg.signeds(len)
 }
 
 // Index loops mirror the maths of the reference on purpose.
