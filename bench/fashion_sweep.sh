@@ -72,7 +72,7 @@ if [ "$ROUND" = p4 ]; then
         "scales-0.25|--global-scale 0.25 1.0 --local-scale 0.05 0.25"
         "patch-7|--patch 7 --local-img 14 --overlap 4 --local-overlap 2"
         "dim-128|--dim 128"
-        "sere-x2|--alpha 1.0 --beta 6.0"
+        "authors-weights|--alpha 0.2 --beta 0.5"
         "mim|--mim"
     )
 else
@@ -88,9 +88,11 @@ else
         "local-21px|--local-img 21 --local-overlap 3"
         "scales-0.25|--global-scale 0.25 1.0 --local-scale 0.05 0.25"
         "scales-narrow|--global-scale 0.6 1.0 --local-scale 0.2 0.6"
+        "scales-0.8|--global-scale 0.8 1.0 --local-scale 0.3 0.8"
+        "scales-narrow-lr-half|--global-scale 0.6 1.0 --local-scale 0.2 0.6 --lr 0.01"
         "dim-128|--dim 128"
         "depth-6|--depth 6"
-        "sere-x2|--alpha 1.0 --beta 6.0"
+        "authors-weights|--alpha 0.2 --beta 0.5"
         "mim|--mim"
     )
 fi
