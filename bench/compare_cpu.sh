@@ -99,6 +99,20 @@ for t in $THREADS; do
 done
 done
 
+# The machine every figure below was measured on: CPU model, the instruction
+# sets the SGEMMs dispatch on, cores (machines of one kind differ).
+machine_line() {
+    local model flags
+    model="$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1)"
+    flags="$(grep -m1 -o -w -E 'avx2|fma|avx512f|avx512_bf16|amx_tile|amx_bf16' /proc/cpuinfo 2>/dev/null \
+        | sort -u | tr '\n' ' ')"
+    printf 'machine: %s; flags: %s; %s cores' "${model:-unknown}" "${flags:-none found}" "$(nproc)"
+}
+
+echo "### machine"
+machine_line
+echo
+echo
 echo "### raw JSON"
 for r in $(seq 1 "$ROUNDS"); do
     for t in $THREADS; do
@@ -186,6 +200,10 @@ for t in os.environ["THREADS"].split():
                 per = [f"{s_['median_ms'] / t_['median_ms']:.2f}"
                        for s_, t_ in zip(r["_runs"], tor["_runs"])]
                 notes.append(f"{t} threads, sere/torch per round: {', '.join(per)}")
+        if name == "sere" and r.get("cpu_gemm"):
+            note = f"sere's CPU SGEMM path: {r['cpu_gemm']} (SERE_GEMM forces one)"
+            if note not in notes:
+                notes.append(note)
         lo, hi = r.get("min_ms"), r.get("max_ms")
         print(f"| {t} | {name} | {f(med, '.1f')} | {f(lo, '.0f')}-{f(hi, '.0f')} | "
               f"{f(r.get('images_per_s'), '.2f')} | {f(r.get('peak_rss_mb'), '.0f')} | "

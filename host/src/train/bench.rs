@@ -61,6 +61,9 @@ pub struct BenchResult {
     pub gflop_per_step: f64,
     /// Achieved matmul GFLOP/s at the median.
     pub gflop_per_s: f64,
+    /// The CPU SGEMM path the host's matmuls took (`avx512`, `avx2` or
+    /// `portable`; see `SERE_GEMM`), so that every figure names its kernel.
+    pub cpu_gemm: &'static str,
 }
 
 /// Matmul FLOPs (2 m n k per GEMM) of one training step.
@@ -278,5 +281,6 @@ pub fn bench_step(
         } else {
             0.0
         },
+        cpu_gemm: crate::backend::cpu::GemmPath::active().name(),
     })
 }

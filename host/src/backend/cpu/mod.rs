@@ -12,7 +12,7 @@ pub mod relation_loss;
 mod rows;
 
 use crate::backend::LN_EPS;
-pub use gemm::{gemm, gemm_bias};
+pub use gemm::{gemm, gemm_bias, gemm_bias_on, GemmPath};
 pub use ops::{Cpu, CpuScratch};
 use rayon::prelude::*;
 use sere_core::linalg::MatRef;

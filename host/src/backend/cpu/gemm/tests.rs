@@ -1,8 +1,9 @@
 //! The blocked SGEMM against a float64 triple loop, over shapes that cross
-//! every block edge (MR, NR, KC, MC), transposed and strided views, alpha,
-//! beta and the bias epilogue.
+//! every block edge (MR, NR, KC, MC of every tile), transposed and strided
+//! views, alpha, beta and the bias epilogue, on every path this CPU has
+//! (each test names the paths it could not run).
 
-use super::{gemm, gemm_bias, KC, MC, MR, NR};
+use super::{gemm, gemm_bias, gemm_bias_on, Avx2, Avx512, GemmPath, Tiling, KC};
 use proptest::prelude::*;
 use sere_core::linalg::MatRef;
 
@@ -35,9 +36,27 @@ fn fill(len: usize, seed: u64) -> Vec<f32> {
     lcg.signeds(len)
 }
 
+/// The paths this CPU runs; prints the ones it skips.
+fn paths() -> Vec<GemmPath> {
+    GemmPath::ALL
+        .into_iter()
+        .filter(|p| {
+            let ok = p.supported();
+            if !ok {
+                eprintln!(
+                    "skipped: GEMM path {}: not supported by this CPU or build",
+                    p.name()
+                );
+            }
+            ok
+        })
+        .collect()
+}
+
 // Index loops mirror the maths of the reference on purpose.
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 fn check(
+    path: GemmPath,
     (m, k, n): (usize, usize, usize),
     (at, bt, ct): (bool, bool, bool),
     pad: usize,
@@ -55,7 +74,7 @@ fn check(
     let bias = fill(n, seed + 3);
     let mut c = c0.clone();
     let bias_arg = with_bias.then_some(bias.as_slice());
-    gemm_bias(alpha, &a, am, &b, bm, beta, bias_arg, &mut c, cm).unwrap();
+    gemm_bias_on(path, alpha, &a, am, &b, bm, beta, bias_arg, &mut c, cm).unwrap();
     let at_ = |x: &[f32], v: MatRef, i: usize, j: usize| {
         x[v.offset + i * v.row_stride + j * v.col_stride] as f64
     };
@@ -78,7 +97,8 @@ fn check(
             let tol = 1e-5 * (1.0 + alpha.abs() as f64 * mag + old.abs());
             prop_assert!(
                 (got - want).abs() <= tol,
-                "C[{i}][{j}] = {got}, want {want} (m {m} k {k} n {n})"
+                "{}: C[{i}][{j}] = {got}, want {want} (m {m} k {k} n {n})",
+                path.name()
             );
         }
     }
@@ -107,29 +127,50 @@ proptest! {
 
     #[test]
     fn matches_f64_reference(
-        m in 1usize..40, k in 1usize..40, n in 1usize..40,
+        m in 1usize..60, k in 1usize..40, n in 1usize..70,
         at in any::<bool>(), bt in any::<bool>(), ct in any::<bool>(),
         pad in 0usize..3, beta_i in 0usize..3, with_bias in any::<bool>(), seed in any::<u64>(),
     ) {
         let beta = [0.0, 1.0, -0.5][beta_i];
-        check((m, k, n), (at, bt, ct), pad, 0.75, beta, with_bias, seed)?;
+        for path in paths() {
+            check(path, (m, k, n), (at, bt, ct), pad, 0.75, beta, with_bias, seed)?;
+        }
     }
 }
 
 #[test]
 fn crosses_every_block_edge() {
     // Depth over two KC blocks (the second accumulates onto the first's beta
-    // and bias), rows over two MC blocks, ragged MR / NR edges.
-    let shapes = [
-        (MC + MR + 1, 2 * KC + 3, 3 * NR + 5),
-        (2 * MC, KC, 2 * NR),
-        (MR, KC + 1, NR),
-        (1, 2 * KC + 1, 1),
-    ];
-    for (s, &(m, k, n)) in shapes.iter().enumerate() {
-        for (at, bt) in [(false, false), (false, true), (true, false), (true, true)] {
-            for (beta, bias) in [(0.0, true), (1.0, false), (0.5, true)] {
-                check((m, k, n), (at, bt, false), 1, 1.0, beta, bias, s as u64).unwrap();
+    // and bias), rows over two MC blocks, ragged MR / NR edges, for both
+    // tiles' block sizes on every path.
+    fn shapes<T: Tiling>() -> [(usize, usize, usize); 4] {
+        [
+            (T::MC + T::MR + 1, 2 * KC + 3, 3 * T::NR + 5),
+            (2 * T::MC, KC, 2 * T::NR),
+            (T::MR, KC + 1, T::NR),
+            (1, 2 * KC + 1, 1),
+        ]
+    }
+    let all: Vec<_> = shapes::<Avx2>()
+        .into_iter()
+        .chain(shapes::<Avx512>())
+        .collect();
+    for path in paths() {
+        for (s, &(m, k, n)) in all.iter().enumerate() {
+            for (at, bt) in [(false, false), (false, true), (true, false), (true, true)] {
+                for (beta, bias) in [(0.0, true), (1.0, false), (0.5, true)] {
+                    check(
+                        path,
+                        (m, k, n),
+                        (at, bt, false),
+                        1,
+                        1.0,
+                        beta,
+                        bias,
+                        s as u64,
+                    )
+                    .unwrap();
+                }
             }
         }
     }
@@ -137,22 +178,39 @@ fn crosses_every_block_edge() {
 
 #[test]
 fn beta_zero_overwrites_nan() {
-    let (m, k, n) = (7, 5, 17);
+    let (m, k, n) = (13, 5, 37);
     let a = fill(m * k, 1);
     let b = fill(k * n, 2);
-    let mut c = vec![f32::NAN; m * n];
-    gemm(
-        1.0,
-        &a,
-        MatRef::row_major(m, k),
-        &b,
-        MatRef::row_major(k, n),
-        0.0,
-        &mut c,
-        MatRef::row_major(m, n),
-    )
-    .unwrap();
-    assert!(c.iter().all(|v| v.is_finite()));
+    for path in paths() {
+        let mut c = vec![f32::NAN; m * n];
+        gemm_bias_on(
+            path,
+            1.0,
+            &a,
+            MatRef::row_major(m, k),
+            &b,
+            MatRef::row_major(k, n),
+            0.0,
+            None,
+            &mut c,
+            MatRef::row_major(m, n),
+        )
+        .unwrap();
+        assert!(c.iter().all(|v| v.is_finite()), "{}", path.name());
+    }
+}
+
+#[test]
+fn active_path_is_supported() {
+    let p = GemmPath::active();
+    assert!(p.supported(), "{}", p.name());
+    // Forcing a path the CPU lacks is an error, not a crash.
+    for path in GemmPath::ALL.into_iter().filter(|p| !p.supported()) {
+        let a = [1.0f32];
+        let mut c = [0.0f32];
+        let v = MatRef::row_major(1, 1);
+        assert!(gemm_bias_on(path, 1.0, &a, v, &a, v, 0.0, None, &mut c, v).is_err());
+    }
 }
 
 #[test]
