@@ -4,7 +4,9 @@
 //! LLVM vectorises our loops 4 wide at most. With the `std` feature on
 //! x86-64, [`multiversion!`] runs a kernel's body inside a function compiled with
 //! AVX2 + FMA when the CPU has them (checked once, cached by std), so the
-//! same loops run 8 wide. Results do not change with the path taken: Rust
+//! same loops run 8 wide, and, built with rustc 1.89 or newer, inside one
+//! compiled with AVX-512 (AVX512F) where the CPU has it, so the element-wise
+//! loops run 16 wide. Results do not change with the path taken: Rust
 //! never contracts `a * b + c` into an FMA on its own, and the reductions'
 //! order is fixed by [`sum`] / [`dot`], not by the vector width.
 //!
@@ -20,8 +22,17 @@ pub(crate) fn has_avx2_fma() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
 
-/// Defines a kernel function whose body is compiled twice: as is, and
-/// inside an `avx2,fma` function chosen at run time by [`has_avx2_fma`].
+/// Whether the AVX-512 copies of the kernels may run (std builds with
+/// rustc 1.89 or newer on x86-64; see build.rs).
+#[cfg(all(feature = "std", target_arch = "x86_64", sere_avx512))]
+#[inline]
+pub(crate) fn has_avx512() -> bool {
+    std::is_x86_feature_detected!("avx512f") && has_avx2_fma()
+}
+
+/// Defines a kernel function whose body is compiled three times: as is,
+/// inside an `avx2,fma` function chosen at run time by [`has_avx2_fma`],
+/// and inside an `avx512f` one where the build and the CPU have it.
 /// The body is an `#[inline(always)]` function so it is really compiled into
 /// the AVX2 copy (a closure would be called, not inlined, and keep the
 /// baseline features). Helpers the body calls should be `#[inline]`.
@@ -33,6 +44,18 @@ macro_rules! multiversion {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
             fn body($($a: $t),*) $(-> $r)? $body
+            #[cfg(all(feature = "std", target_arch = "x86_64", sere_avx512))]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn body_avx512($($a: $t),*) $(-> $r)? {
+                    body($($a),*)
+                }
+                if $crate::simd::has_avx512() {
+                    // SAFETY: the CPU has the features body_avx512 is compiled for.
+                    return unsafe { body_avx512($($a),*) };
+                }
+            }
             #[cfg(all(feature = "std", target_arch = "x86_64"))]
             {
                 #[target_feature(enable = "avx2,fma")]
