@@ -171,16 +171,7 @@ pub fn gemm_bias(
     c: &mut [f32],
     cm: MatRef,
 ) -> Result<()> {
-    check_gemm_views((am, a.len()), (bm, b.len()), (cm, c.len()))?;
-    if let Some(bias) = bias {
-        if bias.len() != cm.cols {
-            return Err(Error::ShapeMismatch {
-                what: "bias",
-                expected: cm.cols,
-                got: bias.len(),
-            });
-        }
-    }
+    check_operands((am, a.len()), (bm, b.len()), bias, (cm, c.len()))?;
     gemm_checked(GemmPath::active(), alpha, a, am, b, bm, beta, bias, c, cm);
     Ok(())
 }
@@ -209,18 +200,27 @@ pub fn gemm_bias_on(
             requirement: "one this CPU supports (GemmPath::supported)",
         });
     }
-    check_gemm_views((am, a.len()), (bm, b.len()), (cm, c.len()))?;
-    if let Some(bias) = bias {
-        if bias.len() != cm.cols {
-            return Err(Error::ShapeMismatch {
-                what: "bias",
-                expected: cm.cols,
-                got: bias.len(),
-            });
-        }
-    }
+    check_operands((am, a.len()), (bm, b.len()), bias, (cm, c.len()))?;
     gemm_checked(path, alpha, a, am, b, bm, beta, bias, c, cm);
     Ok(())
+}
+
+/// The views' checks ([`check_gemm_views`]) plus the bias length.
+fn check_operands(
+    a: (MatRef, usize),
+    b: (MatRef, usize),
+    bias: Option<&[f32]>,
+    c: (MatRef, usize),
+) -> Result<()> {
+    check_gemm_views(a, b, c)?;
+    match bias {
+        Some(bias) if bias.len() != c.0.cols => Err(Error::ShapeMismatch {
+            what: "bias",
+            expected: c.0.cols,
+            got: bias.len(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The product on `path` (supported), views already checked.
@@ -670,6 +670,24 @@ struct Tile {
     nr: usize,
 }
 
+/// A tile's `alpha`-scaled products, `tmp` rows `ld` apart, stored element
+/// by element: `C = tmp + bias` (`beta = 0`, C not read) or `beta C + tmp +
+/// bias`. The kernels' path for edges and strided C.
+///
+/// # Safety
+/// The tile's `mr x nr` elements are in bounds of C; `tmp` holds `mr` rows
+/// of `ld >= nr`, `bias` (when given) `nr` values.
+#[cfg(target_arch = "x86_64")]
+unsafe fn store_scalar(tmp: &[f32], ld: usize, bias: Option<&[f32]>, beta: f32, t: &Tile) {
+    for i in 0..t.mr {
+        for j in 0..t.nr {
+            let y = tmp[i * ld + j] + bias.map_or(0.0, |v| v[j]);
+            let cij = t.c.add(i * t.rs + j * t.cs);
+            *cij = if beta == 0.0 { y } else { beta * *cij + y };
+        }
+    }
+}
+
 /// The 6 x 16 register tile: 12 accumulators, per depth step two loads of
 /// B and six broadcasts of A. Full tiles with unit column stride are stored
 /// straight from registers; edges and strided C go through a stack tile.
@@ -746,13 +764,7 @@ unsafe fn kernel_6x16(
             _mm256_mul_ps(row[1], va),
         );
     }
-    for i in 0..t.mr {
-        for j in 0..t.nr {
-            let y = tmp[i * Avx2::NR + j] + bias.map_or(0.0, |v| v[j]);
-            let cij = t.c.add(i * t.rs + j * t.cs);
-            *cij = if beta == 0.0 { y } else { beta * *cij + y };
-        }
-    }
+    store_scalar(&tmp, Avx2::NR, bias, beta, &t);
 }
 
 /// The 12 x 32 AVX-512 tile: 24 accumulators, per depth step two loads of
@@ -847,13 +859,7 @@ unsafe fn kernel_12x32<const NV: usize>(
             _mm512_storeu_ps(tmp.as_mut_ptr().add(i * NR + 16 * v), _mm512_mul_ps(x, va));
         }
     }
-    for i in 0..t.mr {
-        for j in 0..t.nr {
-            let y = tmp[i * NR + j] + bias.map_or(0.0, |v| v[j]);
-            let cij = t.c.add(i * t.rs + j * t.cs);
-            *cij = if beta == 0.0 { y } else { beta * *cij + y };
-        }
-    }
+    store_scalar(&tmp, NR, bias, beta, &t);
 }
 
 #[cfg(not(all(target_arch = "x86_64", sere_avx512)))]
