@@ -9,6 +9,18 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 # no_std proof: sere-core must build for a bare-metal Cortex-M4F target.
 rustup target add thumbv7em-none-eabihf
 
+echo "== Open MPI (the data-parallel tests: host/tests/mpi.rs, feature mpi)"
+# rsmpi's build generates its bindings with libclang from mpi.h; the tests
+# start ranks with mpirun.
+if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1 ||
+  ! ldconfig -p 2>/dev/null | grep -q libclang; then
+  sudo_=""
+  [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+  $sudo_ apt-get update -qq
+  $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin libclang-dev >/dev/null
+fi
+mpirun --version | head -1
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 
@@ -19,6 +31,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p sere-core -p sere-core-embedded-example --all-targets --locked -- -D warnings
 # And with the optional ndarray wrappers (sere_core::nd, core/tests/nd.rs).
 cargo clippy -p sere-core --all-targets --features ndarray --locked -- -D warnings
+# And the host with data-parallel training over MPI.
+cargo clippy -p sere-host --all-targets --features mpi --locked -- -D warnings
 
 echo "== sere-core for thumbv7em-none-eabihf (no_std, no allocator)"
 cargo build -p sere-core --target thumbv7em-none-eabihf --locked
@@ -42,8 +56,11 @@ export SERE_PTXAS="$cu13/bin/ptxas"
 export SERE_REQUIRE_NVRTC=1
 echo "NVRTC: $cu13/lib/libnvrtc.so.13, ptxas: $SERE_PTXAS"
 
-echo "== cargo test"
-cargo test --workspace --locked
+echo "== cargo test (the host with MPI: host/tests/mpi.rs starts 2 and 3 ranks with mpirun)"
+# One build serves every test: the host with MPI still trains as one
+# process when no launcher started it (the CLI tests).
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+cargo test --workspace --locked --features sere-host/mpi
 
 echo "== sere-core and its no_std consumer without the std feature (allocation-free GEMM)"
 cargo test -p sere-core -p sere-core-embedded-example --locked

@@ -268,6 +268,24 @@ impl Checkpoint {
         }
     }
 
+    /// A 64-bit FNV-1a hash of every tensor's name, shape and value bits
+    /// (not the metadata): equal states hash equal, so ranks of a
+    /// data-parallel run can check they start from the same one.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for (name, (shape, data)) in &self.tensors {
+            eat(name.as_bytes());
+            shape.iter().for_each(|&d| eat(&(d as u64).to_le_bytes()));
+            data.iter().for_each(|v| eat(&v.to_bits().to_le_bytes()));
+        }
+        h
+    }
+
     /// Adds (or replaces) a tensor. Panics if `data.len()` does not match
     /// `shape` (a programming error).
     pub fn insert(&mut self, name: impl Into<String>, shape: &[usize], data: Vec<f32>) {

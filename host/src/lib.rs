@@ -16,6 +16,7 @@ pub use data::augment;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod metrics;
 

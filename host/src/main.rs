@@ -13,6 +13,7 @@ use sere_host::cli::{
 };
 use sere_host::config::Device;
 use sere_host::data::DataSpec;
+use sere_host::dist::{self, ProcessGroup};
 use sere_host::error::{self, report, SereError};
 use sere_host::eval::dump::FeatureDump;
 use sere_host::eval::{features, features::Embedder, knn, linear, report};
@@ -77,7 +78,7 @@ fn main() -> ExitCode {
 
 fn run(cmd: Command) -> Result<(), SereError> {
     match cmd {
-        Command::Train(args) => run_train(&args),
+        Command::Train(args) => run_train_in_group(&args),
         Command::BenchStep(args) => run_bench(&args),
         Command::Eval(EvalCommand::Knn(args)) => run_knn(&args),
         Command::Eval(EvalCommand::Linear(args)) => run_linear(&args),
@@ -106,10 +107,31 @@ fn checkpoint_in(path: &Path) -> Result<PathBuf, SereError> {
     }
 }
 
-fn run_train(args: &TrainArgs) -> Result<(), SereError> {
+/// `sere train` in the processes an MPI launcher started (one process
+/// otherwise). A rank that fails says which it is and ends the whole run:
+/// the others would wait for it in their next collective for ever.
+fn run_train_in_group(args: &TrainArgs) -> Result<(), SereError> {
     if args.print_config {
         return print_config(args);
     }
+    let group = dist::from_launcher().map_err(SereError::Other)?;
+    match run_train(args, &group) {
+        Err(e) if group.world() > 1 => {
+            eprintln!(
+                "sere: rank {} of {} ({}) failed; ending every process of the run",
+                group.rank(),
+                group.world(),
+                group.describe()
+            );
+            let _ = report(&e);
+            group.abort(1)
+        }
+        r => r,
+    }
+}
+
+fn run_train(args: &TrainArgs, group: &ProcessGroup) -> Result<(), SereError> {
+    let lead = group.rank() == 0;
     // A resumed run's flags apply over its checkpoint's config, which is
     // validated with them (in `train`), not over the defaults.
     let mut cfg = match args.resume {
@@ -175,17 +197,35 @@ fn run_train(args: &TrainArgs) -> Result<(), SereError> {
             cfg.out = Some(dir.to_path_buf());
         }
     } else if cfg.out.is_none() {
+        if group.world() > 1 {
+            // Each process would name its own runs/<date-time>.
+            return Err(SereError::Other(format!(
+                "a data-parallel run ({} processes) needs --out DIR: the folder rank 0 writes \
+                 its run to and every rank resumes from",
+                group.world()
+            )));
+        }
         cfg.out = Some(cfg.out_dir());
     }
     let start = match resume {
         Some(path) => Start::Resume(path),
         None if args.no_resume => Start::FreshMovingAside,
-        None => match rerun_of(&cfg)? {
+        None => match rerun_of(&cfg, lead)? {
             Some(path) => Start::Resume(path),
             None => Start::Fresh,
         },
     };
-    let summary = train::train(cfg, start)?;
+    let summary = train::train_in(cfg, start, group.clone())?;
+    if !lead {
+        return Ok(()); // rank 0 reports the run
+    }
+    if group.world() > 1 {
+        println!(
+            "data-parallel: {}, {} images per process and step",
+            group.describe(),
+            summary.config.batch / group.world()
+        );
+    }
     if summary.already_finished {
         return finished_already(&summary);
     }
@@ -234,7 +274,8 @@ fn run_train(args: &TrainArgs) -> Result<(), SereError> {
 /// continues that run from its newest one, with the command's settings
 /// (those that differ from the checkpoint's are listed). A changed model is
 /// refused: that is a new run, which `--no-resume` or another `--out` starts.
-fn rerun_of(cfg: &sere_host::config::TrainConfig) -> Result<Option<PathBuf>, SereError> {
+/// `say`: print the notes (rank 0 of a data-parallel run).
+fn rerun_of(cfg: &sere_host::config::TrainConfig, say: bool) -> Result<Option<PathBuf>, SereError> {
     let dir = cfg.out_dir();
     if !dir.is_dir() {
         return Ok(None);
@@ -253,6 +294,9 @@ fn rerun_of(cfg: &sere_host::config::TrainConfig) -> Result<Option<PathBuf>, Ser
             model.join(", "),
             dir.display()
         )));
+    }
+    if !say {
+        return Ok(Some(path)); // rank 0 says it
     }
     eprintln!(
         "note: {} holds a run: continuing it from {} (--no-resume starts a new one there)",

@@ -1567,3 +1567,18 @@ fn eval_crop_protocol_is_selectable() {
     assert_fails_with(&knn(&["--crop-pct", "1.5"]), "--crop-pct 1.5");
     assert_fails_with(&knn(&["--crop-pct", "0"]), "--crop-pct 0");
 }
+
+/// A build without MPI started by a launcher for several processes says
+/// how to get one that has it, instead of training N times into one folder.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_launcher_asking_for_ranks_of_a_build_without_mpi_is_refused() {
+    let d = common::scratch("cli", "no-mpi");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sere"))
+        .args(train_args(&["--steps", "1", "--out", d.to_str().unwrap()]))
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "--features mpi");
+    assert!(!d.join("metrics.jsonl").exists());
+}

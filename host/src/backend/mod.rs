@@ -35,6 +35,7 @@ use std::ops::Range;
 
 use crate::augment::BatchPairGrids;
 use crate::backend::relation::{SereLossConfig, ViewShapes};
+use crate::dist::Collective;
 use crate::error::SereError;
 use sere_core::linalg::MatRef;
 use sere_core::optim::AdamW;
@@ -60,6 +61,9 @@ pub enum OpError {
     /// The device failed (a driver, cuBLAS or launch error), one line.
     #[error("CUDA: {0}")]
     Device(String),
+    /// A collective of a data-parallel step failed.
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
 }
 
 /// Result of a backend operation.
@@ -209,6 +213,10 @@ pub struct BnStats<B: Backend> {
     pub var: B::Buf,
     /// `1 / sqrt(var + eps)` (`C`).
     pub rstd: B::Buf,
+    /// The processes whose rows the train-mode statistics span (PyTorch's
+    /// `SyncBatchNorm`): their column sums are all-reduced in the forward
+    /// and the backward. `None`: this process's rows alone.
+    pub group: Option<crate::dist::ProcessGroup>,
 }
 
 /// A device: memory and the operations of the model and the step.
@@ -246,6 +254,15 @@ pub trait Backend: Sized + Send + Sync {
     fn duplicate(&self, src: &Self::Buf) -> OpResult<Self::Buf>;
     /// Waits until every enqueued operation has finished (for timings).
     fn synchronize(&self) -> OpResult;
+    /// Replaces `buf` by its element-wise mean over every rank of `group`
+    /// (the gradient and centre reduction of a data-parallel step). The
+    /// default stages through the host; a backend whose buffers are host
+    /// memory reduces in place.
+    fn all_reduce_mean(&self, group: &dyn Collective, buf: &mut Self::Buf) -> OpResult {
+        let mut host = self.download(buf)?;
+        group.all_reduce_mean_f32(&mut host)?;
+        self.upload_into(&host, buf)
+    }
 
     // ----- dense algebra --------------------------------------------------
 
@@ -489,7 +506,9 @@ pub trait Backend: Sized + Send + Sync {
     /// `out = ReLU(BN(y))` over `rows x c`, scale `p[gamma]`, shift
     /// `p[beta]`, eps `1e-5`. Train mode: batch statistics (biased variance
     /// to normalise) into `stats`, running statistics updated in place
-    /// (momentum 0.1, unbiased variance). Eval mode: the running statistics.
+    /// (momentum 0.1, unbiased variance); with `stats.group`, the
+    /// statistics of every process's rows together (SyncBN). Eval mode: the
+    /// running statistics.
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_relu(
         &self,

@@ -23,6 +23,7 @@ use super::augment::{batch_pair_grids, BatchPairGrids, GridSizes, MultiCrop, N_G
 use super::dataset::Split;
 use super::error::{DataError, Result};
 use super::rng::{epoch_order, stream, Purpose};
+use crate::dist::Shard;
 
 /// How batches are drawn.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +44,11 @@ pub struct LoaderConfig {
     pub epochs: Option<usize>,
     /// iBOT masks of the global crops (`None`: no masking, no mask drawn).
     pub masks: Option<MaskConfig>,
+    /// Which part of every batch this process builds (data-parallel
+    /// training; the default is the whole batch). `batch_size` stays the
+    /// global batch: the epoch's order and batches are those of one
+    /// process, each rank yields its `batch_size / world` images of them.
+    pub shard: Shard,
 }
 
 impl Default for LoaderConfig {
@@ -56,6 +62,7 @@ impl Default for LoaderConfig {
             grids: GridSizes::default(),
             epochs: None,
             masks: None,
+            shard: Shard::default(),
         }
     }
 }
@@ -74,7 +81,8 @@ pub struct Position {
 pub struct Batch {
     /// Where this batch sits in the stream.
     pub position: Position,
-    /// Images in the batch (B).
+    /// Images in the batch (B): the loader's batch size, or this rank's
+    /// share of it in data-parallel training.
     pub batch_size: usize,
     /// Side of the global views (G).
     pub global_size: usize,
@@ -164,6 +172,16 @@ fn check(split: &Split, mc: &MultiCrop, cfg: &LoaderConfig) -> Result<()> {
     if cfg.prefetch == 0 {
         return Err(DataError::config("prefetch", "0; use at least 1"));
     }
+    if cfg.shard.range(cfg.batch_size).is_none() {
+        return Err(DataError::config(
+            "batch size",
+            format!(
+                "{} images cannot be split evenly over {} processes; use a batch size \
+                 that is a multiple of the process count",
+                cfg.batch_size, cfg.shard.world
+            ),
+        ));
+    }
     if let Some(m) = &cfg.masks {
         m.validate()?;
     }
@@ -179,8 +197,11 @@ fn build(
     pos: Position,
     order: &[usize],
 ) -> Result<Batch> {
-    let bsz = cfg.batch_size;
-    let indices = order[pos.step * bsz..(pos.step + 1) * bsz].to_vec();
+    // This rank's images of the global batch (all of them in one process).
+    let mine = cfg.shard.range(cfg.batch_size).expect("checked");
+    let first = pos.step * cfg.batch_size;
+    let indices = order[first + mine.start..first + mine.end].to_vec();
+    let bsz = indices.len();
     let (glen, llen) = (mc.view_len(0), 3 * mc.local_size * mc.local_size);
     let mut globals = vec![0.0f32; N_GLOBAL * bsz * glen];
     let mut locals = vec![0.0f32; mc.n_local * bsz * llen];

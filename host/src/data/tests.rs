@@ -275,3 +275,64 @@ fn corrupt_file_error_reaches_the_consumer() {
     assert!(loader.next().is_none());
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `a` then `b` along the batch of a view-major `[V][B][..]` buffer.
+fn concat_batches<T: Clone>(a: &[T], b: &[T], views: usize) -> Vec<T> {
+    if views == 0 || a.is_empty() {
+        return Vec::new();
+    }
+    let (na, nb) = (a.len() / views, b.len() / views);
+    (0..views)
+        .flat_map(|v| {
+            let (x, y) = (&a[v * na..(v + 1) * na], &b[v * nb..(v + 1) * nb]);
+            x.iter().chain(y).cloned().collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn shards_of_a_batch_concatenate_to_the_whole_batch() {
+    use super::augment::mask::MaskConfig;
+    use crate::dist::Shard;
+    let split = tiny_split(12);
+    let whole_cfg = LoaderConfig {
+        masks: Some(MaskConfig::ibot((4, 4))),
+        ..cfg(1)
+    };
+    let pos = Position { epoch: 1, step: 2 };
+    let whole = batch_at(&split, &mc(), &whole_cfg, pos).unwrap();
+    let shard = |rank| {
+        let c = LoaderConfig {
+            shard: Shard { rank, world: 2 },
+            ..whole_cfg.clone()
+        };
+        batch_at(&split, &mc(), &c, pos).unwrap()
+    };
+    let (a, b) = (shard(0), shard(1));
+    assert_eq!((a.batch_size, b.batch_size), (2, 2));
+    let nl = whole.n_local;
+    assert_eq!(concat_batches(&a.globals, &b.globals, 2), whole.globals);
+    assert_eq!(concat_batches(&a.locals, &b.locals, nl), whole.locals);
+    assert_eq!(concat_batches(&a.masks, &b.masks, 2), whole.masks);
+    assert_eq!(concat_batches(&a.crops, &b.crops, 1), whole.crops);
+    assert_eq!(concat_batches(&a.indices, &b.indices, 1), whole.indices);
+    assert_eq!(concat_batches(&a.labels, &b.labels, 1), whole.labels);
+    for ((ga, gb), g) in a.grids.iter().zip(&b.grids).zip(&whole.grids) {
+        assert_eq!(concat_batches(&ga.valid, &gb.valid, 1), g.valid);
+        assert_eq!(
+            concat_batches(&ga.teacher_grid, &gb.teacher_grid, 1),
+            g.teacher_grid
+        );
+        assert_eq!(
+            concat_batches(&ga.student_grid, &gb.student_grid, 1),
+            g.student_grid
+        );
+    }
+    // A batch the processes cannot share evenly is refused, by name.
+    let odd = LoaderConfig {
+        shard: Shard { rank: 0, world: 3 },
+        ..whole_cfg
+    };
+    let err = batch_at(&split, &mc(), &odd, pos).unwrap_err().to_string();
+    assert!(err.contains("multiple of the process count"), "{err}");
+}

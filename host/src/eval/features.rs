@@ -398,6 +398,7 @@ fn device_error(e: OpError) -> SereError {
     match e {
         OpError::Kernel(e) => SereError::Core(e),
         OpError::Device(m) => SereError::Device(format!("CUDA: {m}")),
+        OpError::Dist(e) => SereError::Other(e.to_string()),
     }
 }
 

@@ -626,6 +626,14 @@ impl<B: Backend> SereActs<B> {
     pub fn side(&self) -> SereSide {
         self.side
     }
+
+    /// Normalises with the statistics of every process of `group` (SyncBN,
+    /// as the authors train): a data-parallel run's batch norms then see
+    /// the global batch. `None` returns to this process's rows.
+    pub fn sync_batch_norm(&mut self, group: Option<crate::dist::ProcessGroup>) {
+        self.z_stats.group = group.clone();
+        self.p_stats.group = group;
+    }
 }
 
 /// One SERE head pair (projection and predictor) for one relation type and
@@ -728,6 +736,7 @@ impl SereHead {
                 mean: be.zeros(c)?,
                 var: be.zeros(c)?,
                 rstd: be.zeros(c)?,
+                group: None,
             })
         };
         Ok(SereActs {

@@ -156,6 +156,22 @@ pub struct VitActs<B: Backend> {
     /// buffers once allocated.
     masking: Option<MaskActs<B>>,
     masked: bool,
+    /// Where the pass's images sit in the step's global batch (drop path).
+    shard: Option<BatchShard>,
+}
+
+/// Which images of a data-parallel step's global batch a pass holds, so
+/// that drop path gives an image the same factors whichever process trains
+/// it: the pass is `views` view-major blocks of images `first .. first +
+/// B/views` out of `global` per view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchShard {
+    /// View-major blocks in the pass (2 global crops, or the locals).
+    pub views: usize,
+    /// Images per view in the global batch.
+    pub global: usize,
+    /// Position of this pass's first image of each view in the global batch.
+    pub first: usize,
 }
 
 impl<B: Backend> VitActs<B> {
@@ -185,6 +201,21 @@ impl<B: Backend> VitActs<B> {
     /// `block` from the last forward pass, one per image.
     pub fn drop_path_keeps(&self, block: usize) -> (&B::Buf, &B::Buf) {
         (&self.blocks[block].keep1, &self.blocks[block].keep2)
+    }
+
+    /// Draws drop path for the following forward passes as the pass of the
+    /// whole global batch would, keeping this shard's factors (a
+    /// data-parallel step); `None`: the pass is the whole batch.
+    pub fn set_shard(&mut self, shard: Option<BatchShard>) {
+        if let Some(s) = shard {
+            assert!(
+                s.views > 0
+                    && self.batch % s.views == 0
+                    && s.first + self.batch / s.views <= s.global,
+                "the shard lies inside the global batch"
+            );
+        }
+        self.shard = shard;
     }
 
     /// Masks the patches of the following forward passes (and their
@@ -219,18 +250,40 @@ impl<B: Backend> VitActs<B> {
 
 /// Draws one branch's drop-path factors for `batch` images into `out`:
 /// 0 with probability `rate`, else `1 / (1 - rate)`; all 1 without `rng` or
-/// at rate 0 (evaluation).
-fn draw_keeps(rng: &mut Option<&mut dyn rand::Rng>, rate: f32, batch: usize, out: &mut Vec<f32>) {
+/// at rate 0 (evaluation). With a `shard`, the draws of the whole global
+/// batch are made in its order and the shard's kept.
+fn draw_keeps(
+    rng: &mut Option<&mut dyn rand::Rng>,
+    rate: f32,
+    batch: usize,
+    shard: Option<BatchShard>,
+    out: &mut Vec<f32>,
+) {
     out.clear();
-    match rng.as_mut() {
-        Some(r) if rate > 0.0 => out.extend((0..batch).map(|_| {
-            if r.random::<f32>() < rate {
-                0.0
-            } else {
-                1.0 / (1.0 - rate)
+    let Some(r) = rng.as_mut().filter(|_| rate > 0.0) else {
+        out.resize(batch, 1.0);
+        return;
+    };
+    let mut keep = || {
+        if r.random::<f32>() < rate {
+            0.0
+        } else {
+            1.0 / (1.0 - rate)
+        }
+    };
+    match shard {
+        None => out.extend((0..batch).map(|_| keep())),
+        Some(s) => {
+            let mine = s.first..s.first + batch / s.views;
+            for _ in 0..s.views {
+                for b in 0..s.global {
+                    let k = keep();
+                    if mine.contains(&b) {
+                        out.push(k);
+                    }
+                }
             }
-        })),
-        _ => out.resize(batch, 1.0),
+        }
     }
 }
 
@@ -405,6 +458,7 @@ impl Vit {
             keeps: Vec::with_capacity(batch),
             masking: None,
             masked: false,
+            shard: None,
         })
     }
 
@@ -565,7 +619,7 @@ impl Vit {
         let (bp, ba) = (&self.blocks[l], &mut acts.blocks[l]);
         let rate = self.drop_rates[l];
         for keep in [&mut ba.keep1, &mut ba.keep2] {
-            draw_keeps(rng, rate, batch, &mut acts.keeps);
+            draw_keeps(rng, rate, batch, acts.shard, &mut acts.keeps);
             be.upload_into(&acts.keeps, keep)?;
         }
         let lin = |inp, out| LinearShape { rows: bt, inp, out };

@@ -22,9 +22,10 @@ use crate::backend::{
 };
 use crate::checkpoint::Checkpoint;
 use crate::config::{NonOverlapping, TrainConfig};
+use crate::dist::{self, Collective, ProcessGroup, Shard};
 use crate::error::SereError;
 use crate::model::heads::{BnRunning, DinoHeadActs, SereActs, SereHeadState, SereSide};
-use crate::model::vit::VitActs;
+use crate::model::vit::{BatchShard, VitActs};
 use rand::SeedableRng;
 use sere_core::optim::AdamW;
 
@@ -127,6 +128,14 @@ pub enum StepError {
         /// The kernel's error.
         source: sere_core::Error,
     },
+    /// A collective of a data-parallel step failed.
+    #[error("step {step}: {source}")]
+    Dist {
+        /// Step index.
+        step: u64,
+        /// The collective's error.
+        source: crate::dist::DistError,
+    },
 }
 
 impl StepError {
@@ -140,6 +149,7 @@ impl StepError {
             },
             OpError::Kernel(source) => StepError::Kernel { step, source },
             OpError::Device(message) => StepError::Device { step, message },
+            OpError::Dist(source) => StepError::Dist { step, source },
         }
     }
 }
@@ -328,30 +338,88 @@ struct SpatialMean {
     scale: f32,
     /// The uniform rows' `sum ln P` over all terms.
     offset: f32,
+    /// This rank's share of the overlapping terms times the world size
+    /// (`N T_r / T`): turns the rank's mean over its own terms into its
+    /// part of the group's mean. Exactly 1 in a single process.
+    share: f32,
 }
 
-impl SpatialMean {
-    fn new(rule: NonOverlapping, grids: &[BatchPairGrids]) -> Self {
-        let (mut all, mut valid, mut ln_p) = (0usize, 0usize, 0.0f64);
+/// The spatial terms of a batch's grids: all of them, the overlapping
+/// ones, and the uniform rows' `sum ln P` of the others (summed over the
+/// group in a data-parallel step, hence `f64`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct SpatialCounts {
+    all: f64,
+    valid: f64,
+    ln_p: f64,
+}
+
+impl SpatialCounts {
+    fn of(grids: &[BatchPairGrids]) -> Self {
+        let mut c = SpatialCounts {
+            all: 0.0,
+            valid: 0.0,
+            ln_p: 0.0,
+        };
         for g in grids {
             for &v in &g.valid {
-                all += 1;
+                c.all += 1.0;
                 if v {
-                    valid += 1;
+                    c.valid += 1.0;
                 } else {
-                    ln_p += ((g.hs * g.ws) as f64).ln();
+                    c.ln_p += ((g.hs * g.ws) as f64).ln();
                 }
             }
         }
+        c
+    }
+
+    /// The sums over every rank of `group`.
+    fn over(self, group: &dyn Collective) -> Result<Self, OpError> {
+        let mut v = [self.all, self.valid, self.ln_p];
+        group.all_reduce_sum_f64(&mut v)?;
+        Ok(SpatialCounts {
+            all: v[0],
+            valid: v[1],
+            ln_p: v[2],
+        })
+    }
+}
+
+impl SpatialMean {
+    /// The rule applied to this rank's terms (`local`) among the group's
+    /// (`global`, the same in a single process).
+    fn new(
+        rule: NonOverlapping,
+        local: SpatialCounts,
+        global: SpatialCounts,
+        world: usize,
+    ) -> Self {
+        let share = if world > 1 && global.valid > 0.0 {
+            (world as f64 * local.valid / global.valid) as f32
+        } else {
+            1.0
+        };
         match rule {
-            NonOverlapping::Uniform if all > 0 => SpatialMean {
-                scale: (valid as f64 / all as f64) as f32,
-                offset: (ln_p / all as f64) as f32,
+            NonOverlapping::Uniform if global.all > 0.0 => SpatialMean {
+                scale: (global.valid / global.all) as f32,
+                offset: (global.ln_p / global.all) as f32,
+                share,
             },
             _ => SpatialMean {
                 scale: 1.0,
                 offset: 0.0,
+                share,
             },
+        }
+    }
+
+    /// The weight of this rank's spatial gradient.
+    fn weight(self, alpha: f32) -> f32 {
+        if self.share == 1.0 {
+            alpha * self.scale // a single process: the weight it always had
+        } else {
+            alpha * self.scale * self.share
         }
     }
 
@@ -474,6 +542,31 @@ impl<B: Backend> Workspace<B> {
     }
 }
 
+impl<B: Backend> Workspace<B> {
+    /// Shapes the workspace for rank `shard.rank` of a data-parallel step:
+    /// every SERE head's batch norm over the whole group (SyncBN), and the
+    /// student's drop path drawn as for the global batch.
+    fn join(&mut self, group: &ProcessGroup) {
+        let shard = Shard::of(group.as_ref());
+        let sync = (shard.world > 1).then(|| group.clone());
+        let first = shard.rank * self.batch;
+        let global = self.batch * shard.world;
+        let passes = [Some((&mut self.teacher, 2)), Some((&mut self.global, 2))]
+            .into_iter()
+            .chain([self.local.as_mut().map(|(p, _)| (p, self.locals))]);
+        for (pass, views) in passes.flatten() {
+            pass.spatial.sync_batch_norm(sync.clone());
+            pass.channel.sync_batch_norm(sync.clone());
+            let bs = BatchShard {
+                views,
+                global,
+                first,
+            };
+            pass.vit.set_shard((shard.world > 1).then_some(bs));
+        }
+    }
+}
+
 /// One AdamW launch: consecutive tensors with the same weight decay and
 /// step count (AdamW is element-wise, so one launch per run computes what a
 /// loop over the tensors does).
@@ -518,6 +611,8 @@ pub struct Engine<B: Backend> {
     /// Every parameter tensor's range (per-tensor clipping).
     tensors: Vec<Range<usize>>,
     ws: Option<Workspace<B>>,
+    /// The processes training together (one by default).
+    group: ProcessGroup,
 }
 
 /// The CPU engine.
@@ -590,6 +685,7 @@ impl<B: Backend> Engine<B> {
             adam_groups,
             tensors,
             ws: None,
+            group: dist::single(),
             cfg: cfg.clone(),
             net,
             be,
@@ -604,6 +700,22 @@ impl<B: Backend> Engine<B> {
     /// The configuration the engine was built for.
     pub fn config(&self) -> &TrainConfig {
         &self.cfg
+    }
+
+    /// Trains as one rank of `group` from now on: each step's batch is this
+    /// rank's shard of the global batch ([`Shard`]), and what spans the
+    /// batch is reduced over the group, so N ranks compute the step of one
+    /// process with the whole batch (up to the order of the sums). The
+    /// parameters must already be equal on every rank (the same seed, or
+    /// the same checkpoint).
+    pub fn join(&mut self, group: ProcessGroup) {
+        self.group = group;
+        self.ws = None; // reshaped, and joined, at the next step
+    }
+
+    /// The processes this engine trains with.
+    pub fn group(&self) -> &ProcessGroup {
+        &self.group
     }
 
     /// The student gradient of the last step (after clipping).
@@ -641,6 +753,7 @@ impl<B: Backend> Engine<B> {
         self.student_pass(input, step).map_err(&err)?;
         let (spatial_terms, spatial_mean) = self.losses(input, sched).map_err(&err)?;
         self.backward().map_err(&err)?;
+        self.reduce_gradient().map_err(&err)?;
         let stats = self.read_stats(spatial_terms, spatial_mean, step)?;
         if self.cfg.clip_grad > 0.0 {
             let max = self.cfg.clip_grad as f32;
@@ -658,9 +771,11 @@ impl<B: Backend> Engine<B> {
             .is_some_and(|w| w.batch == batch && w.locals == locals)
         {
             self.ws = None; // free the old shape's buffers first
-            self.ws = Some(Workspace::new(
-                &self.be, &self.net, &self.cfg, batch, locals,
-            )?);
+            let mut ws = Workspace::new(&self.be, &self.net, &self.cfg, batch, locals)?;
+            if self.group.world() > 1 {
+                ws.join(&self.group);
+            }
+            self.ws = Some(ws);
         }
         Ok(())
     }
@@ -817,7 +932,14 @@ impl<B: Backend> Engine<B> {
         let (be, cfg) = (&self.be, &self.cfg);
         let ws = self.ws.as_mut().expect("shaped");
         let (b, l) = (input.batch, input.locals);
-        let spatial_mean = SpatialMean::new(cfg.non_overlapping, input.grids);
+        let group = self.group.as_ref();
+        let counts = SpatialCounts::of(input.grids);
+        let global = if group.world() > 1 {
+            counts.over(group)?
+        } else {
+            counts
+        };
+        let spatial_mean = SpatialMean::new(cfg.non_overlapping, counts, global, group.world());
         be.zero(&mut ws.dlogits)?;
         let dino = DinoLossArgs {
             views: 2 + l,
@@ -848,6 +970,15 @@ impl<B: Backend> Engine<B> {
                 &mut self.patch_centre,
                 &mut ws.stats,
             )?;
+        }
+        if group.world() > 1 {
+            // Each rank moved the centres towards its shard's mean; their
+            // mean is the move towards the global batch's (DINO's
+            // `all_reduce` of the batch centre).
+            be.all_reduce_mean(group, &mut self.centre)?;
+            if ws.mim.is_some() {
+                be.all_reduce_mean(group, &mut self.patch_centre)?;
+            }
         }
 
         if !cfg.relations() {
@@ -900,7 +1031,7 @@ impl<B: Backend> Engine<B> {
                 globals: gp.channel.output(),
                 locals: lch,
             },
-            weights: (cfg.alpha as f32 * spatial_mean.scale, cfg.beta as f32),
+            weights: (spatial_mean.weight(cfg.alpha as f32), cfg.beta as f32),
             dspatial: StudentFeatureGrads {
                 globals: &mut gg.dspatial,
                 locals: ldsp,
@@ -917,7 +1048,7 @@ impl<B: Backend> Engine<B> {
     /// Backward from the heads' output gradients: DINO head to the CLS
     /// tokens (through the final norm), SERE heads (predictor, then
     /// projection) to the patch tokens before it, both through the
-    /// backbone; the gradient's norm into the step's scalars.
+    /// backbone.
     fn backward(&mut self) -> Result<(), OpError> {
         let (be, net, params, d) = (&self.be, &self.net, &self.student, self.cfg.dim);
         let ws = self.ws.as_mut().expect("shaped");
@@ -998,7 +1129,19 @@ impl<B: Backend> Engine<B> {
                 .backward(be, params, &mut pass.vit, &pg.dout, dpatches, grads)?;
             first_cls += pass.images;
         }
-        be.l2_norm(grads, &mut ws.stats, SLOT_GRAD_NORM)
+        Ok(())
+    }
+
+    /// The group's mean gradient (each rank's is the gradient of its
+    /// shard's part of the global losses, scaled by the world size), then
+    /// its norm into the step's scalars.
+    fn reduce_gradient(&mut self) -> Result<(), OpError> {
+        let (be, group) = (&self.be, self.group.as_ref());
+        if group.world() > 1 {
+            be.all_reduce_mean(group, &mut self.grads)?;
+        }
+        let ws = self.ws.as_mut().expect("shaped");
+        be.l2_norm(&self.grads, &mut ws.stats, SLOT_GRAD_NORM)
     }
 
     /// Reads the step's scalars (the one synchronisation of a step) and
@@ -1010,7 +1153,9 @@ impl<B: Backend> Engine<B> {
         step: u64,
     ) -> Result<StepStats, StepError> {
         let ws = self.ws.as_ref().expect("shaped");
-        let s = self.be.download(&ws.stats).map_err(StepError::at(step))?;
+        let mut s = self.be.download(&ws.stats).map_err(StepError::at(step))?;
+        self.reduce_stats(&mut s, spatial_mean)
+            .map_err(StepError::at(step))?;
         let cfg = &self.cfg;
         let (w_img, alpha, beta) = (
             cfg.image_loss_weight() as f32,
@@ -1040,6 +1185,32 @@ impl<B: Backend> Engine<B> {
             grad_norm: s[SLOT_GRAD_NORM],
             spatial_terms,
         })
+    }
+
+    /// The group's losses from each rank's (every one a mean over equal
+    /// shards, the spatial one over the rank's own overlapping terms, made
+    /// a share of the group's first); the gradient norm is already the
+    /// reduced gradient's. A non-finite value on any rank makes every
+    /// rank's non-finite, so all refuse the step together.
+    fn reduce_stats(&self, s: &mut [f32], spatial_mean: SpatialMean) -> Result<(), OpError> {
+        let group = self.group.as_ref();
+        if group.world() == 1 {
+            return Ok(());
+        }
+        const REDUCED: [usize; 5] = [
+            SLOT_DINO,
+            SLOT_TEACHER_ENTROPY,
+            SLOT_SPATIAL,
+            SLOT_CHANNEL,
+            SLOT_MIM,
+        ];
+        s[SLOT_SPATIAL] *= spatial_mean.share;
+        let mut v = REDUCED.map(|i| s[i]);
+        group.all_reduce_mean_f32(&mut v)?;
+        for (i, x) in REDUCED.into_iter().zip(v) {
+            s[i] = x;
+        }
+        Ok(())
     }
 
     /// AdamW on the student (the DINO head's last layer skipped while
@@ -1291,6 +1462,32 @@ impl AnyEngine {
     /// [`Engine::init_backbone`]).
     pub fn init_backbone(&mut self, file: &Checkpoint) -> Result<(), SereError> {
         on_engine!(self, e => e.init_backbone(file))
+    }
+
+    /// Trains as one rank of `group` ([`Engine::join`]). Data-parallel
+    /// training runs on the CPU backend: several GPUs need NCCL, which is
+    /// not built yet.
+    pub fn join(&mut self, group: ProcessGroup) -> Result<(), SereError> {
+        match self {
+            AnyEngine::Cpu(e) => e.join(group),
+            AnyEngine::Cuda(_) if group.world() > 1 => {
+                return Err(SereError::Other(format!(
+                    "data-parallel training over {} processes runs on the CPU only: several GPUs \
+                     need NCCL, which this sere does not have yet; train with --device cpu, or \
+                     on one GPU in one process",
+                    group.world()
+                )))
+            }
+            AnyEngine::Cuda(e) => e.join(group),
+        }
+        Ok(())
+    }
+
+    /// A hash of the whole training state (parameters, optimizer moments,
+    /// centres), to check that every rank starts from the same one.
+    pub fn fingerprint(&self) -> Result<u64, SereError> {
+        let ck = self.snapshot(0)?;
+        Ok(ck.fingerprint())
     }
 }
 

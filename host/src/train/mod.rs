@@ -13,6 +13,7 @@ use crate::augment::{GridSizes, MultiCrop};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::TrainConfig;
 use crate::data::{DataSpec, Loader, LoaderConfig, Position};
+use crate::dist::{self, ProcessGroup, Shard};
 use crate::error::SereError;
 use crate::eval::monitor::KnnMonitor;
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepMetrics, METRICS_FILE};
@@ -193,6 +194,12 @@ fn data_bytes(spec: &str) -> f64 {
 /// and refuses a run that cannot fit in the memory available (it would end
 /// in an allocation abort or the OOM killer, not an error).
 pub fn check_memory(cfg: &TrainConfig) -> Result<(), SereError> {
+    check_memory_saying(cfg, true)
+}
+
+/// [`check_memory`], printing the estimate only with `say` (rank 0 of a
+/// data-parallel run speaks for all).
+fn check_memory_saying(cfg: &TrainConfig, say: bool) -> Result<(), SereError> {
     use crate::config::format_bytes;
     let est = cfg.memory_estimate();
     let data = data_bytes(&cfg.data);
@@ -214,10 +221,12 @@ pub fn check_memory(cfg: &TrainConfig) -> Result<(), SereError> {
             let of = available.map_or(String::new(), |a| {
                 format!(" of {} available", format_bytes(a))
             });
-            eprintln!(
-                "memory: about {} estimated{of} ({parts})",
-                format_bytes(total)
-            );
+            if say {
+                eprintln!(
+                    "memory: about {} estimated{of} ({parts})",
+                    format_bytes(total)
+                );
+            }
             Ok(())
         }
     }
@@ -569,34 +578,21 @@ fn crop_warnings(cfg: &TrainConfig, side: Option<usize>) -> Vec<String> {
     out
 }
 
-/// Trains with `cfg`, from scratch or resuming from a checkpoint file
-/// ([`Start`]). Only a run resumed in its own directory may write where a
-/// run already is: a fresh run, or one resumed into another `--out`,
-/// refuses a directory that holds a run ([`SereError::RunExists`]), unless
-/// [`Start::FreshMovingAside`] moves that run aside first. A checkpoint
-/// already at the end of the schedule trains nothing and says so
-/// ([`TrainSummary::already_finished`]).
-pub fn train(cfg: TrainConfig, start: Start) -> Result<TrainSummary, SereError> {
-    cfg.validate()?;
+/// Makes `cfg`'s run folder ready for a run started as `start` and locks
+/// it (the lock is held as long as the returned file): under the lock,
+/// refuses a folder holding another run, or moves it aside, and removes
+/// what an interrupted run left unfinished.
+fn prepare_run_dir(
+    cfg: &TrainConfig,
+    start: &Start,
+    in_own_dir: bool,
+) -> Result<std::fs::File, SereError> {
     let out_dir = cfg.out_dir();
-    let resume = match &start {
-        Start::Resume(path) => Some(path.clone()),
-        _ => None,
-    };
-    let in_own_dir = resume
-        .as_deref()
-        .is_some_and(|ck| is_parent_of(&out_dir, ck));
-    let moving_aside = start == Start::FreshMovingAside;
-    if !in_own_dir && !moving_aside {
-        refuse_existing_run(&out_dir, true)?;
-    }
-    check_memory(&cfg)?;
-    set_threads(cfg.threads);
-    let mut engine = AnyEngine::new(&cfg)?;
+    let moving_aside = *start == Start::FreshMovingAside;
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| SereError::io("cannot create output directory", &out_dir, e))?;
     // Held until the run ends: a second run into this folder is refused.
-    let _lock = lock_run_dir(&out_dir)?;
+    let lock = lock_run_dir(&out_dir)?;
     if moving_aside {
         set_aside_previous_run(&out_dir)?;
     } else if !in_own_dir {
@@ -613,11 +609,96 @@ pub fn train(cfg: TrainConfig, start: Start) -> Result<TrainSummary, SereError> 
             out_dir.display()
         );
     }
+    Ok(lock)
+}
+
+/// What the lead process writes before the first step: the run summary
+/// and warnings, the metrics file (continued when resuming, a newer branch
+/// set aside) and the resolved configuration. `(done, spe, total)`: steps
+/// done, per epoch and in all.
+fn start_records(
+    cfg: &TrainConfig,
+    dataset: &crate::data::Dataset,
+    engine: &AnyEngine,
+    (done, spe, total): (u64, u64, u64),
+    in_own_dir: bool,
+) -> Result<MetricsWriter, SereError> {
+    let out_dir = cfg.out_dir();
+    print_run_summary(cfg, engine.net(), dataset, spe, total, &out_dir);
+    for w in schedule_warnings(cfg, total, spe) {
+        eprintln!("warning: {w}");
+    }
+    if in_own_dir {
+        set_aside_newer_branch(&out_dir, done)?;
+    }
+    let metrics_path = out_dir.join(METRICS_FILE);
+    let metrics = if done > 0 {
+        MetricsWriter::resume(&metrics_path, done)
+    } else {
+        MetricsWriter::create(&metrics_path)
+    }
+    .map_err(|e| SereError::io("cannot write metrics to", &metrics_path, e))?;
+    std::fs::write(out_dir.join(CONFIG_FILE), cfg.to_toml())
+        .map_err(|e| SereError::io("cannot write config to", out_dir.join(CONFIG_FILE), e))?;
+    Ok(metrics)
+}
+
+/// Trains with `cfg`, from scratch or resuming from a checkpoint file
+/// ([`Start`]). Only a run resumed in its own directory may write where a
+/// run already is: a fresh run, or one resumed into another `--out`,
+/// refuses a directory that holds a run ([`SereError::RunExists`]), unless
+/// [`Start::FreshMovingAside`] moves that run aside first. A checkpoint
+/// already at the end of the schedule trains nothing and says so
+/// ([`TrainSummary::already_finished`]).
+pub fn train(cfg: TrainConfig, start: Start) -> Result<TrainSummary, SereError> {
+    train_in(cfg, start, dist::single())
+}
+
+/// [`train`] as one rank of `group` (data-parallel training, see
+/// [`crate::dist`]): every rank trains on its shard of each global batch
+/// of `cfg.batch` images and the step is reduced over the group; rank 0
+/// alone owns the run folder (lock, metrics, config, checkpoints, the
+/// k-NN monitor, progress). Every rank reads the checkpoint it resumes
+/// from, and all must start from the same state (checked).
+pub fn train_in(
+    cfg: TrainConfig,
+    start: Start,
+    group: ProcessGroup,
+) -> Result<TrainSummary, SereError> {
+    cfg.validate()?;
+    let lead = group.rank() == 0;
+    let out_dir = cfg.out_dir();
+    let resume = match &start {
+        Start::Resume(path) => Some(path.clone()),
+        _ => None,
+    };
+    let in_own_dir = resume
+        .as_deref()
+        .is_some_and(|ck| is_parent_of(&out_dir, ck));
+    if lead && !in_own_dir && start != Start::FreshMovingAside {
+        // Before any work: a run is already there (checked again under
+        // the lock).
+        refuse_existing_run(&out_dir, true)?;
+    }
+    // Before anything is allocated; each rank checks its own machine.
+    check_memory_saying(&cfg, lead)?;
+    // Processes sharing a machine share its cores.
+    set_threads(cfg.threads.or_else(dist::threads_per_local_rank));
+    let mut engine = AnyEngine::new(&cfg)?;
+    engine.join(group.clone())?;
+    let _lock = if lead {
+        Some(prepare_run_dir(&cfg, &start, in_own_dir)?)
+    } else {
+        None
+    };
 
     let dataset = DataSpec::parse(&cfg.data)
         .and_then(|s| s.open())
         .map_err(SereError::data)?;
-    let mut monitor = KnnMonitor::new(&cfg, &dataset)?;
+    let mut monitor = match lead {
+        true => KnnMonitor::new(&cfg, &dataset)?,
+        false => None,
+    };
     let split = match cfg.train_images {
         0 => dataset.train.clone(),
         n => dataset.train.spread(n),
@@ -636,6 +717,19 @@ pub fn train(cfg: TrainConfig, start: Start) -> Result<TrainSummary, SereError> 
         let ck = Checkpoint::load(path)?;
         ck.check_values()?;
         done = engine.restore(&ck)?;
+    }
+    if let (0, Some(file)) = (done, &cfg.init_from) {
+        engine.init_backbone(&crate::import::load_backbone(file)?)?;
+        if lead {
+            eprintln!("backbone of student and teacher from {}", file.display());
+        }
+    }
+    if group.world() > 1 {
+        let state = [done, engine.fingerprint()?];
+        dist::agree(group.as_ref(), "checkpoint (step and state)", &state)
+            .map_err(|e| SereError::Other(e.to_string()))?;
+    }
+    if let Some(path) = &resume {
         if done >= total {
             return Ok(TrainSummary {
                 out_dir,
@@ -646,29 +740,22 @@ pub fn train(cfg: TrainConfig, start: Start) -> Result<TrainSummary, SereError> 
                 already_finished: true,
             });
         }
-        eprintln!("resumed from {} at step {done} of {total}", path.display());
+        if lead {
+            eprintln!("resumed from {} at step {done} of {total}", path.display());
+        }
     }
-    if let (0, Some(file)) = (done, &cfg.init_from) {
-        engine.init_backbone(&crate::import::load_backbone(file)?)?;
-        eprintln!("backbone of student and teacher from {}", file.display());
-    }
-    print_run_summary(&cfg, engine.net(), &dataset, spe, total, &out_dir);
     let sched = Schedules::new(&cfg, total, spe);
-    for w in schedule_warnings(&cfg, total, spe) {
-        eprintln!("warning: {w}");
-    }
-    if in_own_dir {
-        set_aside_newer_branch(&out_dir, done)?;
-    }
+    let mut metrics = match lead {
+        true => Some(start_records(
+            &cfg,
+            &dataset,
+            &engine,
+            (done, spe, total),
+            in_own_dir,
+        )?),
+        false => None,
+    };
     let metrics_path = out_dir.join(METRICS_FILE);
-    let mut metrics = if done > 0 {
-        MetricsWriter::resume(&metrics_path, done)
-    } else {
-        MetricsWriter::create(&metrics_path)
-    }
-    .map_err(|e| SereError::io("cannot write metrics to", &metrics_path, e))?;
-    std::fs::write(out_dir.join(CONFIG_FILE), cfg.to_toml())
-        .map_err(|e| SereError::io("cannot write config to", out_dir.join(CONFIG_FILE), e))?;
 
     let start = Position {
         epoch: (done / spe) as usize,
@@ -683,14 +770,17 @@ pub fn train(cfg: TrainConfig, start: Start) -> Result<TrainSummary, SereError> 
         grids: grid_sizes(&cfg),
         epochs: None,
         masks: cfg.mask_config(),
+        shard: Shard::of(group.as_ref()),
     };
     let mut loader =
         Loader::new(split, multi_crop(&cfg), loader_cfg, start).map_err(SereError::data)?;
-    let mut progress = Progress::new(total, done, cfg.log_every.max(1), ProgressMode::Auto)
-        .watch_collapse(cfg.out_dim);
-    if let Some(m) = &monitor {
+    let mut progress = lead.then(|| {
+        Progress::new(total, done, cfg.log_every.max(1), ProgressMode::Auto)
+            .watch_collapse(cfg.out_dim)
+    });
+    if let (Some(m), Some(p)) = (&monitor, progress.as_mut()) {
         let (mem, q) = m.sizes();
-        progress.println(format!(
+        p.println(format!(
             "k-NN of the teacher every {} steps on {mem} training / {q} test images ({}-NN, T = {}); raw pixels score {:.1}% on them",
             cfg.eval_every,
             crate::eval::report::KNN_K,
@@ -725,7 +815,9 @@ pub fn train(cfg: TrainConfig, start: Start) -> Result<TrainSummary, SereError> 
                 what: "the loss or gradient",
             },
             StepError::Kernel { source, .. } => SereError::Core(source),
-            e @ StepError::Device { .. } => SereError::Other(e.to_string()),
+            e @ (StepError::Device { .. } | StepError::Dist { .. }) => {
+                SereError::Other(e.to_string())
+            }
         })?;
         done += 1;
         interval_loss += stats.loss as f64;
@@ -735,8 +827,8 @@ pub fn train(cfg: TrainConfig, start: Start) -> Result<TrainSummary, SereError> 
             Some(m) if m.due(done, total) => Some(engine.score_teacher(m, &cfg)?),
             _ => None,
         };
-        if let Some(top1) = knn_top1 {
-            progress.println(format!(
+        if let (Some(top1), Some(p)) = (knn_top1, progress.as_mut()) {
+            p.println(format!(
                 "step {done}: teacher k-NN top-1 {:.1}% (raw pixels {:.1}%)",
                 100.0 * top1,
                 100.0 * monitor.as_ref().map_or(0.0, |m| m.pixels_top1)
@@ -767,16 +859,23 @@ pub fn train(cfg: TrainConfig, start: Start) -> Result<TrainSummary, SereError> 
             };
             interval = (Instant::now(), done);
             interval_loss = 0.0;
-            metrics
-                .append(&last)
-                .map_err(|e| SereError::io("cannot append metrics to", &metrics_path, e))?;
-            progress.update(&last);
+            if let (Some(m), Some(p)) = (metrics.as_mut(), progress.as_mut()) {
+                m.append(&last)
+                    .map_err(|e| SereError::io("cannot append metrics to", &metrics_path, e))?;
+                p.update(&last);
+            }
         }
         if let Some(keep) = save_point(&cfg, done, spe, total) {
-            last_ck = Some(save(&engine, &out_dir, done, keep, cfg.keep_last)?);
+            last_ck = Some(match lead {
+                true => save(&engine, &out_dir, done, keep, cfg.keep_last)?,
+                // Where rank 0 writes it.
+                false => saved_path(&out_dir, done, keep),
+            });
         }
     }
-    progress.finish();
+    if let Some(p) = progress {
+        p.finish();
+    }
     Ok(TrainSummary {
         out_dir,
         checkpoint: last_ck.expect("the last step saves"),
@@ -785,6 +884,14 @@ pub fn train(cfg: TrainConfig, start: Start) -> Result<TrainSummary, SereError> 
         config: cfg,
         already_finished: false,
     })
+}
+
+/// The file [`save`] names for `step`.
+fn saved_path(dir: &Path, step: u64, keep: bool) -> PathBuf {
+    match keep {
+        true => dir.join(checkpoint::file_name(step)),
+        false => dir.join(checkpoint::ROLLING),
+    }
 }
 
 /// Whether the run saves after `done` steps, and if so whether it keeps a
@@ -821,7 +928,7 @@ fn save(
     if !keep {
         return Ok(rolling);
     }
-    let path = dir.join(checkpoint::file_name(step));
+    let path = saved_path(dir, step, keep);
     checkpoint::keep_as(&rolling, &path)
         .map_err(|e| SereError::io("cannot keep a numbered checkpoint at", &path, e))?;
     // Only after the new one is safely on disk.

@@ -3,19 +3,49 @@
 //! backward through ReLU and the batch statistics.
 
 use super::chunk_rows;
-use crate::backend::{BnMode, BN_EPS, BN_MOMENTUM};
+use crate::backend::{BnMode, OpResult, BN_EPS, BN_MOMENTUM};
+use crate::dist::Collective;
 use rayon::prelude::*;
 
+/// Sums the per-task partial column sums (`tasks x width`) into the first
+/// task's slot and, with a `group`, over every process (SyncBN); returns
+/// that slot.
+fn reduce_columns<'a>(
+    partial: &'a mut [f64],
+    width: usize,
+    group: Option<&dyn Collective>,
+) -> OpResult<&'a mut [f64]> {
+    let (first, rest) = partial.split_at_mut(width);
+    for p in rest.chunks_exact(width) {
+        for (a, &b) in first.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    if let Some(g) = group {
+        g.all_reduce_sum_f64(first)?;
+    }
+    Ok(first)
+}
+
+/// The rows a (synchronised) batch norm normalises over: this process's,
+/// or every process's with a group (the world has equal shards).
+fn total_rows(rows: usize, group: Option<&dyn Collective>) -> usize {
+    rows * group.map_or(1, |g| g.world())
+}
+
 /// Column statistics of `x` (`rows x c`) in parallel: `mean`, biased `var`,
-/// accumulated in f64 per task (two passes).
+/// accumulated in f64 per task (two passes); with a `group`, over every
+/// process's rows (each pass's sums all-reduced, so the variance is still
+/// taken about the global mean).
 fn column_stats(
     x: &[f32],
-    rows: usize,
-    c: usize,
+    (rows, c): (usize, usize),
+    group: Option<&dyn Collective>,
     partial: &mut Vec<f64>,
     mean: &mut [f32],
     var: &mut [f32],
-) {
+) -> OpResult {
+    let m = total_rows(rows, group) as f64;
     let rc = chunk_rows(rows, 64);
     let tasks = rows.div_ceil(rc);
     partial.clear();
@@ -30,9 +60,11 @@ fn column_stats(
                 }
             }
         });
-    for j in 0..c {
-        let s: f64 = partial.chunks_exact(c).map(|p| p[j]).sum();
-        mean[j] = (s / rows as f64) as f32;
+    for (mean, s) in mean
+        .iter_mut()
+        .zip(reduce_columns(partial, c, group)?.iter())
+    {
+        *mean = (s / m) as f32;
     }
     partial.fill(0.0);
     partial
@@ -46,10 +78,13 @@ fn column_stats(
                 }
             }
         });
-    for j in 0..c {
-        let s: f64 = partial.chunks_exact(c).map(|p| p[j]).sum();
-        var[j] = (s / rows as f64) as f32;
+    for (var, s) in var
+        .iter_mut()
+        .zip(reduce_columns(partial, c, group)?.iter())
+    {
+        *var = (s / m) as f32;
     }
+    Ok(())
 }
 
 /// The statistics one forward normalises with and keeps for backward.
@@ -57,6 +92,8 @@ pub(super) struct Stats<'a> {
     pub mean: &'a mut [f32],
     pub var: &'a mut [f32],
     pub rstd: &'a mut [f32],
+    /// The processes the statistics span (SyncBN), or this one alone.
+    pub group: Option<&'a dyn Collective>,
 }
 
 /// `out = ReLU(BN(y))` over `rows x c` with the statistics of `mode`; in
@@ -72,15 +109,20 @@ pub(super) fn bn_relu(
     stats: Stats<'_>,
     partial: &mut Vec<f64>,
     out: &mut [f32],
-) -> sere_core::Result<()> {
-    let Stats { mean, var, rstd } = stats;
+) -> OpResult {
+    let Stats {
+        mean,
+        var,
+        rstd,
+        group,
+    } = stats;
     match mode {
         BnMode::Train => {
-            column_stats(y, rows, c, partial, mean, var);
+            column_stats(y, (rows, c), group, partial, mean, var)?;
             sere_core::norm::batch_norm_update_running(
                 mean,
                 var,
-                rows,
+                total_rows(rows, group),
                 BN_MOMENTUM,
                 running_mean,
                 running_var,
@@ -110,7 +152,11 @@ pub(super) fn bn_relu(
 }
 
 /// Backward of a train-mode [`bn_relu`]: adds into `ggamma` and `gbeta`,
-/// overwrites `dy` (the gradient of the batch norm's input).
+/// overwrites `dy` (the gradient of the batch norm's input). With a
+/// `group` (SyncBN) the affine gradients are this process's (the
+/// data-parallel gradient mean combines them) while `dy` takes the column
+/// sums of every process, as the statistics did (PyTorch's
+/// `SyncBatchNorm` backward).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn bn_relu_backward(
     y: &[f32],
@@ -120,9 +166,10 @@ pub(super) fn bn_relu_backward(
     (mean, rstd): (&[f32], &[f32]),
     (rows, c): (usize, usize),
     (ggamma, gbeta): (&mut [f32], &mut [f32]),
+    group: Option<&dyn Collective>,
     partial: &mut Vec<f64>,
     dy: &mut [f32],
-) {
+) -> OpResult {
     // Column sums of g = dout * [out > 0] and of g * xhat, per task.
     let rc = chunk_rows(rows, 64);
     let tasks = rows.div_ceil(rc);
@@ -149,19 +196,17 @@ pub(super) fn bn_relu_backward(
             }
         });
     // Reduce into the first task's slot: [sum g | sum g xhat].
-    let (first, rest) = partial.split_at_mut(2 * c);
-    for p in rest.chunks_exact(2 * c) {
-        for (a, &b) in first.iter_mut().zip(p) {
-            *a += b;
-        }
-    }
-    let sums: &[f64] = first;
+    let sums = reduce_columns(partial, 2 * c, None)?;
     for j in 0..c {
         ggamma[j] += sums[c + j] as f32;
         gbeta[j] += sums[j] as f32;
     }
+    if let Some(g) = group {
+        g.all_reduce_sum_f64(sums)?;
+    }
+    let sums: &[f64] = sums;
     // dy = gamma rstd (g - (sum g + xhat sum g xhat) / M).
-    let inv_m = 1.0 / rows as f64;
+    let inv_m = 1.0 / total_rows(rows, group) as f64;
     dy.par_chunks_mut(rc * c)
         .zip(y.par_chunks(rc * c))
         .zip(out.par_chunks(rc * c).zip(dout.par_chunks(rc * c)))
@@ -180,4 +225,5 @@ pub(super) fn bn_relu_backward(
                 }
             }
         });
+    Ok(())
 }

@@ -12,6 +12,7 @@ use crate::backend::{
     AttentionShape, Backend, Blocks, BnMode, BnStats, DinoLossArgs, LinearShape, MimLossArgs,
     OpResult, RelationArgs, StudentFeatureGrads, StudentFeatures,
 };
+use crate::dist::Collective;
 use rayon::prelude::*;
 use sere_core::linalg::MatRef;
 use sere_core::loss;
@@ -90,6 +91,10 @@ impl Backend for Cpu {
 
     fn download(&self, src: &Vec<f32>) -> OpResult<Vec<f32>> {
         Ok(src.clone())
+    }
+
+    fn all_reduce_mean(&self, group: &dyn Collective, buf: &mut Vec<f32>) -> OpResult {
+        Ok(group.all_reduce_mean_f32(buf)?)
     }
 
     fn len(&self, buf: &Vec<f32>) -> usize {
@@ -441,7 +446,7 @@ impl Backend for Cpu {
         out: &mut Vec<f32>,
     ) -> OpResult {
         let n = rows * c;
-        Ok(batch_norm::bn_relu(
+        batch_norm::bn_relu(
             &y[..n],
             (&p[gamma], &p[beta]),
             (&mut running_mean[..c], &mut running_var[..c]),
@@ -451,10 +456,11 @@ impl Backend for Cpu {
                 mean: &mut stats.mean[..c],
                 var: &mut stats.var[..c],
                 rstd: &mut stats.rstd[..c],
+                group: stats.group.as_deref(),
             },
             &mut scratch.f64s,
             &mut out[..n],
-        )?)
+        )
     }
 
     fn batch_norm_relu_backward(
@@ -480,10 +486,10 @@ impl Backend for Cpu {
             (&stats.mean[..c], &stats.rstd[..c]),
             (rows, c),
             two_mut(g, gamma, beta),
+            stats.group.as_deref(),
             &mut scratch.f64s,
             &mut dy[..n],
-        );
-        Ok(())
+        )
     }
 
     fn dino_loss(

@@ -80,6 +80,19 @@ fn part_mut<'a>(
     b.try_slice_mut(r).ok_or_else(|| short(what, end, len))
 }
 
+/// SyncBN across processes needs a device collective (NCCL), which this
+/// backend does not have yet; one process's statistics pass.
+fn refuse_sync_bn(group: &Option<crate::dist::ProcessGroup>) -> OpResult {
+    match group {
+        Some(g) if g.world() > 1 => Err(OpError::Device(
+            "batch norm synchronised across processes needs NCCL, which the CUDA backend \
+             does not have yet; train on CUDA with one process"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The first `n` values of `b`.
 fn lead<'a>(b: &'a Buf, n: usize, what: &'static str) -> OpResult<CudaView<'a, f32>> {
     part(b, 0..n, what)
@@ -1162,6 +1175,7 @@ impl Backend for Cuda {
         _scratch: &mut CudaScratch,
         out: &mut Buf,
     ) -> OpResult {
+        refuse_sync_bn(&stats.group)?;
         let g = &self.gpu;
         let n = rows * c;
         let y = lead(y, n, "y")?;
@@ -1199,6 +1213,7 @@ impl Backend for Cuda {
         scratch: &mut CudaScratch,
         dy: &mut Buf,
     ) -> OpResult {
+        refuse_sync_bn(&stats.group)?;
         let g = &self.gpu;
         let n = rows * c;
         let (y, out, dout) = (
