@@ -145,10 +145,7 @@ pub fn agree(group: &dyn Collective, what: &str, values: &[u64]) -> Result<(), D
     if group.world() == 1 {
         return Ok(());
     }
-    let pieces: Vec<f64> = values
-        .iter()
-        .flat_map(|v| (0..4).map(move |i| ((v >> (16 * i)) & 0xffff) as f64))
-        .collect();
+    let pieces = pieces_of(values);
     let mut sums: Vec<f64> = pieces.iter().chain(&pieces).copied().collect();
     let n = pieces.len();
     sums[n..].iter_mut().for_each(|x| *x *= *x);
@@ -167,6 +164,14 @@ pub fn agree(group: &dyn Collective, what: &str, values: &[u64]) -> Result<(), D
              a folder they all see (a shared file system), holding the same checkpoint"
         ),
     })
+}
+
+/// `values` as 16-bit pieces (low first), each exact in `f64`.
+fn pieces_of(values: &[u64]) -> Vec<f64> {
+    values
+        .iter()
+        .flat_map(|v| (0..4).map(move |i| ((v >> (16 * i)) & 0xffff) as f64))
+        .collect()
 }
 
 /// Worker threads for one of the processes this launcher started on this
@@ -268,10 +273,7 @@ mod tests {
 
     /// What `agree` sends for `values` (pieces, then their squares).
     fn sent(values: &[u64]) -> Vec<f64> {
-        let p: Vec<f64> = values
-            .iter()
-            .flat_map(|v| (0..4).map(move |i| ((v >> (16 * i)) & 0xffff) as f64))
-            .collect();
+        let p = pieces_of(values);
         p.iter().copied().chain(p.iter().map(|x| x * x)).collect()
     }
 

@@ -65,6 +65,17 @@ impl MpiGroup {
         })
     }
 
+    /// `MPI_Allreduce(SUM)` of `buf` into itself.
+    fn sum_in_place<T: Equivalence + Copy>(&self, buf: &mut [T]) -> Result<(), DistError> {
+        self.on_owner("all-reduce")?;
+        // MPI_IN_PLACE is not in rsmpi's safe API; one copy of the send
+        // side is small next to the transfer itself.
+        let send = buf.to_vec();
+        self.world
+            .all_reduce_into(&send[..], buf, SystemOperation::sum());
+        Ok(())
+    }
+
     fn on_owner(&self, op: &'static str) -> Result<(), DistError> {
         if std::thread::current().id() == self.owner {
             Ok(())
@@ -86,20 +97,10 @@ impl Collective for MpiGroup {
         self.size
     }
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<(), DistError> {
-        self.on_owner("all-reduce")?;
-        // MPI_IN_PLACE is not in rsmpi's safe API; one copy of the send
-        // side is small next to the transfer itself.
-        let send = buf.to_vec();
-        self.world
-            .all_reduce_into(&send[..], buf, SystemOperation::sum());
-        Ok(())
+        self.sum_in_place(buf)
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), DistError> {
-        self.on_owner("all-reduce")?;
-        let send = buf.to_vec();
-        self.world
-            .all_reduce_into(&send[..], buf, SystemOperation::sum());
-        Ok(())
+        self.sum_in_place(buf)
     }
     fn barrier(&self) -> Result<(), DistError> {
         self.on_owner("barrier")?;

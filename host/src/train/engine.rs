@@ -416,11 +416,9 @@ impl SpatialMean {
 
     /// The weight of this rank's spatial gradient.
     fn weight(self, alpha: f32) -> f32 {
-        if self.share == 1.0 {
-            alpha * self.scale // a single process: the weight it always had
-        } else {
-            alpha * self.scale * self.share
-        }
+        // A single process's share is exactly 1, and `x * 1.0 == x`: the
+        // weight it always had.
+        alpha * self.scale * self.share
     }
 
     /// The step's spatial loss from the mean over overlapping terms.
@@ -934,11 +932,7 @@ impl<B: Backend> Engine<B> {
         let (b, l) = (input.batch, input.locals);
         let group = self.group.as_ref();
         let counts = SpatialCounts::of(input.grids);
-        let global = if group.world() > 1 {
-            counts.over(group)?
-        } else {
-            counts
-        };
+        let global = counts.over(group)?; // the identity in one process
         let spatial_mean = SpatialMean::new(cfg.non_overlapping, counts, global, group.world());
         be.zero(&mut ws.dlogits)?;
         let dino = DinoLossArgs {
