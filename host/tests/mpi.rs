@@ -359,7 +359,7 @@ fn ranks_starting_from_different_states_are_refused() {
     let err = stderr(&o);
     assert!(!o.status.success(), "{err}");
     assert!(
-        err.contains("do not start from the same checkpoint"),
+        err.contains("1 of the 2 processes do not start from rank 0's checkpoint"),
         "{err}"
     );
     assert!(!ck(&run, 4).exists(), "nothing trained");

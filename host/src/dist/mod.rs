@@ -9,6 +9,10 @@
 //! process every collective is skipped, so a single-process run is bit for
 //! bit the run without this module.
 //!
+//! The interface ([`Collective`]) is the few collectives the step needs:
+//! all-reduce sums of f32 and f64 buffers, a broadcast, a barrier, rank
+//! and world size, and an abort that ends every process.
+//!
 //! Implementations: [`SingleProcess`] (always), MPI through the `mpi` crate
 //! (rsmpi, feature `mpi`, for CPU processes on one or many nodes, started
 //! by `mpirun`). NCCL for GPUs is not built yet: CUDA runs refuse a world
@@ -45,6 +49,8 @@ pub trait Collective: Send + Sync + fmt::Debug {
     /// Element-wise sum over every rank, in place (statistics that need
     /// f64 partial sums, as the batch norm's).
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), DistError>;
+    /// Every rank's `buf` becomes rank `root`'s (`MPI_Bcast`).
+    fn broadcast_u64(&self, root: usize, buf: &mut [u64]) -> Result<(), DistError>;
     /// Waits until every rank has called it.
     fn barrier(&self) -> Result<(), DistError>;
     /// Ends every process of the run with `code` (a rank that failed: the
@@ -81,6 +87,9 @@ impl Collective for SingleProcess {
         Ok(())
     }
     fn all_reduce_sum_f64(&self, _buf: &mut [f64]) -> Result<(), DistError> {
+        Ok(())
+    }
+    fn broadcast_u64(&self, _root: usize, _buf: &mut [u64]) -> Result<(), DistError> {
         Ok(())
     }
     fn barrier(&self) -> Result<(), DistError> {
@@ -135,43 +144,32 @@ pub fn from_launcher() -> Result<ProcessGroup, String> {
     }
 }
 
-/// Checks that every rank of `group` holds the same `values` (the step a
+/// Checks that every rank of `group` holds rank 0's `values` (the step a
 /// run starts at, a hash of its state): every rank sees a disagreement and
 /// gets the error, so none trains on alone with a state the others lack.
-/// The values are compared in 16-bit pieces, whose sums and sums of squares
-/// are exact in `f64` for any realistic world size; equal sums of the
-/// pieces and of their squares on a rank mean every rank's equal its own.
 pub fn agree(group: &dyn Collective, what: &str, values: &[u64]) -> Result<(), DistError> {
     if group.world() == 1 {
         return Ok(());
     }
-    let pieces = pieces_of(values);
-    let mut sums: Vec<f64> = pieces.iter().chain(&pieces).copied().collect();
-    let n = pieces.len();
-    sums[n..].iter_mut().for_each(|x| *x *= *x);
-    group.all_reduce_sum_f64(&mut sums)?;
-    let world = group.world() as f64;
-    let same = (0..n)
-        .all(|i| sums[i] == world * pieces[i] && sums[n + i] == world * pieces[i] * pieces[i]);
-    if same {
+    let mut lead = values.to_vec();
+    group.broadcast_u64(0, &mut lead)?;
+    // Every rank learns how many differ, not only those that do.
+    let mut differ = [f64::from(u8::from(lead != values))];
+    group.all_reduce_sum_f64(&mut differ)?;
+    if differ[0] == 0.0 {
         return Ok(());
     }
     Err(DistError {
         op: "start",
         rank: group.rank(),
         reason: format!(
-            "the processes do not start from the same {what}; on several machines --out must be \
-             a folder they all see (a shared file system), holding the same checkpoint"
+            "{} of the {} processes do not start from rank 0's {what}; on several machines \
+             --out must be a folder they all see (a shared file system), holding the same \
+             checkpoint",
+            differ[0],
+            group.world()
         ),
     })
-}
-
-/// `values` as 16-bit pieces (low first), each exact in `f64`.
-fn pieces_of(values: &[u64]) -> Vec<f64> {
-    values
-        .iter()
-        .flat_map(|v| (0..4).map(move |i| ((v >> (16 * i)) & 0xffff) as f64))
-        .collect()
 }
 
 /// Worker threads for one of the processes this launcher started on this
@@ -237,27 +235,31 @@ mod tests {
         assert_eq!(Shard::default().range(5), Some(0..5));
     }
 
-    /// A fake group of `world` ranks whose all-reduce adds the other
-    /// ranks' values, given, to this rank's.
+    /// Rank 1 of a fake group of three: rank 0 holds `lead`, and
+    /// `others_differ` of the other two ranks hold something else.
     #[derive(Debug)]
     struct Fake {
-        others: Vec<Vec<f64>>,
+        lead: Vec<u64>,
+        others_differ: f64,
     }
 
     impl Collective for Fake {
         fn rank(&self) -> usize {
-            0
+            1
         }
         fn world(&self) -> usize {
-            self.others.len() + 1
+            3
         }
         fn all_reduce_sum_f32(&self, _buf: &mut [f32]) -> Result<(), DistError> {
             unimplemented!("not used")
         }
         fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), DistError> {
-            for o in &self.others {
-                buf.iter_mut().zip(o).for_each(|(b, x)| *b += x);
-            }
+            buf[0] += self.others_differ;
+            Ok(())
+        }
+        fn broadcast_u64(&self, root: usize, buf: &mut [u64]) -> Result<(), DistError> {
+            assert_eq!(root, 0);
+            buf.copy_from_slice(&self.lead);
             Ok(())
         }
         fn barrier(&self) -> Result<(), DistError> {
@@ -271,26 +273,20 @@ mod tests {
         }
     }
 
-    /// What `agree` sends for `values` (pieces, then their squares).
-    fn sent(values: &[u64]) -> Vec<f64> {
-        let p = pieces_of(values);
-        p.iter().copied().chain(p.iter().map(|x| x * x)).collect()
-    }
-
     #[test]
-    fn agree_sees_any_disagreement_on_every_rank() {
+    fn agree_reports_any_disagreement_on_every_rank() {
         let mine = [7u64, 0xdead_beef_0123_4567];
-        let same = Fake {
-            others: vec![sent(&mine), sent(&mine)],
+        let group = |lead: [u64; 2], others_differ| Fake {
+            lead: lead.to_vec(),
+            others_differ,
         };
-        agree(&same, "state", &mine).unwrap();
-        // The others average to this rank's values but differ from them.
-        let (lo, hi) = ([6u64, 0xdead_beef_0123_4566], [8u64, 0xdead_beef_0123_4568]);
-        let spread = Fake {
-            others: vec![sent(&lo), sent(&hi)],
-        };
-        let e = agree(&spread, "state", &mine).unwrap_err();
-        assert!(e.to_string().contains("same state"), "{e}");
+        agree(&group(mine, 0.0), "state", &mine).unwrap();
+        // This rank differs from rank 0 in one bit of its hash.
+        let e = agree(&group([7, 0xdead_beef_0123_4566], 0.0), "state", &mine).unwrap_err();
+        assert!(e.to_string().contains("1 of the 3 processes"), "{e}");
+        // This rank matches rank 0, but rank 2 does not: it fails too.
+        let e = agree(&group(mine, 1.0), "state", &mine).unwrap_err();
+        assert!(e.to_string().contains("rank 0's state"), "{e}");
     }
 
     #[test]

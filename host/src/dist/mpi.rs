@@ -8,6 +8,7 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use mpi::Threading;
 use std::fmt;
+use std::sync::Mutex;
 use std::thread::ThreadId;
 
 /// `MPI_COMM_WORLD`, initialised with `MPI_THREAD_FUNNELED`: rayon's
@@ -19,6 +20,9 @@ pub(super) struct MpiGroup {
     size: usize,
     owner: ThreadId,
     library: String,
+    // The send sides of the all-reduces, kept from step to step.
+    send_f32: Mutex<Vec<f32>>,
+    send_f64: Mutex<Vec<f64>>,
     // Finalises MPI when the group is dropped (after the world above).
     _universe: Universe,
 }
@@ -61,16 +65,25 @@ impl MpiGroup {
             world,
             owner: std::thread::current().id(),
             library,
+            send_f32: Mutex::default(),
+            send_f64: Mutex::default(),
             _universe: universe,
         })
     }
 
-    /// `MPI_Allreduce(SUM)` of `buf` into itself.
-    fn sum_in_place<T: Equivalence + Copy>(&self, buf: &mut [T]) -> Result<(), DistError> {
+    /// `MPI_Allreduce(SUM)` of `buf` into itself, through `send`.
+    fn sum_in_place<T: Equivalence + Copy>(
+        &self,
+        buf: &mut [T],
+        send: &Mutex<Vec<T>>,
+    ) -> Result<(), DistError> {
         self.on_owner("all-reduce")?;
         // MPI_IN_PLACE is not in rsmpi's safe API; one copy of the send
-        // side is small next to the transfer itself.
-        let send = buf.to_vec();
+        // side is small next to the transfer itself, and its buffer is
+        // reused (only the owner thread gets here, so the lock is free).
+        let mut send = send.lock().unwrap_or_else(|e| e.into_inner());
+        send.clear();
+        send.extend_from_slice(buf);
         self.world
             .all_reduce_into(&send[..], buf, SystemOperation::sum());
         Ok(())
@@ -97,10 +110,22 @@ impl Collective for MpiGroup {
         self.size
     }
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<(), DistError> {
-        self.sum_in_place(buf)
+        self.sum_in_place(buf, &self.send_f32)
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), DistError> {
-        self.sum_in_place(buf)
+        self.sum_in_place(buf, &self.send_f64)
+    }
+    fn broadcast_u64(&self, root: usize, buf: &mut [u64]) -> Result<(), DistError> {
+        self.on_owner("broadcast")?;
+        if root >= self.size {
+            return Err(DistError {
+                op: "broadcast",
+                rank: self.rank,
+                reason: format!("root {root} is not a rank of {}", self.size),
+            });
+        }
+        self.world.process_at_rank(root as i32).broadcast_into(buf);
+        Ok(())
     }
     fn barrier(&self) -> Result<(), DistError> {
         self.on_owner("barrier")?;
