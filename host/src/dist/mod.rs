@@ -172,14 +172,22 @@ pub fn agree(group: &dyn Collective, what: &str, values: &[u64]) -> Result<(), D
     })
 }
 
-/// Worker threads for one of the processes this launcher started on this
-/// machine: the cores shared evenly (Open MPI's
-/// `OMPI_COMM_WORLD_LOCAL_SIZE`, MPICH's `MPI_LOCALNRANKS`); `None` when
-/// one process runs here (it takes every core).
-pub fn threads_per_local_rank() -> Option<usize> {
-    let local: usize = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+/// How many processes of this run the launcher started on this machine
+/// (Open MPI's `OMPI_COMM_WORLD_LOCAL_SIZE`, MPICH's `MPI_LOCALNRANKS`);
+/// 1 without a launcher.
+pub fn local_size() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
         .iter()
-        .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())?;
+        .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// Worker threads for one of the processes this launcher started on this
+/// machine: the cores shared evenly; `None` when one process runs here (it
+/// takes every core).
+pub fn threads_per_local_rank() -> Option<usize> {
+    let local = local_size();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (local > 1).then(|| (cores / local).max(1))
 }

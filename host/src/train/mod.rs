@@ -194,18 +194,42 @@ fn data_bytes(spec: &str) -> f64 {
 /// and refuses a run that cannot fit in the memory available (it would end
 /// in an allocation abort or the OOM killer, not an error).
 pub fn check_memory(cfg: &TrainConfig) -> Result<(), SereError> {
-    check_memory_saying(cfg, true)
+    check_memory_saying(cfg, Ranks::ONE, true)
 }
 
-/// [`check_memory`], printing the estimate only with `say` (rank 0 of a
-/// data-parallel run speaks for all).
-fn check_memory_saying(cfg: &TrainConfig, say: bool) -> Result<(), SereError> {
+/// The processes of a data-parallel run, as the memory check sees them.
+#[derive(Debug, Clone, Copy)]
+struct Ranks {
+    /// Every process of the run (the global batch is split over them).
+    world: usize,
+    /// Those on this machine (they share its memory).
+    here: usize,
+}
+
+impl Ranks {
+    const ONE: Ranks = Ranks { world: 1, here: 1 };
+}
+
+/// [`check_memory`] for one of `ranks.world` processes, `ranks.here` of
+/// them on this machine: each holds the whole model, its share of the
+/// batch's activations and the data; printing the estimate only with `say`
+/// (rank 0 of a data-parallel run speaks for all).
+fn check_memory_saying(cfg: &TrainConfig, ranks: Ranks, say: bool) -> Result<(), SereError> {
     use crate::config::format_bytes;
-    let est = cfg.memory_estimate();
+    let share = TrainConfig {
+        batch: (cfg.batch / ranks.world).max(1),
+        ..cfg.clone()
+    };
+    let est = share.memory_estimate();
     let data = data_bytes(&cfg.data);
-    let total = est.total() + data;
+    let here = ranks.here as f64;
+    let total = here * (est.total() + data);
+    let each = match ranks.here {
+        1 => String::new(),
+        n => format!("{n} processes on this machine, each "),
+    };
     let parts = format!(
-        "parameters and optimizer state {}, activations {}, data {}",
+        "{each}parameters and optimizer state {}, activations {}, data {}",
         format_bytes(est.weights),
         format_bytes(est.activations),
         format_bytes(data)
@@ -681,7 +705,11 @@ pub fn train_in(
         refuse_existing_run(&out_dir, true)?;
     }
     // Before anything is allocated; each rank checks its own machine.
-    check_memory_saying(&cfg, lead)?;
+    let ranks = Ranks {
+        world: group.world(),
+        here: dist::local_size().min(group.world()),
+    };
+    check_memory_saying(&cfg, ranks, lead)?;
     // Processes sharing a machine share its cores.
     set_threads(cfg.threads.or_else(dist::threads_per_local_rank));
     let mut engine = AnyEngine::new(&cfg)?;
@@ -1068,6 +1096,38 @@ mod tests {
             let e = check_memory(&cfg).unwrap_err().to_string();
             assert!(e.contains("the run needs about"), "{e}");
             assert!(e.contains(" is available"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_memory_check_counts_each_process_on_the_machine_with_its_share() {
+        if available_memory().is_none() {
+            return; // no /proc/meminfo here
+        }
+        let est = |batch| cfg_with(batch).memory_estimate().total();
+        // A batch whose activations alone do not fit one process ...
+        let avail = available_memory().unwrap();
+        let per_image = est(2) - est(1);
+        let cfg = cfg_with(16 * ((1.5 * avail / per_image) as usize / 16 + 1));
+        assert!(check_memory_saying(&cfg, Ranks::ONE, false).is_err());
+        // ... fits 16 processes on 16 machines, each with a sixteenth;
+        let spread = Ranks { world: 16, here: 1 };
+        check_memory_saying(&cfg, spread, false).unwrap();
+        // but not 16 on this one, which hold the model 16 times too.
+        let crowded = Ranks {
+            world: 16,
+            here: 16,
+        };
+        let e = check_memory_saying(&cfg, crowded, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("16 processes on this machine, each"), "{e}");
+    }
+
+    fn cfg_with(batch: usize) -> TrainConfig {
+        TrainConfig {
+            batch,
+            ..Default::default()
         }
     }
 }
