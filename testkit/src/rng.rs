@@ -260,7 +260,7 @@ mod tests {
             let want = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
             assert_eq!(l.signed_f32().to_bits(), want.to_bits());
         }
-        // host/src/backend/cuda/device.rs's xorshift `data(n, seed)`.
+        // host/src/backend/cuda/device/tests.rs's xorshift `data(n, seed)`.
         let mut x = XorShift::new(3);
         let mut s = 3u64.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         for _ in 0..1000 {
