@@ -1,12 +1,8 @@
-//! The CPU backend's SGEMM paths (AVX-512 and AVX2 tiles, matrixmultiply)
-//! at the training step's shapes, one thread: `cargo run --release -p
-//! sere-host --example bench_gemm`. Prints one line per shape with the
-//! GFLOP/s of every path this CPU supports, and the path `gemm` takes.
-//!
-//! With `--features gemm-crate` it adds the `gemm` crate (the SGEMM candle
-//! uses on CPUs) as a column, for the comparison the choice of kernel rests
-//! on: `cargo run --release -p sere-host --features gemm-crate --example
-//! bench_gemm`.
+//! The CPU backend's SGEMM paths (the `gemm` crate, our AVX-512 and AVX2
+//! tiles, matrixmultiply) at the training step's shapes, one thread:
+//! `cargo run --release -p sere-host --example bench_gemm`. Prints one line
+//! per shape with the GFLOP/s of every path this CPU supports, and the path
+//! `gemm` takes: the measurement the choice of kernel rests on.
 
 use sere_core::linalg::MatRef;
 use sere_host::backend::cpu::{gemm_bias_on, GemmPath};
@@ -26,36 +22,6 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
     }
     best
-}
-
-/// `C = A B` through the `gemm` crate, one thread, same views.
-#[cfg(feature = "gemm-crate")]
-fn gemm_crate(a: &[f32], am: MatRef, b: &[f32], bm: MatRef, c: &mut [f32], cm: MatRef) {
-    let s = |v: usize| v as isize;
-    // SAFETY: the views were built to lie inside their buffers.
-    unsafe {
-        gemm::gemm(
-            cm.rows,
-            cm.cols,
-            am.cols,
-            c.as_mut_ptr().add(cm.offset),
-            s(cm.col_stride),
-            s(cm.row_stride),
-            false,
-            a.as_ptr().add(am.offset),
-            s(am.col_stride),
-            s(am.row_stride),
-            b.as_ptr().add(bm.offset),
-            s(bm.col_stride),
-            s(bm.row_stride),
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
 }
 
 fn main() {
@@ -102,7 +68,7 @@ fn main() {
         let fl = 2.0 * (m * n * k) as f64;
         // Rounds alternate between the paths, so that a noisy neighbour
         // slows every column alike; each keeps its best round.
-        let mut best = vec![f64::MAX; paths.len() + 1];
+        let mut best = vec![f64::MAX; paths.len()];
         for _ in 0..ROUNDS {
             for (slot, &path) in paths.iter().enumerate() {
                 let t = best_of(reps, || {
@@ -110,18 +76,10 @@ fn main() {
                 });
                 best[slot] = best[slot].min(t);
             }
-            #[cfg(feature = "gemm-crate")]
-            {
-                let t = best_of(reps, || gemm_crate(&a, am, &b, bm, &mut c, cm));
-                best[paths.len()] = best[paths.len()].min(t);
-            }
         }
         let mut line = format!("{name:24}");
         for (slot, path) in paths.iter().enumerate() {
             line += &format!("  {} {:6.1}", path.name(), fl / best[slot] / 1e9);
-        }
-        if cfg!(feature = "gemm-crate") {
-            line += &format!("  gemm-crate {:6.1}", fl / best[paths.len()] / 1e9);
         }
         println!("{line}  GFLOP/s");
     }

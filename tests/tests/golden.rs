@@ -11,6 +11,10 @@
 //! The numbers depend on the SGEMM path (FMA or not) and on how rayon splits
 //! reductions, so the run uses a fixed pool of 2 threads and the fixture
 //! names the GEMM path it was blessed on; another path skips, saying so.
+//! On x86-64 with AVX2 + FMA the run takes our own tiles (`SERE_GEMM=avx2`;
+//! the AVX-512 tile gives the same bits), not the `gemm` crate that
+//! AVX-512 machines take by default, so every such machine checks the
+//! same fixture.
 
 use sere_host::checkpoint::Checkpoint;
 use sere_host::config::TrainConfig;
@@ -54,7 +58,8 @@ fn tiny(out: &Path) -> TrainConfig {
     TrainConfig::from_toml(&text).expect("golden config parses")
 }
 
-/// The GEMM path the CPU backend takes on this machine.
+/// The GEMM path the CPU backend takes on this machine, once
+/// [`pin_gemm_path`] ran.
 fn gemm_path() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
@@ -64,6 +69,14 @@ fn gemm_path() -> &'static str {
         }
     }
     "portable"
+}
+
+/// Makes the CPU backend take our AVX2 tile where the CPU has it (read once
+/// per process, at the first product: this file's one test runs first).
+fn pin_gemm_path() {
+    if gemm_path() == "x86_64-avx2-fma" {
+        std::env::set_var("SERE_GEMM", "avx2");
+    }
 }
 
 /// 64-bit FNV-1a of the tensor's f32 bit patterns (little endian).
@@ -90,6 +103,7 @@ fn digest(ck: &Checkpoint) -> String {
 
 #[test]
 fn three_steps_reproduce_the_blessed_state_bit_for_bit() {
+    pin_gemm_path();
     let root = std::env::temp_dir().join(format!("sere-golden-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let pool = rayon::ThreadPoolBuilder::new()

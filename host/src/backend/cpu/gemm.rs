@@ -1,8 +1,19 @@
-//! SGEMM for the CPU backend: BLIS-style cache blocking written once around
-//! a register tile chosen at run time by CPU features: 12 x 32 with AVX-512
-//! (AVX512F), 6 x 16 with AVX2 + FMA, and `sere-core`'s matrixmultiply path
-//! as the fallback on other CPUs. `SERE_GEMM=avx512|avx2|portable` forces a
-//! path the CPU has (for benchmarks and tests).
+//! SGEMM for the CPU backend, chosen at run time by CPU features
+//! ([`GemmPath::fastest`]): on AVX-512 the `gemm` crate (candle's CPU
+//! SGEMM, which dispatches its own kernels); otherwise our BLIS-style cache
+//! blocking, written once around a register tile per instruction set: 6 x
+//! 16 with AVX2 + FMA, and `sere-core`'s matrixmultiply path as the fallback
+//! on other CPUs. A 12 x 32 AVX-512 tile of ours stays selectable.
+//! `SERE_GEMM=gemm-crate|avx512|avx2|portable` forces a path the CPU has
+//! (for benchmarks and tests).
+//!
+//! Why the crate on AVX-512: it beat our 12 x 32 tile at every shape of the
+//! step on the two Intel Xeons measured (by 3-35% alone, and 10-18% on the
+//! whole step of an Ice Lake one; BENCHMARKS.md), and a maintained library
+//! is preferred to ours where it is faster. It allocates its packing buffer
+//! on every call (malloc reuses the memory; the benchmarks include it).
+//! Why not on AVX2 alone: not measured there yet against our 6 x 16 tile,
+//! which was 0.86x PyTorch's step on an AMD EPYC.
 //!
 //! Why AVX-512 gets its own tile: on an Intel Xeon with two 512-bit FMA
 //! ports the 6 x 16 AVX2 tile reaches 62-76 GFLOP/s per core at the step's
@@ -18,9 +29,10 @@
 //! 8 loads and is FMA-bound. The blocking keeps a packed `KC x 16` sliver of
 //! B in L1 while it meets every `6 x KC` sliver of the packed A block in L2.
 //!
-//! Packing buffers live in a thread-local arena that only grows, so after
-//! the first training step no call allocates. Each call is single-threaded:
-//! callers split rows (or output features) over rayon's pool.
+//! Our paths' packing buffers live in a thread-local arena that only
+//! grows, so after the first training step none of their calls allocates.
+//! Each call (the crate's too) is single-threaded: callers split rows (or
+//! output features) over rayon's pool.
 
 use std::cell::RefCell;
 
@@ -72,6 +84,9 @@ impl Tiling for Avx512 {
 /// Which SGEMM runs: the best this CPU has unless `SERE_GEMM` forces one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmPath {
+    /// The `gemm` crate (candle's CPU SGEMM), which picks its own kernel
+    /// for the CPU (AVX-512, AVX2 + FMA, NEON, scalar).
+    Crate,
     /// The 12 x 32 AVX-512 tile.
     Avx512,
     /// The 6 x 16 AVX2 + FMA tile.
@@ -81,12 +96,18 @@ pub enum GemmPath {
 }
 
 impl GemmPath {
-    /// Every path, fastest first.
-    pub const ALL: [GemmPath; 3] = [GemmPath::Avx512, GemmPath::Avx2, GemmPath::Portable];
+    /// Every path.
+    pub const ALL: [GemmPath; 4] = [
+        GemmPath::Crate,
+        GemmPath::Avx512,
+        GemmPath::Avx2,
+        GemmPath::Portable,
+    ];
 
     /// The name `SERE_GEMM` takes.
     pub fn name(self) -> &'static str {
         match self {
+            GemmPath::Crate => "gemm-crate",
             GemmPath::Avx512 => "avx512",
             GemmPath::Avx2 => "avx2",
             GemmPath::Portable => "portable",
@@ -100,12 +121,28 @@ impl GemmPath {
             match self {
                 GemmPath::Avx512 => avx512_available(),
                 GemmPath::Avx2 => fma_available(),
-                GemmPath::Portable => true,
+                GemmPath::Crate | GemmPath::Portable => true,
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            self == GemmPath::Portable
+            matches!(self, GemmPath::Crate | GemmPath::Portable)
+        }
+    }
+
+    /// The path this CPU runs fastest, as measured (BENCHMARKS.md, "the
+    /// `gemm` crate in the step"): on AVX-512 the `gemm` crate, which beat
+    /// our 12 x 32 tile at every shape of the step on both Intel Xeons
+    /// measured (an AMD Zen 4 with AVX-512 takes it too, unmeasured there);
+    /// on AVX2 + FMA alone our 6 x 16 tile (the crate was not measured on
+    /// such a CPU); else matrixmultiply.
+    pub fn fastest() -> GemmPath {
+        if GemmPath::Avx512.supported() {
+            GemmPath::Crate
+        } else if GemmPath::Avx2.supported() {
+            GemmPath::Avx2
+        } else {
+            GemmPath::Portable
         }
     }
 
@@ -115,7 +152,7 @@ impl GemmPath {
     pub fn active() -> GemmPath {
         static ACTIVE: std::sync::OnceLock<GemmPath> = std::sync::OnceLock::new();
         *ACTIVE.get_or_init(|| {
-            let best = GemmPath::ALL.into_iter().find(|p| p.supported()).unwrap_or(GemmPath::Portable);
+            let best = GemmPath::fastest();
             match std::env::var("SERE_GEMM") {
                 Ok(v) if !v.is_empty() => match GemmPath::ALL.into_iter().find(|p| p.name() == v) {
                     Some(p) if p.supported() => p,
@@ -124,7 +161,7 @@ impl GemmPath {
                         best
                     }
                     None => {
-                        eprintln!("warning: SERE_GEMM={v} is not one of avx512, avx2, portable; using {}", best.name());
+                        eprintln!("warning: SERE_GEMM={v} is not one of gemm-crate, avx512, avx2, portable; using {}", best.name());
                         best
                     }
                 },
@@ -244,6 +281,11 @@ fn gemm_checked(
         fallback(alpha, a, am, b, bm, beta, bias, c, cm).expect("views checked by the caller");
         return;
     }
+    if path == GemmPath::Crate {
+        // SAFETY: every view was checked to lie inside its slice.
+        unsafe { crate_gemm(alpha, a, am, b, bm, beta, bias, c, cm) };
+        return;
+    }
     let args = Operands {
         alpha,
         a,
@@ -269,6 +311,60 @@ fn gemm_checked(
             }
         }
     });
+}
+
+/// `C = alpha A B + beta C (+ bias)` through the `gemm` crate, one thread
+/// (the caller's rayon task). The crate reads `C` only when told to, so
+/// `beta = 0` overwrites it unread, as on the other paths; a bias is first
+/// written into (or added onto) `C`, which the product then accumulates on.
+///
+/// # Safety
+/// The views lie inside their slices (checked by the caller).
+#[allow(clippy::too_many_arguments)]
+unsafe fn crate_gemm(
+    alpha: f32,
+    a: &[f32],
+    am: MatRef,
+    b: &[f32],
+    bm: MatRef,
+    beta: f32,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    cm: MatRef,
+) {
+    let (mut keep, mut read_c) = (beta, beta != 0.0);
+    if let Some(bias) = bias {
+        for i in 0..cm.rows {
+            for (j, &v) in bias.iter().enumerate() {
+                let x = &mut c[cm.offset + i * cm.row_stride + j * cm.col_stride];
+                *x = if read_c { beta * *x + v } else { v };
+            }
+        }
+        (keep, read_c) = (1.0, true);
+    }
+    let s = |v: usize| v as isize;
+    // The crate's `alpha` scales the old C and its `beta` the product.
+    gemm::gemm(
+        cm.rows,
+        cm.cols,
+        am.cols,
+        c.as_mut_ptr().add(cm.offset),
+        s(cm.col_stride),
+        s(cm.row_stride),
+        read_c,
+        a.as_ptr().add(am.offset),
+        s(am.col_stride),
+        s(am.row_stride),
+        b.as_ptr().add(bm.offset),
+        s(bm.col_stride),
+        s(bm.row_stride),
+        keep,
+        alpha,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }
 
 /// The read-only operands of one product.
