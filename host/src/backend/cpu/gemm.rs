@@ -281,11 +281,6 @@ fn gemm_checked(
         fallback(alpha, a, am, b, bm, beta, bias, c, cm).expect("views checked by the caller");
         return;
     }
-    if path == GemmPath::Crate {
-        // SAFETY: every view was checked to lie inside its slice.
-        unsafe { crate_gemm(alpha, a, am, b, bm, beta, bias, c, cm) };
-        return;
-    }
     let args = Operands {
         alpha,
         a,
@@ -296,6 +291,11 @@ fn gemm_checked(
         bias,
         cm,
     };
+    if path == GemmPath::Crate {
+        // SAFETY: every view was checked to lie inside its slice.
+        unsafe { crate_gemm(&args, c) };
+        return;
+    }
     PACK.with(|p| {
         let mut p = p.borrow_mut();
         let (pa, pb) = &mut *p;
@@ -320,18 +320,17 @@ fn gemm_checked(
 ///
 /// # Safety
 /// The views lie inside their slices (checked by the caller).
-#[allow(clippy::too_many_arguments)]
-unsafe fn crate_gemm(
-    alpha: f32,
-    a: &[f32],
-    am: MatRef,
-    b: &[f32],
-    bm: MatRef,
-    beta: f32,
-    bias: Option<&[f32]>,
-    c: &mut [f32],
-    cm: MatRef,
-) {
+unsafe fn crate_gemm(args: &Operands<'_>, c: &mut [f32]) {
+    let Operands {
+        alpha,
+        a,
+        am,
+        b,
+        bm,
+        beta,
+        bias,
+        cm,
+    } = *args;
     let (mut keep, mut read_c) = (beta, beta != 0.0);
     if let Some(bias) = bias {
         for i in 0..cm.rows {
