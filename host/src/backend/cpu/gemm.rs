@@ -7,10 +7,11 @@
 //! `SERE_GEMM=gemm-crate|avx512|avx2|portable` forces a path the CPU has
 //! (for benchmarks and tests).
 //!
-//! Why the crate on AVX-512: it beat our 12 x 32 tile at every shape of the
-//! step on the two Intel Xeons measured (by 3-35% alone, and 10-18% on the
-//! whole step of an Ice Lake one; BENCHMARKS.md), and a maintained library
-//! is preferred to ours where it is faster. It allocates its packing buffer
+//! Why the crate on AVX-512: on the Ice Lake Xeon (model 106) it beat our
+//! 12 x 32 tile at every shape of the step, by 10-37% alone and 10-18% on
+//! the whole step; on the model-207 Xeon at ten of twelve shapes (2-72%;
+//! 2% and 7% behind at fc1 dW and the DINO head; BENCHMARKS.md). A
+//! maintained library is preferred to ours where it is as fast. It allocates its packing buffer
 //! on every call (malloc reuses the memory; the benchmarks include it).
 //! Why not on AVX2 alone: not measured there yet against our 6 x 16 tile,
 //! which was 0.86x PyTorch's step on an AMD EPYC.
@@ -131,9 +132,9 @@ impl GemmPath {
     }
 
     /// The path this CPU runs fastest, as measured (BENCHMARKS.md, "the
-    /// `gemm` crate in the step"): on AVX-512 the `gemm` crate, which beat
-    /// our 12 x 32 tile at every shape of the step on both Intel Xeons
-    /// measured (an AMD Zen 4 with AVX-512 takes it too, unmeasured there);
+    /// `gemm` crate in the step"): on AVX-512 the `gemm` crate, which made
+    /// the whole step 10-18% faster than our 12 x 32 tile on an Ice Lake
+    /// Xeon (an AMD Zen 4 with AVX-512 takes it too, unmeasured there);
     /// on AVX2 + FMA alone our 6 x 16 tile (the crate was not measured on
     /// such a CPU); else matrixmultiply.
     pub fn fastest() -> GemmPath {
@@ -316,7 +317,7 @@ fn gemm_checked(
 /// `C = alpha A B + beta C (+ bias)` through the `gemm` crate, one thread
 /// (the caller's rayon task). The crate reads `C` only when told to, so
 /// `beta = 0` overwrites it unread, as on the other paths; a bias is first
-/// written into (or added onto) `C`, which the product then accumulates on.
+/// folded into `C` ([`fold_bias`]), which the product then accumulates on.
 ///
 /// # Safety
 /// The views lie inside their slices (checked by the caller).
@@ -331,16 +332,8 @@ unsafe fn crate_gemm(args: &Operands<'_>, c: &mut [f32]) {
         bias,
         cm,
     } = *args;
-    let (mut keep, mut read_c) = (beta, beta != 0.0);
-    if let Some(bias) = bias {
-        for i in 0..cm.rows {
-            for (j, &v) in bias.iter().enumerate() {
-                let x = &mut c[cm.offset + i * cm.row_stride + j * cm.col_stride];
-                *x = if read_c { beta * *x + v } else { v };
-            }
-        }
-        (keep, read_c) = (1.0, true);
-    }
+    let keep = fold_bias(beta, bias, c, cm);
+    let read_c = keep != 0.0;
     let s = |v: usize| v as isize;
     // The crate's `alpha` scales the old C and its `beta` the product.
     gemm::gemm(
@@ -430,17 +423,23 @@ fn fallback(
     c: &mut [f32],
     cm: MatRef,
 ) -> Result<()> {
-    let mut beta = beta;
-    if let Some(bias) = bias {
-        for i in 0..cm.rows {
-            for (j, &v) in bias.iter().enumerate() {
-                let x = &mut c[cm.offset + i * cm.row_stride + j * cm.col_stride];
-                *x = if beta == 0.0 { v } else { beta * *x + v };
-            }
-        }
-        beta = 1.0;
-    }
+    let beta = fold_bias(beta, bias, c, cm);
     sere_core::linalg::gemm(alpha, a, am, b, bm, beta, c, cm)
+}
+
+/// For the GEMMs that take no bias: writes `beta C + bias` into `C` (the
+/// bias alone when `beta = 0`, so that `C` is not read) and returns the
+/// `beta` the product is then to accumulate with (1 after a bias,
+/// otherwise `beta` unchanged).
+fn fold_bias(beta: f32, bias: Option<&[f32]>, c: &mut [f32], cm: MatRef) -> f32 {
+    let Some(bias) = bias else { return beta };
+    for i in 0..cm.rows {
+        for (j, &v) in bias.iter().enumerate() {
+            let x = &mut c[cm.offset + i * cm.row_stride + j * cm.col_stride];
+            *x = if beta == 0.0 { v } else { beta * *x + v };
+        }
+    }
+    1.0
 }
 
 /// The BLIS loop nest, once for every tile: column blocks of B (NC), depth
