@@ -431,8 +431,28 @@ fn fallback(
 /// bias alone when `beta = 0`, so that `C` is not read) and returns the
 /// `beta` the product is then to accumulate with (1 after a bias,
 /// otherwise `beta` unchanged).
+///
+/// A pass over all of `C`, so it must run at memory speed: row-major `C`
+/// (the linear layers' outputs) goes row by row over slices, which the
+/// compiler turns into a copy or a vector loop; any other layout goes
+/// element by element.
 fn fold_bias(beta: f32, bias: Option<&[f32]>, c: &mut [f32], cm: MatRef) -> f32 {
     let Some(bias) = bias else { return beta };
+    let bias = &bias[..cm.cols];
+    if cm.col_stride == 1 {
+        for i in 0..cm.rows {
+            let start = cm.offset + i * cm.row_stride;
+            let row = &mut c[start..start + cm.cols];
+            if beta == 0.0 {
+                row.copy_from_slice(bias);
+            } else {
+                for (x, &v) in row.iter_mut().zip(bias) {
+                    *x = beta * *x + v;
+                }
+            }
+        }
+        return 1.0;
+    }
     for i in 0..cm.rows {
         for (j, &v) in bias.iter().enumerate() {
             let x = &mut c[cm.offset + i * cm.row_stride + j * cm.col_stride];
