@@ -81,6 +81,22 @@ pub struct LinearShape {
     pub out: usize,
 }
 
+/// Where [`Backend::linear_backward`] puts the gradient of its input.
+///
+/// `Write` exists because the commonest case, an input with no other
+/// consumer (the MLP's hidden layer, the attention output), would
+/// otherwise pay a zeroing pass over the buffer and a read of it inside
+/// the GEMM: two memory passes over the step's largest activations.
+#[derive(Debug)]
+pub enum InputGrad<'a, T: ?Sized> {
+    /// Not wanted: the input is data (the patch embedding's pixels).
+    Skip,
+    /// Added into the buffer: the input also feeds other operations.
+    Add(&'a mut T),
+    /// Written over the buffer, whose old values are never read.
+    Write(&'a mut T),
+}
+
 /// Shape of multi-head self-attention over `batch` sequences of `tokens`
 /// tokens of width `dim`, split into `heads` heads. `qkv` rows are
 /// `[3][heads][dim / heads]` per token (timm's layout), outputs `[heads][d]`.
@@ -277,8 +293,9 @@ pub trait Backend: Sized + Send + Sync {
         y: &mut Self::Buf,
     ) -> OpResult;
 
-    /// Backward of [`Backend::linear_forward`]: `dx += dy W` (when given),
-    /// `g[w] += dy^T x`, `g[b] += column sums of dy` (when given).
+    /// Backward of [`Backend::linear_forward`]: `dx += dy W` or `dx = dy W`
+    /// (by [`InputGrad`]), `g[w] += dy^T x`, `g[b] += column sums of dy`
+    /// (when given).
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -288,7 +305,7 @@ pub trait Backend: Sized + Send + Sync {
         b: Option<Range<usize>>,
         dy: &Self::Buf,
         shape: LinearShape,
-        dx: Option<&mut Self::Buf>,
+        dx: InputGrad<'_, Self::Buf>,
         g: &mut Self::Buf,
     ) -> OpResult;
 

@@ -27,7 +27,7 @@ use std::ops::Range;
 
 use super::params::{Init, ParamLayout};
 pub use crate::backend::BnMode;
-use crate::backend::{Backend, BnStats, LinearShape, OpResult};
+use crate::backend::{Backend, BnStats, InputGrad, LinearShape, OpResult};
 
 /// Standard deviation of the truncated-normal initialisation of the heads'
 /// weights (timm's `trunc_normal_(std=0.02)`).
@@ -380,7 +380,6 @@ impl DinoHead {
         let cfg = self.cfg;
         let (rows, bd, k, n) = (acts.rows, cfg.bottleneck_dim, cfg.out_dim, cfg.nlayers);
         // Last layer: logits = u W^T. du = dlogits W, dW = dlogits^T u.
-        be.zero(&mut acts.du)?;
         be.zero(&mut acts.dw)?;
         let shape = LinearShape {
             rows,
@@ -395,7 +394,7 @@ impl DinoHead {
             None,
             dlogits,
             shape,
-            Some(du),
+            InputGrad::Write(du),
             dw,
         )?;
         // Weight norm: dV_k = (dVhat_k - Vhat_k (Vhat_k . dVhat_k)) / ||V_k||,
@@ -443,11 +442,11 @@ impl DinoHead {
             };
             let (w, b) = (l.weight.clone(), Some(l.bias.clone()));
             if i == 0 {
-                be.linear_backward(&acts.x, params, w, b, &acts.da[0], shape, Some(dx), grads)?;
+                let dx = InputGrad::Add(&mut *dx);
+                be.linear_backward(&acts.x, params, w, b, &acts.da[0], shape, dx, grads)?;
             } else {
                 let (da_prev, da_i) = acts.da.split_at_mut(i);
                 let dpost = &mut acts.dpost[i - 1];
-                be.zero(dpost)?;
                 be.linear_backward(
                     &acts.post[i - 1],
                     params,
@@ -455,7 +454,7 @@ impl DinoHead {
                     b,
                     &da_i[0],
                     shape,
-                    Some(dpost),
+                    InputGrad::Write(dpost),
                     grads,
                 )?;
                 // Through the GELU: da_{i-1} = dpost * gelu'(pre_{i-1}).
@@ -858,7 +857,6 @@ impl SereHead {
             &mut acts.scratch,
             &mut acts.dy,
         )?;
-        be.zero(&mut acts.dz)?;
         let w = self.pred_weight.clone();
         let shape = self.predictor_shape(rows);
         be.linear_backward(
@@ -868,7 +866,7 @@ impl SereHead {
             None,
             &acts.dy,
             shape,
-            Some(&mut acts.dz),
+            InputGrad::Write(&mut acts.dz),
             grads,
         )?;
         // Projection: z = ReLU(BN1(x)); `dy` now holds BN1's input gradient.

@@ -13,7 +13,7 @@
 //! this module only their sequence.
 
 use super::params::{Init, ParamLayout};
-use crate::backend::{AttentionShape, Backend, Blocks, LinearShape, OpResult};
+use crate::backend::{AttentionShape, Backend, Blocks, InputGrad, LinearShape, OpResult};
 use rand::RngExt;
 use sere_core::linalg::MatRef;
 use std::ops::Range;
@@ -838,7 +838,6 @@ impl Vit {
         let (dqkv, dhid, scratch) = (&mut acts.dqkv, &mut acts.dhid, &mut acts.scratch);
         // MLP branch: x_out = x_mid + keep2 * fc2(gelu(fc1(ln2(x_mid)))).
         be.keep_scale(dx, &ba.keep2, (batch, t * d), dtmp)?;
-        be.zero(dhid)?;
         be.linear_backward(
             &ba.g,
             params,
@@ -846,11 +845,11 @@ impl Vit {
             Some(bp.fc2_b.clone()),
             dtmp,
             lin(hid, d),
-            Some(dhid),
+            InputGrad::Write(dhid),
             grads,
         )?;
         be.gelu_grad_in_place(&ba.h1, bt * hid, dhid)?;
-        be.zero(dattn)?; // holds d ln2 here
+        // `dattn` holds d ln2 here.
         be.linear_backward(
             &ba.ln2,
             params,
@@ -858,7 +857,7 @@ impl Vit {
             Some(bp.fc1_b.clone()),
             dhid,
             lin(d, hid),
-            Some(dattn),
+            InputGrad::Write(dattn),
             grads,
         )?;
         let ln2 = (bp.norm2_w.clone(), bp.norm2_b.clone());
@@ -875,7 +874,6 @@ impl Vit {
         )?;
         // Attention branch: x_mid = x_in + keep1 * proj(attn(qkv(ln1(x_in)))).
         be.keep_scale(dx, &ba.keep1, (batch, t * d), dtmp)?;
-        be.zero(dattn)?;
         be.linear_backward(
             &ba.attn,
             params,
@@ -883,13 +881,13 @@ impl Vit {
             Some(bp.proj_b.clone()),
             dtmp,
             lin(d, d),
-            Some(dattn),
+            InputGrad::Write(dattn),
             grads,
         )?;
         be.zero(dqkv)?;
         let shape = self.attention_shape(batch, t);
         be.attention_backward(&ba.qkv, &ba.probs, dattn, shape, &mut acts.dscores, dqkv)?;
-        be.zero(dtmp)?; // d ln1
+        // `dtmp` holds d ln1 here.
         be.linear_backward(
             &ba.ln1,
             params,
@@ -897,7 +895,7 @@ impl Vit {
             Some(bp.qkv_b.clone()),
             dqkv,
             lin(d, 3 * d),
-            Some(dtmp),
+            InputGrad::Write(dtmp),
             grads,
         )?;
         let ln1 = (bp.norm1_w.clone(), bp.norm1_b.clone());
@@ -957,7 +955,16 @@ impl Vit {
         let bias = Some(self.pe_b.clone());
         let (w, x) = (self.pe_w.clone(), &acts.patches);
         match self.active_masks(acts.masked, &mut acts.masking) {
-            None => be.linear_backward(x, params, w, bias, &acts.dtmp, shape, None, grads),
+            None => be.linear_backward(
+                x,
+                params,
+                w,
+                bias,
+                &acts.dtmp,
+                shape,
+                InputGrad::Skip,
+                grads,
+            ),
             Some((m, token)) => {
                 // d token = sum of the masked rows' gradients; the masked
                 // rows send none to the patch embedding.
@@ -972,7 +979,7 @@ impl Vit {
                     MatRef::row_major(1, d).at(token.start),
                 )?;
                 be.keep_scale(&acts.dtmp, &m.keep, (batch * n, d), &mut m.embed)?;
-                be.linear_backward(x, params, w, bias, &m.embed, shape, None, grads)
+                be.linear_backward(x, params, w, bias, &m.embed, shape, InputGrad::Skip, grads)
             }
         }
     }

@@ -11,7 +11,7 @@ mod ops;
 pub mod relation_loss;
 mod rows;
 
-use crate::backend::LN_EPS;
+use crate::backend::{InputGrad, LN_EPS};
 pub use gemm::{gemm, gemm_bias, gemm_bias_on, GemmPath};
 pub use ops::{Cpu, CpuScratch};
 use rayon::prelude::*;
@@ -55,7 +55,8 @@ pub fn linear_fwd(
         });
 }
 
-/// Backward of [`linear_fwd`]: `dx += dy W`, `dw += dy^T x`, `db += sum(dy)`.
+/// Backward of [`linear_fwd`]: `dx += dy W` or `dx = dy W` (by
+/// [`InputGrad`]), `dw += dy^T x`, `db += sum(dy)`.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_bwd(
     x: &[f32],
@@ -64,12 +65,18 @@ pub fn linear_bwd(
     rows: usize,
     inp: usize,
     out: usize,
-    dx: Option<&mut [f32]>,
+    dx: InputGrad<'_, [f32]>,
     dw: &mut [f32],
     db: Option<&mut [f32]>,
 ) {
     debug_assert_eq!(dw.len(), out * inp);
-    if let Some(dx) = dx {
+    let dx = match dx {
+        InputGrad::Skip => None,
+        InputGrad::Add(dx) => Some((dx, 1.0)),
+        // beta = 0: C is written unread, on every GEMM path.
+        InputGrad::Write(dx) => Some((dx, 0.0)),
+    };
+    if let Some((dx, beta)) = dx {
         let rc = chunk_rows(rows, 32);
         dx.par_chunks_mut(rc * inp)
             .zip(dy.par_chunks(rc * out))
@@ -81,7 +88,7 @@ pub fn linear_bwd(
                     MatRef::row_major(r, out),
                     w,
                     MatRef::row_major(out, inp),
-                    1.0,
+                    beta,
                     dxc,
                     MatRef::row_major(r, inp),
                 )

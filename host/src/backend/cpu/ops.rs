@@ -9,8 +9,8 @@ use crate::backend::cpu::relation_loss::{
     dino_loss_step, SereGrads, SereInputs, SereLoss, StudentGrads, StudentViews,
 };
 use crate::backend::{
-    AttentionShape, Backend, Blocks, BnMode, BnStats, DinoLossArgs, LinearShape, MimLossArgs,
-    OpResult, RelationArgs, StudentFeatureGrads, StudentFeatures,
+    AttentionShape, Backend, Blocks, BnMode, BnStats, DinoLossArgs, InputGrad, LinearShape,
+    MimLossArgs, OpResult, RelationArgs, StudentFeatureGrads, StudentFeatures,
 };
 use crate::dist::Collective;
 use rayon::prelude::*;
@@ -143,11 +143,16 @@ impl Backend for Cpu {
         b: Option<Range<usize>>,
         dy: &Vec<f32>,
         s: LinearShape,
-        dx: Option<&mut Vec<f32>>,
+        dx: InputGrad<'_, Vec<f32>>,
         g: &mut Vec<f32>,
     ) -> OpResult {
         let (x, dy, wv) = (&x[..s.rows * s.inp], &dy[..s.rows * s.out], &p[w.clone()]);
-        let dx = dx.map(|d| &mut d[..s.rows * s.inp]);
+        let n = s.rows * s.inp;
+        let dx = match dx {
+            InputGrad::Skip => InputGrad::Skip,
+            InputGrad::Add(d) => InputGrad::Add(&mut d[..n]),
+            InputGrad::Write(d) => InputGrad::Write(&mut d[..n]),
+        };
         match b {
             Some(b) => {
                 let (gw, gb) = two_mut(g, w, b);

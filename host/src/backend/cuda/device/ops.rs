@@ -14,8 +14,8 @@ use super::views::{
 use super::{Buf, Cuda, CudaScratch, RelationWorkspace};
 use crate::backend::relation::GLOBAL_VIEWS;
 use crate::backend::{
-    AttentionShape, Backend, Blocks, BnMode, BnStats, DinoLossArgs, LinearShape, MimLossArgs,
-    OpResult, RelationArgs,
+    AttentionShape, Backend, Blocks, BnMode, BnStats, DinoLossArgs, InputGrad, LinearShape,
+    MimLossArgs, OpResult, RelationArgs,
 };
 use crate::backend::{BN_EPS, BN_MOMENTUM, LN_EPS};
 use sere_core::linalg::MatRef;
@@ -103,17 +103,26 @@ impl Backend for Cuda {
         b: Option<Range<usize>>,
         dy: &Buf,
         s: LinearShape,
-        dx: Option<&mut Buf>,
+        dx: InputGrad<'_, Buf>,
         grads: &mut Buf,
     ) -> OpResult {
         let g = &self.gpu;
         let (rows, inp, out) = (s.rows, s.inp, s.out);
         let x = lead(x, rows * inp, "x")?;
         let dy = lead(dy, rows * out, "dy")?;
-        if let Some(dx) = dx {
+        let dx = match dx {
+            InputGrad::Skip => None,
+            InputGrad::Add(dx) => Some((dx, 1.0)),
+            // beta = 0: cuBLAS writes C without reading it.
+            InputGrad::Write(dx) => Some((dx, 0.0)),
+        };
+        if let Some((dx, beta)) = dx {
             let mut dx = lead_mut(dx, rows * inp, "dx")?;
             let wv = part(p, w.clone(), "weight")?;
-            g.linear_backward_input(&dy, &wv, rows, inp, out, &mut dx)?;
+            // Gpu::linear_backward_input with the accumulation chosen.
+            let (dym, wm) = (MatView::row_major(rows, out), MatView::row_major(out, inp));
+            let dxm = MatView::row_major(rows, inp);
+            g.gemm(1, 1.0, &dy, dym, &wv, wm, beta, &mut dx, dxm)?;
         }
         let mut gw = part_mut(grads, w, "weight gradient")?;
         g.linear_backward_weight(&x, &dy, rows, inp, out, &mut gw)?;

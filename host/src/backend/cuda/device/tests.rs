@@ -10,7 +10,7 @@ use crate::backend::cpu::relation_loss::{
 };
 use crate::backend::relation::ViewShapes;
 use crate::backend::{
-    AttentionShape, Backend, DinoLossArgs, LinearShape, MimLossArgs, RelationArgs,
+    AttentionShape, Backend, DinoLossArgs, InputGrad, LinearShape, MimLossArgs, RelationArgs,
     StudentFeatureGrads, StudentFeatures,
 };
 use sere_core::linalg::MatRef;
@@ -68,22 +68,6 @@ fn linear_forward_and_backward_match_the_cpu() {
         out,
         &mut y_cpu,
     );
-    let (mut dx_cpu, mut g_cpu) = (dx0.clone(), g0.clone());
-    {
-        let (lo, hi) = g_cpu.split_at_mut(b.start);
-        cpu::linear_bwd(
-            xs,
-            &p[w.clone()],
-            &dy[..rows * out],
-            rows,
-            inp,
-            out,
-            Some(&mut dx_cpu[..rows * inp]),
-            &mut lo[w.clone()],
-            Some(&mut hi[..out]),
-        );
-    }
-
     let (xd, pd, dyd) = (up(&dev, &x), up(&dev, &p), up(&dev, &dy));
     let mut yd = dev.zeros(rows * out + 5).unwrap();
     dev.linear_forward(&xd, &pd, w.clone(), Some(b.clone()), s, &mut yd)
@@ -91,11 +75,32 @@ fn linear_forward_and_backward_match_the_cpu() {
     let y = down(&dev, &yd);
     close("y", &y[..rows * out], &y_cpu, 1e-5);
     assert!(y[rows * out..].iter().all(|&v| v == 0.0), "tail untouched");
-    let (mut dxd, mut gd) = (up(&dev, &dx0), up(&dev, &g0));
-    dev.linear_backward(&xd, &pd, w, Some(b), &dyd, s, Some(&mut dxd), &mut gd)
-        .unwrap();
-    close("dx", &down(&dev, &dxd), &dx_cpu, 1e-5);
-    close("g", &down(&dev, &gd), &g_cpu, 1e-5);
+    // Both ways of receiving dx: added into `dx0`, and written over it.
+    for add in [true, false] {
+        let (mut dx_cpu, mut g_cpu) = (dx0.clone(), g0.clone());
+        {
+            let (lo, hi) = g_cpu.split_at_mut(b.start);
+            let dx = &mut dx_cpu[..rows * inp];
+            let dx = if add {
+                InputGrad::Add(dx)
+            } else {
+                InputGrad::Write(dx)
+            };
+            let (wv, dyv) = (&p[w.clone()], &dy[..rows * out]);
+            let (gw, gb) = (&mut lo[w.clone()], Some(&mut hi[..out]));
+            cpu::linear_bwd(xs, wv, dyv, rows, inp, out, dx, gw, gb);
+        }
+        let (mut dxd, mut gd) = (up(&dev, &dx0), up(&dev, &g0));
+        let dx = if add {
+            InputGrad::Add(&mut dxd)
+        } else {
+            InputGrad::Write(&mut dxd)
+        };
+        dev.linear_backward(&xd, &pd, w.clone(), Some(b.clone()), &dyd, s, dx, &mut gd)
+            .unwrap();
+        close("dx", &down(&dev, &dxd), &dx_cpu, 1e-5);
+        close("g", &down(&dev, &gd), &g_cpu, 1e-5);
+    }
 }
 
 #[test]
