@@ -8,11 +8,13 @@ PNG, and the first such minute at which the subset k-NN beats raw pixels on
 the same subset (printed by the run at its start).
 
 Usage: python3 bench/fashion_report.py runs/fashion [figure.png] [--pace CONFIG=IMG_PER_S ...]
+       [--xlabel TEXT]
 
 --pace sets a configuration's pace instead of its logged one: for runs
 trained with --threads 1 beside each other, whose own pace is not that of
 the 2 cores (give the 2-thread pace measured by another seed, or one
-scaled from a side-by-side run; say so beside the figure).
+scaled from a side-by-side run; say so beside the figure). --xlabel
+names the minutes otherwise (bench/fashion_objectives.sh's are one core's).
 """
 import json
 import pathlib
@@ -80,11 +82,14 @@ def subset_pixels(d):
 
 def main():
     args, paces = [], {}
+    xlabel = "training minutes on 2 cores at the run's idle pace (evaluation excluded)"
     it = iter(sys.argv[1:])
     for a in it:
         if a == "--pace":
             cfg, rate = next(it).split("=")
             paces[cfg] = float(rate)
+        elif a == "--xlabel":
+            xlabel = next(it)
         else:
             args.append(a)
     out = pathlib.Path(args[0])
@@ -134,7 +139,7 @@ def main():
         if pix is not None and not pix_drawn:
             ax.axhline(100 * pix, color="grey", linestyle=":", label="raw pixels (same subset)")
             pix_drawn = True
-    ax.set_xlabel("training minutes on 2 cores at the run's idle pace (evaluation excluded)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("teacher weighted 20-NN top-1 (%)")
     ax.set_title("Fashion-MNIST: k-NN on 5000 / 1000 images during training")
     ax.grid(alpha=0.3)
