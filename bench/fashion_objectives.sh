@@ -24,7 +24,8 @@
 #            override the measured steps (defaults: 15 minutes on the Ice
 #            Lake Xeon of BENCHMARKS.md, "DINO, SERE and iBOT at one budget")
 # A run whose folder holds eval.json is not trained again; an interrupted
-# one resumes from its rolling checkpoint (the same command).
+# one resumes from its rolling checkpoint (the same command). Ends with
+# bench/fashion_report.py's table and OUT/knn_vs_minutes.png (matplotlib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -120,20 +121,9 @@ for c in $CONFIGS; do
     done
 done
 
-python3 - "$OUT" <<'PY'
-import json, os, sys
-out = sys.argv[1]
-print("| objective | seed | steps | training s | k-NN teacher | linear teacher | k-NN random init | linear random init | k-NN raw pixels |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-for name in sorted(os.listdir(out)):
-    ev = os.path.join(out, name, "eval.json")
-    if not os.path.exists(ev):
-        continue
-    r = json.load(open(ev))
-    lines = [json.loads(l) for l in open(os.path.join(out, name, "metrics.jsonl")) if l.strip()]
-    train_s = lines[-1]["elapsed_s"] - lines[-1].get("eval_s", 0.0)
-    c, seed = name.rsplit("-seed", 1)
-    pct = lambda v: f"{100 * v:.2f}%"
-    print(f"| {c} | {seed} | {r['step']} | {train_s:.0f} | {pct(r['knn_teacher'])} | {pct(r['linear_teacher'])} "
-          f"| {pct(r['knn_random_init'])} | {pct(r['linear_random_init'])} | {pct(r['knn_pixels'])} |")
-PY
+# The table (per run and mean of seeds) and the curves, at the paces the
+# steps were bought with (steps x 16 images / BUDGET_S): bench/fashion_report.py.
+paces=()
+for c in $CONFIGS; do paces+=(--pace "$c=$(( $(steps_of "$c") * 16 / BUDGET_S ))"); done
+python3 bench/fashion_report.py "$OUT" "$OUT/knn_vs_minutes.png" "${paces[@]}" \
+    --xlabel "training minutes of one core (the other seed beside it), evaluation excluded"
