@@ -97,6 +97,29 @@ pub enum InputGrad<'a, T: ?Sized> {
     Write(&'a mut T),
 }
 
+impl<'a, T: ?Sized> InputGrad<'a, T> {
+    /// The same mode on the part of the buffer `f` picks (the leading
+    /// values a shape covers).
+    pub fn map<U: ?Sized>(self, f: impl FnOnce(&'a mut T) -> &'a mut U) -> InputGrad<'a, U> {
+        match self {
+            InputGrad::Skip => InputGrad::Skip,
+            InputGrad::Add(d) => InputGrad::Add(f(d)),
+            InputGrad::Write(d) => InputGrad::Write(f(d)),
+        }
+    }
+
+    /// The buffer with the `beta` of a GEMM that computes into it: 1 to
+    /// add, 0 to write (`C` is then not read, on every CPU path and in
+    /// cuBLAS); `None` for [`InputGrad::Skip`].
+    pub fn with_beta(self) -> Option<(&'a mut T, f32)> {
+        match self {
+            InputGrad::Skip => None,
+            InputGrad::Add(d) => Some((d, 1.0)),
+            InputGrad::Write(d) => Some((d, 0.0)),
+        }
+    }
+}
+
 /// Shape of multi-head self-attention over `batch` sequences of `tokens`
 /// tokens of width `dim`, split into `heads` heads. `qkv` rows are
 /// `[3][heads][dim / heads]` per token (timm's layout), outputs `[heads][d]`.

@@ -321,18 +321,9 @@ fn gemm_checked(
 ///
 /// # Safety
 /// The views lie inside their slices (checked by the caller).
-unsafe fn crate_gemm(args: &Operands<'_>, c: &mut [f32]) {
-    let Operands {
-        alpha,
-        a,
-        am,
-        b,
-        bm,
-        beta,
-        bias,
-        cm,
-    } = *args;
-    let keep = fold_bias(beta, bias, c, cm);
+unsafe fn crate_gemm(o: &Operands<'_>, c: &mut [f32]) {
+    let (am, bm, cm) = (o.am, o.bm, o.cm);
+    let keep = fold_bias(o.beta, o.bias, c, cm);
     let read_c = keep != 0.0;
     let s = |v: usize| v as isize;
     // The crate's `alpha` scales the old C and its `beta` the product.
@@ -344,14 +335,14 @@ unsafe fn crate_gemm(args: &Operands<'_>, c: &mut [f32]) {
         s(cm.col_stride),
         s(cm.row_stride),
         read_c,
-        a.as_ptr().add(am.offset),
+        o.a.as_ptr().add(am.offset),
         s(am.col_stride),
         s(am.row_stride),
-        b.as_ptr().add(bm.offset),
+        o.b.as_ptr().add(bm.offset),
         s(bm.col_stride),
         s(bm.row_stride),
         keep,
-        alpha,
+        o.alpha,
         false,
         false,
         false,

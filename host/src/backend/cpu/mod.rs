@@ -70,13 +70,7 @@ pub fn linear_bwd(
     db: Option<&mut [f32]>,
 ) {
     debug_assert_eq!(dw.len(), out * inp);
-    let dx = match dx {
-        InputGrad::Skip => None,
-        InputGrad::Add(dx) => Some((dx, 1.0)),
-        // beta = 0: C is written unread, on every GEMM path.
-        InputGrad::Write(dx) => Some((dx, 0.0)),
-    };
-    if let Some((dx, beta)) = dx {
+    if let Some((dx, beta)) = dx.with_beta() {
         let rc = chunk_rows(rows, 32);
         dx.par_chunks_mut(rc * inp)
             .zip(dy.par_chunks(rc * out))

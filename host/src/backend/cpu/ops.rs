@@ -147,12 +147,7 @@ impl Backend for Cpu {
         g: &mut Vec<f32>,
     ) -> OpResult {
         let (x, dy, wv) = (&x[..s.rows * s.inp], &dy[..s.rows * s.out], &p[w.clone()]);
-        let n = s.rows * s.inp;
-        let dx = match dx {
-            InputGrad::Skip => InputGrad::Skip,
-            InputGrad::Add(d) => InputGrad::Add(&mut d[..n]),
-            InputGrad::Write(d) => InputGrad::Write(&mut d[..n]),
-        };
+        let dx = dx.map(|d| &mut d[..s.rows * s.inp]);
         match b {
             Some(b) => {
                 let (gw, gb) = two_mut(g, w, b);

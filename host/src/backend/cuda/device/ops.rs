@@ -110,13 +110,7 @@ impl Backend for Cuda {
         let (rows, inp, out) = (s.rows, s.inp, s.out);
         let x = lead(x, rows * inp, "x")?;
         let dy = lead(dy, rows * out, "dy")?;
-        let dx = match dx {
-            InputGrad::Skip => None,
-            InputGrad::Add(dx) => Some((dx, 1.0)),
-            // beta = 0: cuBLAS writes C without reading it.
-            InputGrad::Write(dx) => Some((dx, 0.0)),
-        };
-        if let Some((dx, beta)) = dx {
+        if let Some((dx, beta)) = dx.with_beta() {
             let mut dx = lead_mut(dx, rows * inp, "dx")?;
             let wv = part(p, w.clone(), "weight")?;
             // Gpu::linear_backward_input with the accumulation chosen.
