@@ -81,6 +81,192 @@ pub struct LinearShape {
     pub out: usize,
 }
 
+/// A linear layer's tensors inside a network's flat parameter buffer: the
+/// weight (`out x inp`, PyTorch's layout) and an optional bias (`out`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinearParams {
+    /// Range of `W`.
+    pub weight: Range<usize>,
+    /// Range of `b`, when the layer has one.
+    pub bias: Option<Range<usize>>,
+}
+
+impl LinearParams {
+    /// This layer read from the parameter buffer `params`.
+    pub fn of<'a, T: ?Sized>(&'a self, params: &'a T) -> ParamView<'a, T, Self> {
+        ParamView {
+            params,
+            layer: self,
+        }
+    }
+}
+
+/// A norm's scale and shift (one value per channel) inside a network's flat
+/// parameter buffer: layer norm and batch norm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormParams {
+    /// Range of the scale `gamma`.
+    pub gamma: Range<usize>,
+    /// Range of the shift `beta`.
+    pub beta: Range<usize>,
+}
+
+impl NormParams {
+    /// This norm read from the parameter buffer `params`.
+    pub fn of<'a, T: ?Sized>(&'a self, params: &'a T) -> ParamView<'a, T, Self> {
+        ParamView {
+            params,
+            layer: self,
+        }
+    }
+}
+
+/// One layer's named view of a network's parameters: the flat buffer and
+/// where the layer's tensors lie in it ([`LinearParams`], [`NormParams`]).
+/// Gradients go into a buffer of the same layout at the same ranges.
+#[derive(Debug)]
+pub struct ParamView<'a, T: ?Sized, L> {
+    /// The network's flat parameter buffer.
+    pub params: &'a T,
+    /// Where this layer's tensors are.
+    pub layer: &'a L,
+}
+
+impl<T: ?Sized, L> Clone for ParamView<'_, T, L> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T: ?Sized, L> Copy for ParamView<'_, T, L> {}
+
+/// `rows` rows of `cols` values, row-major: the shape of a row-wise
+/// operation's input and output (layer norm, batch norm, L2-normalised
+/// rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rows {
+    /// Rows (tokens, images).
+    pub rows: usize,
+    /// Values per row (channels).
+    pub cols: usize,
+}
+
+impl Rows {
+    /// `rows` rows of `cols` values.
+    pub const fn new(rows: usize, cols: usize) -> Self {
+        Rows { rows, cols }
+    }
+}
+
+/// A matrix inside a device buffer: the buffer and the strided view of it.
+///
+/// This, and not an `ndarray::ArrayView2`, is what the backend operations
+/// take: a view borrows host memory, while a backend's buffer may live on a
+/// GPU. The CPU backend's kernels are slices and [`MatRef`]s at the GEMM.
+#[derive(Debug)]
+pub struct Mat<'a, T: ?Sized> {
+    /// The buffer.
+    pub buf: &'a T,
+    /// Offset, shape and strides of the matrix in it.
+    pub view: MatRef,
+}
+
+/// A [`Mat`] of `buf`.
+pub fn mat<T: ?Sized>(buf: &T, view: MatRef) -> Mat<'_, T> {
+    Mat { buf, view }
+}
+
+/// A [`MatMut`] of `buf`.
+pub fn mat_mut<T: ?Sized>(buf: &mut T, view: MatRef) -> MatMut<'_, T> {
+    MatMut { buf, view }
+}
+
+/// A mutable [`Mat`].
+#[derive(Debug)]
+pub struct MatMut<'a, T: ?Sized> {
+    /// The buffer.
+    pub buf: &'a mut T,
+    /// Offset, shape and strides of the matrix in it.
+    pub view: MatRef,
+}
+
+/// What a backward writes: the gradient of its input and the network's
+/// parameter gradients (added at the layer's ranges). Whether the input
+/// gradient is added into or overwritten is each operation's to say.
+#[derive(Debug)]
+pub struct Grads<'a, T: ?Sized> {
+    /// Gradient of the operation's input.
+    pub input: &'a mut T,
+    /// The network's parameter gradients.
+    pub params: &'a mut T,
+}
+
+/// What a layer-norm forward keeps for its backward: its input and each
+/// row's mean and `1 / std`.
+#[derive(Debug)]
+pub struct LayerNormSaved<'a, T: ?Sized> {
+    /// The input, `rows x cols`.
+    pub x: &'a T,
+    /// Row means (`rows`).
+    pub mean: &'a T,
+    /// Row `1 / std` (`rows`).
+    pub rstd: &'a T,
+}
+
+/// What an L2 normalisation of rows keeps for its backward: its output and
+/// each row's (floored) norm.
+#[derive(Debug)]
+pub struct L2Saved<'a, T: ?Sized> {
+    /// The normalised rows.
+    pub y: &'a T,
+    /// Row norms, floored at the forward's `eps`.
+    pub norms: &'a T,
+}
+
+/// Teacher logits and the centre subtracted from them, which the loss then
+/// moves towards the logits' mean (DINO's and iBOT's centring).
+#[derive(Debug)]
+pub struct CentredTeacher<'a, T: ?Sized> {
+    /// Teacher logits.
+    pub logits: &'a T,
+    /// The centre (`K`), updated in place after the loss.
+    pub centre: &'a mut T,
+}
+
+/// Where an operation reports a scalar: `stats[slot]` (and the slots after
+/// it that the operation names), read once per step.
+#[derive(Debug)]
+pub struct StatSlot<'a, T: ?Sized> {
+    /// The step's statistics buffer.
+    pub stats: &'a mut T,
+    /// First slot written.
+    pub slot: usize,
+}
+
+/// A batch norm's state beyond its parameters: the running statistics
+/// (read in eval mode, updated in train mode) and, in train mode, this
+/// batch's statistics, kept for the backward.
+pub struct BnState<'a, B: Backend> {
+    /// Batch or running statistics ([`BnMode`]).
+    pub mode: BnMode,
+    /// Running mean (`C`).
+    pub running_mean: &'a mut B::Buf,
+    /// Running variance (`C`, unbiased).
+    pub running_var: &'a mut B::Buf,
+    /// This batch's statistics (written in train mode).
+    pub batch: &'a mut BnStats<B>,
+}
+
+/// What a train-mode batch norm + ReLU keeps for its backward.
+pub struct BnSaved<'a, B: Backend> {
+    /// The input `y`.
+    pub y: &'a B::Buf,
+    /// The output `ReLU(BN(y))`.
+    pub out: &'a B::Buf,
+    /// The batch's statistics.
+    pub stats: &'a BnStats<B>,
+}
+
 /// Where [`Backend::linear_backward`] puts the gradient of its input.
 ///
 /// `Write` exists because the commonest case, an input with no other
@@ -106,6 +292,19 @@ impl<'a, T: ?Sized> InputGrad<'a, T> {
             InputGrad::Add(d) => InputGrad::Add(f(d)),
             InputGrad::Write(d) => InputGrad::Write(f(d)),
         }
+    }
+
+    /// [`InputGrad::map`] with a fallible `f` (a checked slice of the
+    /// buffer).
+    pub fn try_map<U: ?Sized, E>(
+        self,
+        f: impl FnOnce(&'a mut T) -> Result<&'a mut U, E>,
+    ) -> Result<InputGrad<'a, U>, E> {
+        Ok(match self {
+            InputGrad::Skip => InputGrad::Skip,
+            InputGrad::Add(d) => InputGrad::Add(f(d)?),
+            InputGrad::Write(d) => InputGrad::Write(f(d)?),
+        })
     }
 
     /// The buffer with the `beta` of a GEMM that computes into it: 1 to
@@ -305,79 +504,62 @@ pub trait Backend: Sized + Send + Sync {
 
     // ----- dense algebra --------------------------------------------------
 
-    /// `y = x W^T (+ b)` with `W = p[w]`, `b = p[b]`; `y` overwritten.
+    /// `y = x W^T (+ b)` with the layer's `W` and `b`; `y` overwritten.
     fn linear_forward(
         &self,
         x: &Self::Buf,
-        p: &Self::Buf,
-        w: Range<usize>,
-        b: Option<Range<usize>>,
+        layer: ParamView<'_, Self::Buf, LinearParams>,
         shape: LinearShape,
         y: &mut Self::Buf,
     ) -> OpResult;
 
     /// Backward of [`Backend::linear_forward`]: `dx += dy W` or `dx = dy W`
-    /// (by [`InputGrad`]), `g[w] += dy^T x`, `g[b] += column sums of dy`
-    /// (when given).
-    #[allow(clippy::too_many_arguments)]
+    /// (by [`InputGrad`]), `g[weight] += dy^T x`, `g[bias] += column sums of
+    /// dy` (when the layer has a bias).
     fn linear_backward(
         &self,
         x: &Self::Buf,
-        p: &Self::Buf,
-        w: Range<usize>,
-        b: Option<Range<usize>>,
         dy: &Self::Buf,
+        layer: ParamView<'_, Self::Buf, LinearParams>,
         shape: LinearShape,
         dx: InputGrad<'_, Self::Buf>,
         g: &mut Self::Buf,
     ) -> OpResult;
 
-    /// `c = alpha op(a) op(b) + beta c` on strided views (`MatRef` offsets
-    /// and strides index the buffers).
-    #[allow(clippy::too_many_arguments)]
+    /// `c = alpha a b + beta c` on strided views of buffers (a transpose is
+    /// a view with swapped strides).
     fn gemm(
         &self,
         alpha: f32,
-        a: &Self::Buf,
-        la: MatRef,
-        b: &Self::Buf,
-        lb: MatRef,
+        a: Mat<'_, Self::Buf>,
+        b: Mat<'_, Self::Buf>,
         beta: f32,
-        c: &mut Self::Buf,
-        lc: MatRef,
+        c: MatMut<'_, Self::Buf>,
     ) -> OpResult;
 
     // ----- rows and element-wise -------------------------------------------
 
-    /// Layer norm of `rows` rows of `cols` (eps `1e-6`, timm's), scale
-    /// `p[gamma]`, shift `p[beta]`; saves each row's mean and `1 / std`.
-    #[allow(clippy::too_many_arguments)]
+    /// Layer norm of `shape`'s rows (eps `1e-6`, timm's) with the norm's
+    /// scale and shift into `y`; each row's mean and `1 / std` into
+    /// `mean_rstd`.
     fn layer_norm_forward(
         &self,
         x: &Self::Buf,
-        p: &Self::Buf,
-        gamma: Range<usize>,
-        beta: Range<usize>,
-        rows: usize,
-        cols: usize,
+        norm: ParamView<'_, Self::Buf, NormParams>,
+        shape: Rows,
         y: &mut Self::Buf,
-        mean: &mut Self::Buf,
-        rstd: &mut Self::Buf,
+        mean_rstd: (&mut Self::Buf, &mut Self::Buf),
     ) -> OpResult;
 
-    /// Backward of [`Backend::layer_norm_forward`]: adds into `dx`,
-    /// `g[gamma]` and `g[beta]`.
-    #[allow(clippy::too_many_arguments)]
+    /// Backward of [`Backend::layer_norm_forward`]: adds into
+    /// `grads.input` and into `grads.params` at the norm's ranges.
     fn layer_norm_backward(
         &self,
-        x: &Self::Buf,
-        p: &Self::Buf,
-        gamma_beta: (Range<usize>, Range<usize>),
-        mean_rstd: (&Self::Buf, &Self::Buf),
+        saved: LayerNormSaved<'_, Self::Buf>,
         dy: &Self::Buf,
-        rows_cols: (usize, usize),
-        dx: &mut Self::Buf,
-        g: &mut Self::Buf,
+        norm: ParamView<'_, Self::Buf, NormParams>,
+        shape: Rows,
+        grads: Grads<'_, Self::Buf>,
         scratch: &mut Self::Scratch,
     ) -> OpResult;
 
@@ -415,7 +597,6 @@ pub trait Backend: Sized + Send + Sync {
     /// Token assembly of a ViT: for each of `batch` images, row 0 of `x0`
     /// (`batch x (1 + n) x d`) is `p[cls] + p[pos][0..d]`, rows `1..` are
     /// `emb` (`batch x n x d`) plus `pos_patch` (`n x d`).
-    #[allow(clippy::too_many_arguments)]
     fn embed_tokens(
         &self,
         emb: &Self::Buf,
@@ -430,7 +611,6 @@ pub trait Backend: Sized + Send + Sync {
     /// adds the CLS rows' sum into `g[cls]` and `g[pos][0..d]`, overwrites
     /// `dpos_patch` (`n x d`) with the patch rows' sum over images and `demb`
     /// (`batch x n x d`) with the patch rows.
-    #[allow(clippy::too_many_arguments)]
     fn embed_tokens_backward(
         &self,
         dx: &Self::Buf,
@@ -485,7 +665,6 @@ pub trait Backend: Sized + Send + Sync {
 
     /// Rows of `src[src_start..]` (`rows x dim`) divided by their L2 norm
     /// floored at `eps` into `dst`; the (floored) norms into `norms`.
-    #[allow(clippy::too_many_arguments)]
     fn l2_normalize_rows(
         &self,
         src: &Self::Buf,
@@ -500,12 +679,10 @@ pub trait Backend: Sized + Send + Sync {
     /// norms: `dx = (dy - y (y . dy)) / norm` per row (`dy / norm` where the
     /// norm was floored), written at `dx[dx_start..]`, or added with
     /// `accumulate` (the weight-normalised layer's `V` gradient).
-    #[allow(clippy::too_many_arguments)]
     fn l2_normalize_rows_backward(
         &self,
         dy: &Self::Buf,
-        y: &Self::Buf,
-        norms: &Self::Buf,
+        saved: L2Saved<'_, Self::Buf>,
         rows_dim: (usize, usize),
         eps: f32,
         dx: &mut Self::Buf,
@@ -543,81 +720,66 @@ pub trait Backend: Sized + Send + Sync {
         dqkv: &mut Self::Buf,
     ) -> OpResult;
 
-    /// `out = ReLU(BN(y))` over `rows x c`, scale `p[gamma]`, shift
-    /// `p[beta]`, eps `1e-5`. Train mode: batch statistics (biased variance
-    /// to normalise) into `stats`, running statistics updated in place
-    /// (momentum 0.1, unbiased variance); with `stats.group`, the
-    /// statistics of every process's rows together (SyncBN). Eval mode: the
-    /// running statistics.
-    #[allow(clippy::too_many_arguments)]
+    /// `out = ReLU(BN(y))` over `shape` (`rows x C`) with the norm's scale
+    /// and shift, eps `1e-5`. Train mode: batch statistics (biased variance
+    /// to normalise) into `state.batch`, running statistics updated in
+    /// place (momentum 0.1, unbiased variance); with `state.batch.group`,
+    /// the statistics of every process's rows together (SyncBN). Eval mode:
+    /// the running statistics.
     fn batch_norm_relu(
         &self,
         y: &Self::Buf,
-        p: &Self::Buf,
-        gamma_beta: (Range<usize>, Range<usize>),
-        running_mean_running_var: (&mut Self::Buf, &mut Self::Buf),
-        mode: BnMode,
-        rows_c: (usize, usize),
-        stats: &mut BnStats<Self>,
+        norm: ParamView<'_, Self::Buf, NormParams>,
+        shape: Rows,
+        state: BnState<'_, Self>,
         scratch: &mut Self::Scratch,
         out: &mut Self::Buf,
     ) -> OpResult;
 
-    /// Backward of a train-mode [`Backend::batch_norm_relu`] given its input
-    /// `y`, output `out` and `stats`: adds into `g[gamma]`, `g[beta]`;
-    /// overwrites `dy`.
-    #[allow(clippy::too_many_arguments)]
+    /// Backward of a train-mode [`Backend::batch_norm_relu`] given what it
+    /// saved: adds into `grads.params` at the norm's ranges; overwrites
+    /// `grads.input` (the gradient of `y`).
     fn batch_norm_relu_backward(
         &self,
-        y: &Self::Buf,
-        out: &Self::Buf,
+        saved: BnSaved<'_, Self>,
         dout: &Self::Buf,
-        p: &Self::Buf,
-        gamma_beta: (Range<usize>, Range<usize>),
-        stats: &BnStats<Self>,
-        rows_c: (usize, usize),
-        g: &mut Self::Buf,
+        norm: ParamView<'_, Self::Buf, NormParams>,
+        shape: Rows,
+        grads: Grads<'_, Self::Buf>,
         scratch: &mut Self::Scratch,
-        dy: &mut Self::Buf,
     ) -> OpResult;
 
     /// iBOT's masked-patch loss: `sum_r weights[r] CE_r` of the student's
     /// patch logits against the centred, sharpened teacher patch logits of
     /// the same view (`rows x K` each; sere-core `weighted_cross_entropy`,
     /// the weights from `masked_patch_weights`), written into
-    /// `stats[slot]`; `weight * dL/dstudent` added into `dstudent`; then the
-    /// patch centre `c = m c + (1 - m) mean_rows(teacher)` (the loss used
-    /// the centre from before).
-    #[allow(clippy::too_many_arguments)]
+    /// `report`'s slot; `weight * dL/dstudent` added into `dstudent`; then
+    /// the patch centre `c = m c + (1 - m) mean_rows(teacher)` (the loss
+    /// used the centre from before).
     fn mim_loss(
         &self,
         student: &Self::Buf,
-        teacher: &Self::Buf,
+        teacher: CentredTeacher<'_, Self::Buf>,
         weights: &Self::Buf,
-        centre: &mut Self::Buf,
         args: MimLossArgs,
         dstudent: &mut Self::Buf,
-        stats: &mut Self::Buf,
-        slot: usize,
+        report: StatSlot<'_, Self::Buf>,
     ) -> OpResult;
 
     /// The DINO loss of student logits `[V][B][K]` against the centred,
     /// sharpened teacher logits `[2][B][K]` (cross-view pairs only), written
-    /// into `stats[slot]`, and the mean entropy of those teacher
+    /// into `report`'s slot, and the mean entropy of those teacher
     /// distributions (sere-core `teacher_entropy`, the collapse monitor)
-    /// into `stats[slot + 1]`; `weight * dL/dstudent` added into
+    /// into the slot after it; `weight * dL/dstudent` added into
     /// `dstudent`; then `centre = m centre + (1 - m) mean(teacher)` (the
     /// loss and the entropy used the centre from before).
-    #[allow(clippy::too_many_arguments)]
     fn dino_loss(
         &self,
         student: &Self::Buf,
-        teacher: &Self::Buf,
-        centre: &mut Self::Buf,
+        teacher: CentredTeacher<'_, Self::Buf>,
         args: DinoLossArgs,
         dstudent: &mut Self::Buf,
-        stats: &mut Self::Buf,
-        slot: usize,
+        report: StatSlot<'_, Self::Buf>,
     ) -> OpResult;
 
     /// SERE's spatial and channel relation losses over a batch (see
@@ -647,7 +809,6 @@ pub trait Backend: Sized + Send + Sync {
 
     /// One AdamW step on `p[range]` with gradient `g[range]` and moments
     /// `m[range]`, `v[range]`, at optimizer step `t` (1-based).
-    #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
         p: &mut Self::Buf,

@@ -27,7 +27,10 @@ use std::ops::Range;
 
 use super::params::{Init, ParamLayout};
 pub use crate::backend::BnMode;
-use crate::backend::{Backend, BnStats, InputGrad, LinearShape, OpResult};
+use crate::backend::{
+    Backend, BnSaved, BnState, BnStats, Grads, InputGrad, L2Saved, LinearParams, LinearShape,
+    NormParams, OpResult, Rows,
+};
 
 /// Standard deviation of the truncated-normal initialisation of the heads'
 /// weights (timm's `trunc_normal_(std=0.02)`).
@@ -87,13 +90,41 @@ impl DinoHeadConfig {
     }
 }
 
-/// One linear layer's parameter ranges.
+/// One linear layer of the head's MLP: its widths and parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LinearRanges {
     pub(crate) inp: usize,
     pub(crate) out: usize,
-    pub(crate) weight: Range<usize>,
-    pub(crate) bias: Range<usize>,
+    pub(crate) params: LinearParams,
+}
+
+impl LinearRanges {
+    /// The layer on `rows` rows.
+    fn shape(&self, rows: usize) -> LinearShape {
+        LinearShape {
+            rows,
+            inp: self.inp,
+            out: self.out,
+        }
+    }
+}
+
+/// The DINO head's last layer as a bias-free linear layer over the
+/// normalised weight `W` (`k x bd`, its own buffer).
+fn last_layer(k: usize, bd: usize) -> LinearParams {
+    LinearParams {
+        weight: 0..k * bd,
+        bias: None,
+    }
+}
+
+/// A batch norm `{prefix}.weight` (ones) and `{prefix}.bias` (zeros) of `c`
+/// channels, neither decayed.
+fn batch_norm_params(layout: &mut ParamLayout, prefix: &str, c: usize) -> NormParams {
+    NormParams {
+        gamma: layout.add(format!("{prefix}.weight"), &[c], Init::Ones, false),
+        beta: layout.add(format!("{prefix}.bias"), &[c], Init::Zeros, false),
+    }
 }
 
 /// The DINO projection head (see the module documentation).
@@ -196,8 +227,10 @@ impl DinoHead {
                 LinearRanges {
                     inp,
                     out,
-                    weight,
-                    bias,
+                    params: LinearParams {
+                        weight,
+                        bias: Some(bias),
+                    },
                 }
             })
             .collect();
@@ -241,7 +274,7 @@ impl DinoHead {
 
     /// Range of all of the head's parameters in the flat buffer.
     pub fn param_range(&self) -> Range<usize> {
-        self.mlp[0].weight.start..self.last_layer_range().end
+        self.mlp[0].params.weight.start..self.last_layer_range().end
     }
 
     /// A workspace for `rows` input rows.
@@ -311,20 +344,7 @@ impl DinoHead {
         be.copy_blocks(x, &mut acts.x, copy, false)?;
         for (i, l) in self.mlp.iter().enumerate() {
             let input = if i == 0 { &acts.x } else { &acts.post[i - 1] };
-            let shape = LinearShape {
-                rows,
-                inp: l.inp,
-                out: l.out,
-            };
-            let bias = Some(l.bias.clone());
-            be.linear_forward(
-                input,
-                params,
-                l.weight.clone(),
-                bias,
-                shape,
-                &mut acts.pre[i],
-            )?;
+            be.linear_forward(input, l.params.of(params), l.shape(rows), &mut acts.pre[i])?;
             if i + 1 < n {
                 be.gelu_forward(&acts.pre[i], rows * l.out, &mut acts.post[i])?;
             }
@@ -361,7 +381,8 @@ impl DinoHead {
             inp: bd,
             out: k,
         };
-        be.linear_forward(&acts.u, &acts.w, 0..k * bd, None, shape, &mut acts.logits)
+        let last = last_layer(k, bd);
+        be.linear_forward(&acts.u, last.of(&acts.w), shape, &mut acts.logits)
     }
 
     /// Backward of the last [`DinoHead::forward`] run with `acts`: given
@@ -386,47 +407,39 @@ impl DinoHead {
             inp: bd,
             out: k,
         };
-        let (du, dw) = (&mut acts.du, &mut acts.dw);
-        be.linear_backward(
-            &acts.u,
-            &acts.w,
-            0..k * bd,
-            None,
-            dlogits,
-            shape,
-            InputGrad::Write(du),
-            dw,
-        )?;
+        let (du, dw, last) = (&mut acts.du, &mut acts.dw, last_layer(k, bd));
+        let last = last.of(&acts.w);
+        be.linear_backward(&acts.u, dlogits, last, shape, InputGrad::Write(du), dw)?;
         // Weight norm: dV_k = (dVhat_k - Vhat_k (Vhat_k . dVhat_k)) / ||V_k||,
         // added; with a learned gain dg_k = Vhat_k . dW_k and dVhat = g dW.
         let into_v = (self.last_v.start, true);
         match &self.last_g {
             None => {
-                let (w, norms) = (&acts.w, &acts.vnorm);
-                be.l2_normalize_rows_backward(&acts.dw, w, norms, (k, bd), 0.0, grads, into_v)?
+                let saved = L2Saved {
+                    y: &acts.w,
+                    norms: &acts.vnorm,
+                };
+                be.l2_normalize_rows_backward(&acts.dw, saved, (k, bd), 0.0, grads, into_v)?
             }
             Some(g) => {
                 be.row_dots_add(&acts.dw, &acts.vhat, (k, bd), grads, g.start)?;
                 be.keep_scale(&acts.dw, &acts.gain, (k, bd), &mut acts.dvhat)?;
-                let (vhat, norms) = (&acts.vhat, &acts.vnorm);
-                be.l2_normalize_rows_backward(
-                    &acts.dvhat,
-                    vhat,
-                    norms,
-                    (k, bd),
-                    0.0,
-                    grads,
-                    into_v,
-                )?
+                let saved = L2Saved {
+                    y: &acts.vhat,
+                    norms: &acts.vnorm,
+                };
+                be.l2_normalize_rows_backward(&acts.dvhat, saved, (k, bd), 0.0, grads, into_v)?
             }
         }
         // L2 normalisation: db = (du - u (u . du)) / ||b|| (or du / eps when
         // the norm was clamped), written into the last layer's output grad.
-        let (u, norms) = (&acts.u, &acts.bnorm);
+        let saved = L2Saved {
+            y: &acts.u,
+            norms: &acts.bnorm,
+        };
         be.l2_normalize_rows_backward(
             &acts.du,
-            u,
-            norms,
+            saved,
             (rows, bd),
             L2_EPS,
             &mut acts.da[n - 1],
@@ -435,28 +448,15 @@ impl DinoHead {
         // MLP, last layer first.
         for i in (0..n).rev() {
             let l = &self.mlp[i];
-            let shape = LinearShape {
-                rows,
-                inp: l.inp,
-                out: l.out,
-            };
-            let (w, b) = (l.weight.clone(), Some(l.bias.clone()));
+            let (layer, shape) = (l.params.of(params), l.shape(rows));
             if i == 0 {
                 let dx = InputGrad::Add(&mut *dx);
-                be.linear_backward(&acts.x, params, w, b, &acts.da[0], shape, dx, grads)?;
+                be.linear_backward(&acts.x, &acts.da[0], layer, shape, dx, grads)?;
             } else {
                 let (da_prev, da_i) = acts.da.split_at_mut(i);
                 let dpost = &mut acts.dpost[i - 1];
-                be.linear_backward(
-                    &acts.post[i - 1],
-                    params,
-                    w,
-                    b,
-                    &da_i[0],
-                    shape,
-                    InputGrad::Write(dpost),
-                    grads,
-                )?;
+                let into = InputGrad::Write(&mut *dpost);
+                be.linear_backward(&acts.post[i - 1], &da_i[0], layer, shape, into, grads)?;
                 // Through the GELU: da_{i-1} = dpost * gelu'(pre_{i-1}).
                 be.zero(&mut da_prev[i - 1])?;
                 be.gelu_backward(&acts.pre[i - 1], dpost, rows * l.inp, &mut da_prev[i - 1])?;
@@ -486,6 +486,17 @@ impl<B: Backend> BnRunning<B> {
             mean: be.zeros(c)?,
             var: be.upload(&vec![1.0; c])?,
         })
+    }
+
+    /// The batch norm's state for one pass in `mode`, the batch's
+    /// statistics into `batch`.
+    pub fn with<'a>(&'a mut self, mode: BnMode, batch: &'a mut BnStats<B>) -> BnState<'a, B> {
+        BnState {
+            mode,
+            running_mean: &mut self.mean,
+            running_var: &mut self.var,
+            batch,
+        }
     }
 }
 
@@ -644,11 +655,12 @@ impl<B: Backend> SereActs<B> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SereHead {
     pub(crate) c: usize,
-    pub(crate) proj_gamma: Range<usize>,
-    pub(crate) proj_beta: Range<usize>,
-    pub(crate) pred_weight: Range<usize>,
-    pub(crate) pred_gamma: Range<usize>,
-    pub(crate) pred_beta: Range<usize>,
+    /// The projector's batch norm.
+    pub(crate) projection: NormParams,
+    /// The predictor's linear map (no bias).
+    pub(crate) predictor: LinearParams,
+    /// The predictor's batch norm.
+    pub(crate) predictor_norm: NormParams,
 }
 
 impl SereHead {
@@ -656,43 +668,19 @@ impl SereHead {
     /// `prefix` (e.g. `"sere.spatial.global"`).
     pub fn new(layout: &mut ParamLayout, prefix: &str, c: usize) -> Self {
         assert!(c > 0, "SereHead needs at least one channel");
-        let proj_gamma = layout.add(
-            format!("{prefix}.projector.bn.weight"),
-            &[c],
-            Init::Ones,
-            false,
-        );
-        let proj_beta = layout.add(
-            format!("{prefix}.projector.bn.bias"),
-            &[c],
-            Init::Zeros,
-            false,
-        );
-        let pred_weight = layout.add(
+        let projection = batch_norm_params(layout, &format!("{prefix}.projector.bn"), c);
+        let weight = layout.add(
             format!("{prefix}.predictor.linear.weight"),
             &[c, c],
             Init::TruncNormal(HEAD_INIT_STD),
             true,
         );
-        let pred_gamma = layout.add(
-            format!("{prefix}.predictor.bn.weight"),
-            &[c],
-            Init::Ones,
-            false,
-        );
-        let pred_beta = layout.add(
-            format!("{prefix}.predictor.bn.bias"),
-            &[c],
-            Init::Zeros,
-            false,
-        );
+        let predictor_norm = batch_norm_params(layout, &format!("{prefix}.predictor.bn"), c);
         SereHead {
             c,
-            proj_gamma,
-            proj_beta,
-            pred_weight,
-            pred_gamma,
-            pred_beta,
+            projection,
+            predictor: LinearParams { weight, bias: None },
+            predictor_norm,
         }
     }
 
@@ -703,12 +691,12 @@ impl SereHead {
 
     /// Range of the predictor's `C x C` weight in the flat buffer.
     pub fn predictor_weight_range(&self) -> Range<usize> {
-        self.pred_weight.clone()
+        self.predictor.weight.clone()
     }
 
     /// Range of all of the head's parameters in the flat buffer.
     pub fn param_range(&self) -> Range<usize> {
-        self.proj_gamma.start..self.pred_beta.end
+        self.projection.gamma.start..self.predictor_norm.beta.end
     }
 
     /// Fresh running statistics for one network's copy of this head.
@@ -786,41 +774,18 @@ impl SereHead {
     ) -> OpResult {
         let (c, rows) = (self.c, acts.rows);
         acts.mode = mode;
-        let running = &mut state.projection;
-        be.batch_norm_relu(
-            x,
-            params,
-            (self.proj_gamma.clone(), self.proj_beta.clone()),
-            (&mut running.mean, &mut running.var),
-            mode,
-            (rows, c),
-            &mut acts.z_stats,
-            &mut acts.scratch,
-            &mut acts.z,
-        )?;
+        let shape = Rows::new(rows, c);
+        let projection = state.projection.with(mode, &mut acts.z_stats);
+        let norm = self.projection.of(params);
+        be.batch_norm_relu(x, norm, shape, projection, &mut acts.scratch, &mut acts.z)?;
         if acts.side == SereSide::Teacher {
             return Ok(());
         }
-        be.linear_forward(
-            &acts.z,
-            params,
-            self.pred_weight.clone(),
-            None,
-            self.predictor_shape(rows),
-            &mut acts.y,
-        )?;
-        let running = &mut state.predictor;
-        be.batch_norm_relu(
-            &acts.y,
-            params,
-            (self.pred_gamma.clone(), self.pred_beta.clone()),
-            (&mut running.mean, &mut running.var),
-            mode,
-            (rows, c),
-            &mut acts.p_stats,
-            &mut acts.scratch,
-            &mut acts.p,
-        )
+        let predictor = self.predictor.of(params);
+        be.linear_forward(&acts.z, predictor, self.predictor_shape(rows), &mut acts.y)?;
+        let state = state.predictor.with(mode, &mut acts.p_stats);
+        let norm = self.predictor_norm.of(params);
+        be.batch_norm_relu(&acts.y, norm, shape, state, &mut acts.scratch, &mut acts.p)
     }
 
     /// Backward of the last train-mode student-side [`SereHead::forward`]
@@ -845,43 +810,33 @@ impl SereHead {
             "SereHead::backward needs a train-mode student-side forward"
         );
         // Predictor: p = ReLU(BN2(y)), y = W z.
-        be.batch_norm_relu_backward(
-            &acts.y,
-            &acts.p,
-            dout,
-            params,
-            (self.pred_gamma.clone(), self.pred_beta.clone()),
-            &acts.p_stats,
-            (rows, c),
-            grads,
-            &mut acts.scratch,
-            &mut acts.dy,
-        )?;
-        let w = self.pred_weight.clone();
-        let shape = self.predictor_shape(rows);
-        be.linear_backward(
-            &acts.z,
-            params,
-            w,
-            None,
-            &acts.dy,
-            shape,
-            InputGrad::Write(&mut acts.dz),
-            grads,
-        )?;
+        let shape = Rows::new(rows, c);
+        let saved = BnSaved {
+            y: &acts.y,
+            out: &acts.p,
+            stats: &acts.p_stats,
+        };
+        let into = Grads {
+            input: &mut acts.dy,
+            params: &mut *grads,
+        };
+        let norm = self.predictor_norm.of(params);
+        be.batch_norm_relu_backward(saved, dout, norm, shape, into, &mut acts.scratch)?;
+        let (predictor, lin) = (self.predictor.of(params), self.predictor_shape(rows));
+        let dz = InputGrad::Write(&mut acts.dz);
+        be.linear_backward(&acts.z, &acts.dy, predictor, lin, dz, grads)?;
         // Projection: z = ReLU(BN1(x)); `dy` now holds BN1's input gradient.
-        be.batch_norm_relu_backward(
-            x,
-            &acts.z,
-            &acts.dz,
-            params,
-            (self.proj_gamma.clone(), self.proj_beta.clone()),
-            &acts.z_stats,
-            (rows, c),
-            grads,
-            &mut acts.scratch,
-            &mut acts.dy,
-        )?;
+        let saved = BnSaved {
+            y: x,
+            out: &acts.z,
+            stats: &acts.z_stats,
+        };
+        let into = Grads {
+            input: &mut acts.dy,
+            params: &mut *grads,
+        };
+        let norm = self.projection.of(params);
+        be.batch_norm_relu_backward(saved, &acts.dz, norm, shape, into, &mut acts.scratch)?;
         be.add_into(&acts.dy, rows * c, dx, 0)
     }
 

@@ -13,7 +13,10 @@
 //! this module only their sequence.
 
 use super::params::{Init, ParamLayout};
-use crate::backend::{AttentionShape, Backend, Blocks, InputGrad, LinearShape, OpResult};
+use crate::backend::{
+    mat, mat_mut, AttentionShape, Backend, Blocks, Grads, InputGrad, LayerNormSaved, LinearParams,
+    LinearShape, NormParams, OpResult, Rows,
+};
 use rand::RngExt;
 use sere_core::linalg::MatRef;
 use std::ops::Range;
@@ -59,18 +62,12 @@ impl VitConfig {
 
 #[derive(Debug, Clone)]
 pub(crate) struct BlockParams {
-    pub(crate) norm1_w: Range<usize>,
-    pub(crate) norm1_b: Range<usize>,
-    pub(crate) qkv_w: Range<usize>,
-    pub(crate) qkv_b: Range<usize>,
-    pub(crate) proj_w: Range<usize>,
-    pub(crate) proj_b: Range<usize>,
-    pub(crate) norm2_w: Range<usize>,
-    pub(crate) norm2_b: Range<usize>,
-    pub(crate) fc1_w: Range<usize>,
-    pub(crate) fc1_b: Range<usize>,
-    pub(crate) fc2_w: Range<usize>,
-    pub(crate) fc2_b: Range<usize>,
+    pub(crate) norm1: NormParams,
+    pub(crate) qkv: LinearParams,
+    pub(crate) proj: LinearParams,
+    pub(crate) norm2: NormParams,
+    pub(crate) fc1: LinearParams,
+    pub(crate) fc2: LinearParams,
 }
 
 /// The ViT: parameter ranges inside a flat buffer plus its configuration.
@@ -79,13 +76,44 @@ pub struct Vit {
     pub(crate) cfg: VitConfig,
     pub(crate) cls: Range<usize>,
     pub(crate) pos: Range<usize>,
-    pub(crate) pe_w: Range<usize>,
-    pub(crate) pe_b: Range<usize>,
+    /// The patch embedding: a `patch x patch` convolution of stride
+    /// `patch`, run as one GEMM over im2col rows.
+    pub(crate) pe: LinearParams,
     pub(crate) blocks: Vec<BlockParams>,
-    pub(crate) norm_w: Range<usize>,
-    pub(crate) norm_b: Range<usize>,
+    pub(crate) norm: NormParams,
     pub(crate) mask_token: Option<Range<usize>>,
     pub(crate) drop_rates: Vec<f32>,
+}
+
+/// A linear layer `{prefix}.weight` (`weight_shape`, truncated normal with
+/// std 0.02, decayed) and `{prefix}.bias` (`weight_shape[0]`, zeros, not
+/// decayed), timm's initialisation.
+fn linear_params(layout: &mut ParamLayout, prefix: &str, weight_shape: &[usize]) -> LinearParams {
+    let weight = layout.add(
+        format!("{prefix}.weight"),
+        weight_shape,
+        Init::TruncNormal(0.02),
+        true,
+    );
+    let bias = layout.add(
+        format!("{prefix}.bias"),
+        &weight_shape[..1],
+        Init::Zeros,
+        false,
+    );
+    LinearParams {
+        weight,
+        bias: Some(bias),
+    }
+}
+
+/// A layer norm `{prefix}.weight` (ones) and `{prefix}.bias` (zeros) of
+/// `dim` channels, neither decayed.
+fn norm_params(layout: &mut ParamLayout, prefix: &str, dim: usize) -> NormParams {
+    NormParams {
+        gamma: layout.add(format!("{prefix}.weight"), &[dim], Init::Ones, false),
+        beta: layout.add(format!("{prefix}.bias"), &[dim], Init::Zeros, false),
+    }
 }
 
 /// Buffers of a masked forward ([`VitActs::set_masks`]).
@@ -300,34 +328,22 @@ impl Vit {
         let name = |s: &str| format!("{prefix}{s}");
         let cls = layout.add(name("cls_token"), &[1, 1, d], tn, true);
         let pos = layout.add(name("pos_embed"), &[1, 1 + n0, d], tn, true);
-        let pe_w = layout.add(
-            name("patch_embed.proj.weight"),
-            &[d, cfg.in_chans, p, p],
-            tn,
-            true,
-        );
-        let pe_b = layout.add(name("patch_embed.proj.bias"), &[d], Init::Zeros, false);
+        let pe = linear_params(layout, &name("patch_embed.proj"), &[d, cfg.in_chans, p, p]);
         let blocks = (0..cfg.depth)
             .map(|i| {
                 let b = |s: &str| name(&format!("blocks.{i}.{s}"));
+                // Field order is the layout's order (timm's state_dict).
                 BlockParams {
-                    norm1_w: layout.add(b("norm1.weight"), &[d], Init::Ones, false),
-                    norm1_b: layout.add(b("norm1.bias"), &[d], Init::Zeros, false),
-                    qkv_w: layout.add(b("attn.qkv.weight"), &[3 * d, d], tn, true),
-                    qkv_b: layout.add(b("attn.qkv.bias"), &[3 * d], Init::Zeros, false),
-                    proj_w: layout.add(b("attn.proj.weight"), &[d, d], tn, true),
-                    proj_b: layout.add(b("attn.proj.bias"), &[d], Init::Zeros, false),
-                    norm2_w: layout.add(b("norm2.weight"), &[d], Init::Ones, false),
-                    norm2_b: layout.add(b("norm2.bias"), &[d], Init::Zeros, false),
-                    fc1_w: layout.add(b("mlp.fc1.weight"), &[hid, d], tn, true),
-                    fc1_b: layout.add(b("mlp.fc1.bias"), &[hid], Init::Zeros, false),
-                    fc2_w: layout.add(b("mlp.fc2.weight"), &[d, hid], tn, true),
-                    fc2_b: layout.add(b("mlp.fc2.bias"), &[d], Init::Zeros, false),
+                    norm1: norm_params(layout, &b("norm1"), d),
+                    qkv: linear_params(layout, &b("attn.qkv"), &[3 * d, d]),
+                    proj: linear_params(layout, &b("attn.proj"), &[d, d]),
+                    norm2: norm_params(layout, &b("norm2"), d),
+                    fc1: linear_params(layout, &b("mlp.fc1"), &[hid, d]),
+                    fc2: linear_params(layout, &b("mlp.fc2"), &[d, hid]),
                 }
             })
             .collect();
-        let norm_w = layout.add(name("norm.weight"), &[d], Init::Ones, false);
-        let norm_b = layout.add(name("norm.bias"), &[d], Init::Zeros, false);
+        let norm = norm_params(layout, &name("norm"), d);
         // 2-D as in iBOT, so decayed like its other matrices.
         let mask_token = cfg
             .mask_token
@@ -345,11 +361,9 @@ impl Vit {
             cfg,
             cls,
             pos,
-            pe_w,
-            pe_b,
+            pe,
             blocks,
-            norm_w,
-            norm_b,
+            norm,
             mask_token,
             drop_rates,
         }
@@ -514,14 +528,10 @@ impl Vit {
         let bt = batch * acts.t;
         be.layer_norm_forward(
             &acts.xs[c.depth],
-            params,
-            self.norm_w.clone(),
-            self.norm_b.clone(),
-            bt,
-            c.dim,
+            self.norm.of(params),
+            Rows::new(bt, c.dim),
             &mut acts.out,
-            &mut acts.out_mean,
-            &mut acts.out_rstd,
+            (&mut acts.out_mean, &mut acts.out_rstd),
         )
     }
 
@@ -539,31 +549,20 @@ impl Vit {
             inp: pp,
             out: d,
         };
-        let bias = Some(self.pe_b.clone());
+        let pe = self.pe.of(params);
         match self.active_masks(acts.masked, &mut acts.masking) {
-            None => be.linear_forward(
-                &acts.patches,
-                params,
-                self.pe_w.clone(),
-                bias,
-                shape,
-                &mut acts.dtmp,
-            )?,
+            None => be.linear_forward(&acts.patches, pe, shape, &mut acts.dtmp)?,
             Some((m, token)) => {
                 // emb = keep * (patches W + b) + mask token^T: the masked
                 // rows become the token, before the position embedding.
-                let w = self.pe_w.clone();
-                be.linear_forward(&acts.patches, params, w, bias, shape, &mut m.embed)?;
+                be.linear_forward(&acts.patches, pe, shape, &mut m.embed)?;
                 be.keep_scale(&m.embed, &m.keep, (batch * n, d), &mut acts.dtmp)?;
                 be.gemm(
                     1.0,
-                    &m.mask,
-                    MatRef::row_major(batch * n, 1),
-                    params,
-                    MatRef::row_major(1, d).at(token.start),
+                    mat(&m.mask, MatRef::row_major(batch * n, 1)),
+                    mat(params, MatRef::row_major(1, d).at(token.start)),
                     1.0,
-                    &mut acts.dtmp,
-                    MatRef::row_major(batch * n, d),
+                    mat_mut(&mut acts.dtmp, MatRef::row_major(batch * n, d)),
                 )?;
             }
         }
@@ -583,13 +582,10 @@ impl Vit {
                 let n0 = c.grid() * c.grid();
                 be.gemm(
                     1.0,
-                    interp,
-                    MatRef::row_major(n, n0),
-                    params,
-                    MatRef::row_major(n0, d).at(self.pos.start + d),
+                    mat(interp, MatRef::row_major(n, n0)),
+                    mat(params, MatRef::row_major(n0, d).at(self.pos.start + d)),
                     0.0,
-                    &mut acts.pos_patch,
-                    MatRef::row_major(n, d),
+                    mat_mut(&mut acts.pos_patch, MatRef::row_major(n, d)),
                 )?;
             }
         }
@@ -628,67 +624,31 @@ impl Vit {
         let (ln, mean, rstd) = (&mut ba.ln1, &mut ba.mean1, &mut ba.rstd1);
         be.layer_norm_forward(
             x_in,
-            params,
-            bp.norm1_w.clone(),
-            bp.norm1_b.clone(),
-            bt,
-            d,
+            bp.norm1.of(params),
+            Rows::new(bt, d),
             ln,
-            mean,
-            rstd,
+            (mean, rstd),
         )?;
-        be.linear_forward(
-            &ba.ln1,
-            params,
-            bp.qkv_w.clone(),
-            Some(bp.qkv_b.clone()),
-            lin(d, 3 * d),
-            &mut ba.qkv,
-        )?;
+        be.linear_forward(&ba.ln1, bp.qkv.of(params), lin(d, 3 * d), &mut ba.qkv)?;
         be.attention_forward(
             &ba.qkv,
             self.attention_shape(batch, t),
             &mut ba.probs,
             &mut ba.attn,
         )?;
-        be.linear_forward(
-            &ba.attn,
-            params,
-            bp.proj_w.clone(),
-            Some(bp.proj_b.clone()),
-            lin(d, d),
-            &mut ba.x_mid,
-        )?;
+        be.linear_forward(&ba.attn, bp.proj.of(params), lin(d, d), &mut ba.x_mid)?;
         be.residual_keep_add(&mut ba.x_mid, x_in, &ba.keep1, (batch, t * d))?;
         let (ln, mean, rstd) = (&mut ba.ln2, &mut ba.mean2, &mut ba.rstd2);
         be.layer_norm_forward(
             &ba.x_mid,
-            params,
-            bp.norm2_w.clone(),
-            bp.norm2_b.clone(),
-            bt,
-            d,
+            bp.norm2.of(params),
+            Rows::new(bt, d),
             ln,
-            mean,
-            rstd,
+            (mean, rstd),
         )?;
-        be.linear_forward(
-            &ba.ln2,
-            params,
-            bp.fc1_w.clone(),
-            Some(bp.fc1_b.clone()),
-            lin(d, hid),
-            &mut ba.h1,
-        )?;
+        be.linear_forward(&ba.ln2, bp.fc1.of(params), lin(d, hid), &mut ba.h1)?;
         be.gelu_forward(&ba.h1, bt * hid, &mut ba.g)?;
-        be.linear_forward(
-            &ba.g,
-            params,
-            bp.fc2_w.clone(),
-            Some(bp.fc2_b.clone()),
-            lin(hid, d),
-            x_out,
-        )?;
+        be.linear_forward(&ba.g, bp.fc2.of(params), lin(hid, d), x_out)?;
         be.residual_keep_add(x_out, &ba.x_mid, &ba.keep2, (batch, t * d))
     }
 
@@ -732,16 +692,13 @@ impl Vit {
         let (mut mean, mut rstd) = (be.zeros(batch)?, be.zeros(batch)?);
         for x in &acts.xs[depth + 1 - last_blocks..depth] {
             be.copy_blocks(x, &mut cls, cls_rows, false)?;
+            let norm = self.norm.of(params);
             be.layer_norm_forward(
                 &cls,
-                params,
-                self.norm_w.clone(),
-                self.norm_b.clone(),
-                batch,
-                d,
+                norm,
+                Rows::new(batch, d),
                 &mut normed,
-                &mut mean,
-                &mut rstd,
+                (&mut mean, &mut rstd),
             )?;
             per_block.push(be.download(&normed)?);
         }
@@ -789,15 +746,20 @@ impl Vit {
         );
         let bt = acts.batch * acts.t;
         be.zero(&mut acts.dx)?;
+        let saved = LayerNormSaved {
+            x: &acts.xs[c.depth],
+            mean: &acts.out_mean,
+            rstd: &acts.out_rstd,
+        };
         be.layer_norm_backward(
-            &acts.xs[c.depth],
-            params,
-            (self.norm_w.clone(), self.norm_b.clone()),
-            (&acts.out_mean, &acts.out_rstd),
+            saved,
             dout,
-            (bt, c.dim),
-            &mut acts.dx,
-            grads,
+            self.norm.of(params),
+            Rows::new(bt, c.dim),
+            Grads {
+                input: &mut acts.dx,
+                params: grads,
+            },
             &mut acts.scratch,
         )?;
         if let Some(dpatches) = dpatches_pre_norm {
@@ -840,48 +802,41 @@ impl Vit {
         be.keep_scale(dx, &ba.keep2, (batch, t * d), dtmp)?;
         be.linear_backward(
             &ba.g,
-            params,
-            bp.fc2_w.clone(),
-            Some(bp.fc2_b.clone()),
             dtmp,
+            bp.fc2.of(params),
             lin(hid, d),
-            InputGrad::Write(dhid),
+            InputGrad::Write(&mut *dhid),
             grads,
         )?;
         be.gelu_grad_in_place(&ba.h1, bt * hid, dhid)?;
         // `dattn` holds d ln2 here.
         be.linear_backward(
             &ba.ln2,
-            params,
-            bp.fc1_w.clone(),
-            Some(bp.fc1_b.clone()),
             dhid,
+            bp.fc1.of(params),
             lin(d, hid),
-            InputGrad::Write(dattn),
+            InputGrad::Write(&mut *dattn),
             grads,
         )?;
-        let ln2 = (bp.norm2_w.clone(), bp.norm2_b.clone());
-        be.layer_norm_backward(
-            &ba.x_mid,
-            params,
-            ln2,
-            (&ba.mean2, &ba.rstd2),
-            dattn,
-            (bt, d),
-            dx,
-            grads,
-            scratch,
-        )?;
+        let saved = LayerNormSaved {
+            x: &ba.x_mid,
+            mean: &ba.mean2,
+            rstd: &ba.rstd2,
+        };
+        let (norm2, bt_d) = (bp.norm2.of(params), Rows::new(bt, d));
+        let into = Grads {
+            input: &mut *dx,
+            params: &mut *grads,
+        };
+        be.layer_norm_backward(saved, dattn, norm2, bt_d, into, scratch)?;
         // Attention branch: x_mid = x_in + keep1 * proj(attn(qkv(ln1(x_in)))).
         be.keep_scale(dx, &ba.keep1, (batch, t * d), dtmp)?;
         be.linear_backward(
             &ba.attn,
-            params,
-            bp.proj_w.clone(),
-            Some(bp.proj_b.clone()),
             dtmp,
+            bp.proj.of(params),
             lin(d, d),
-            InputGrad::Write(dattn),
+            InputGrad::Write(&mut *dattn),
             grads,
         )?;
         be.zero(dqkv)?;
@@ -890,26 +845,22 @@ impl Vit {
         // `dtmp` holds d ln1 here.
         be.linear_backward(
             &ba.ln1,
-            params,
-            bp.qkv_w.clone(),
-            Some(bp.qkv_b.clone()),
             dqkv,
+            bp.qkv.of(params),
             lin(d, 3 * d),
-            InputGrad::Write(dtmp),
+            InputGrad::Write(&mut *dtmp),
             grads,
         )?;
-        let ln1 = (bp.norm1_w.clone(), bp.norm1_b.clone());
-        be.layer_norm_backward(
-            x_in,
-            params,
-            ln1,
-            (&ba.mean1, &ba.rstd1),
-            dtmp,
-            (bt, d),
-            dx,
-            grads,
-            scratch,
-        )
+        let saved = LayerNormSaved {
+            x: x_in,
+            mean: &ba.mean1,
+            rstd: &ba.rstd1,
+        };
+        let into = Grads {
+            input: dx,
+            params: grads,
+        };
+        be.layer_norm_backward(saved, dtmp, bp.norm1.of(params), bt_d, into, scratch)
     }
 
     /// Backward of [`Vit::embed`]: token assembly, position interpolation
@@ -937,13 +888,10 @@ impl Vit {
                 let n0 = c.grid() * c.grid();
                 be.gemm(
                     1.0,
-                    interp,
-                    MatRef::row_major(n, n0).transposed(),
-                    &acts.dpos_patch,
-                    MatRef::row_major(n, d),
+                    mat(interp, MatRef::row_major(n, n0).transposed()),
+                    mat(&acts.dpos_patch, MatRef::row_major(n, d)),
                     1.0,
-                    grads,
-                    MatRef::row_major(n0, d).at(self.pos.start + d),
+                    mat_mut(grads, MatRef::row_major(n0, d).at(self.pos.start + d)),
                 )?;
             }
         }
@@ -952,34 +900,21 @@ impl Vit {
             inp: c.in_chans * c.patch * c.patch,
             out: d,
         };
-        let bias = Some(self.pe_b.clone());
-        let (w, x) = (self.pe_w.clone(), &acts.patches);
+        let (pe, x) = (self.pe.of(params), &acts.patches);
         match self.active_masks(acts.masked, &mut acts.masking) {
-            None => be.linear_backward(
-                x,
-                params,
-                w,
-                bias,
-                &acts.dtmp,
-                shape,
-                InputGrad::Skip,
-                grads,
-            ),
+            None => be.linear_backward(x, &acts.dtmp, pe, shape, InputGrad::Skip, grads),
             Some((m, token)) => {
                 // d token = sum of the masked rows' gradients; the masked
                 // rows send none to the patch embedding.
                 be.gemm(
                     1.0,
-                    &m.mask,
-                    MatRef::row_major(1, batch * n),
-                    &acts.dtmp,
-                    MatRef::row_major(batch * n, d),
+                    mat(&m.mask, MatRef::row_major(1, batch * n)),
+                    mat(&acts.dtmp, MatRef::row_major(batch * n, d)),
                     1.0,
-                    grads,
-                    MatRef::row_major(1, d).at(token.start),
+                    mat_mut(grads, MatRef::row_major(1, d).at(token.start)),
                 )?;
                 be.keep_scale(&acts.dtmp, &m.keep, (batch * n, d), &mut m.embed)?;
-                be.linear_backward(x, params, w, bias, &m.embed, shape, InputGrad::Skip, grads)
+                be.linear_backward(x, &m.embed, pe, shape, InputGrad::Skip, grads)
             }
         }
     }

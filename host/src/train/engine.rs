@@ -17,8 +17,8 @@ use super::state::{restore_state, snapshot_state, HostBnStates, RunState, RunVie
 use crate::augment::BatchPairGrids;
 use crate::backend::relation::{SereLossConfig, ViewShapes};
 use crate::backend::{
-    cuda_unavailable, Backend, Blocks, BnMode, Cpu, Cuda, DinoLossArgs, MimLossArgs, OpError,
-    RelationArgs, StudentFeatureGrads, StudentFeatures,
+    cuda_unavailable, Backend, Blocks, BnMode, CentredTeacher, Cpu, Cuda, DinoLossArgs,
+    MimLossArgs, OpError, RelationArgs, StatSlot, StudentFeatureGrads, StudentFeatures,
 };
 use crate::checkpoint::Checkpoint;
 use crate::config::{NonOverlapping, TrainConfig};
@@ -452,16 +452,12 @@ fn mim_loss<B: Backend>(
         centre_momentum: cfg.center_momentum as f32,
     };
     let (st, te) = (m.student_head.logits(), m.teacher_head.logits());
-    be.mim_loss(
-        st,
-        te,
-        &m.weights,
-        centre,
-        args,
-        &mut m.dlogits,
+    let teacher = CentredTeacher { logits: te, centre };
+    let report = StatSlot {
         stats,
-        SLOT_MIM,
-    )
+        slot: SLOT_MIM,
+    };
+    be.mim_loss(st, teacher, &m.weights, args, &mut m.dlogits, report)
 }
 
 /// Every workspace of one batch shape `(batch, locals)`.
@@ -945,15 +941,15 @@ impl<B: Backend> Engine<B> {
             centre_momentum: cfg.center_momentum as f32,
         };
         let (st, te) = (ws.dino_student.logits(), ws.dino_teacher.logits());
-        be.dino_loss(
-            st,
-            te,
-            &mut self.centre,
-            dino,
-            &mut ws.dlogits,
-            &mut ws.stats,
-            SLOT_DINO,
-        )?;
+        let teacher = CentredTeacher {
+            logits: te,
+            centre: &mut self.centre,
+        };
+        let report = StatSlot {
+            stats: &mut ws.stats,
+            slot: SLOT_DINO,
+        };
+        be.dino_loss(st, teacher, dino, &mut ws.dlogits, report)?;
         if let Some(m) = ws.mim.as_mut() {
             mim_loss(
                 be,

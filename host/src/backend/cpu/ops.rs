@@ -4,17 +4,19 @@
 
 use std::ops::Range;
 
-use super::{attention, batch_norm, gemm, rows};
+use super::{attention, batch_norm, gemm, leading_mut, matrix, matrix_mut, rows};
 use crate::backend::cpu::relation_loss::{
     dino_loss_step, SereGrads, SereInputs, SereLoss, StudentGrads, StudentViews,
 };
 use crate::backend::{
-    AttentionShape, Backend, Blocks, BnMode, BnStats, DinoLossArgs, InputGrad, LinearShape,
-    MimLossArgs, OpResult, RelationArgs, StudentFeatureGrads, StudentFeatures,
+    AttentionShape, Backend, Blocks, BnSaved, BnState, CentredTeacher, DinoLossArgs, Grads,
+    InputGrad, L2Saved, LayerNormSaved, LinearParams, LinearShape, Mat, MatMut, MimLossArgs,
+    NormParams, OpResult, ParamView, RelationArgs, Rows, StatSlot, StudentFeatureGrads,
+    StudentFeatures,
 };
 use crate::dist::Collective;
+use ndarray::ArrayView2;
 use rayon::prelude::*;
-use sere_core::linalg::MatRef;
 use sere_core::loss;
 use sere_core::optim::{adamw_step, clip_grad_norm, ema_update, AdamW};
 
@@ -46,6 +48,21 @@ pub(crate) fn two_mut(
         let (lo, hi) = buf.split_at_mut(a.start);
         (&mut hi[..a.end - a.start], &mut lo[b])
     }
+}
+
+/// A linear layer's weight (`out x inp`) as a matrix: its range must hold
+/// exactly that many values.
+fn weight<'a>(
+    p: &'a [f32],
+    l: &LinearParams,
+    s: LinearShape,
+) -> sere_core::Result<ArrayView2<'a, f32>> {
+    let w = &p[l.weight.clone()];
+    ArrayView2::from_shape((s.out, s.inp), w).map_err(|_| sere_core::Error::ShapeMismatch {
+        what: "weight",
+        expected: s.out * s.inp,
+        got: w.len(),
+    })
 }
 
 /// The leading `ng` / `nl` values of the student's feature buffers.
@@ -117,116 +134,95 @@ impl Backend for Cpu {
     fn linear_forward(
         &self,
         x: &Vec<f32>,
-        p: &Vec<f32>,
-        w: Range<usize>,
-        b: Option<Range<usize>>,
+        layer: ParamView<'_, Vec<f32>, LinearParams>,
         s: LinearShape,
         y: &mut Vec<f32>,
     ) -> OpResult {
-        super::linear_fwd(
-            &x[..s.rows * s.inp],
-            &p[w],
-            b.map(|b| &p[b]),
-            s.rows,
-            s.inp,
-            s.out,
-            &mut y[..s.rows * s.out],
-        );
-        Ok(())
+        let (p, l) = (layer.params, layer.layer);
+        Ok(super::linear_fwd(
+            matrix(x, (s.rows, s.inp), "x")?,
+            weight(p, l, s)?,
+            l.bias.clone().map(|b| &p[b]),
+            matrix_mut(y, (s.rows, s.out), "y")?,
+        )?)
     }
 
     fn linear_backward(
         &self,
         x: &Vec<f32>,
-        p: &Vec<f32>,
-        w: Range<usize>,
-        b: Option<Range<usize>>,
         dy: &Vec<f32>,
+        layer: ParamView<'_, Vec<f32>, LinearParams>,
         s: LinearShape,
         dx: InputGrad<'_, Vec<f32>>,
         g: &mut Vec<f32>,
     ) -> OpResult {
-        let (x, dy, wv) = (&x[..s.rows * s.inp], &dy[..s.rows * s.out], &p[w.clone()]);
-        let dx = dx.map(|d| &mut d[..s.rows * s.inp]);
-        match b {
+        let (w, b) = (layer.layer.weight.clone(), layer.layer.bias.clone());
+        let x = matrix(x, (s.rows, s.inp), "x")?;
+        let dy = matrix(dy, (s.rows, s.out), "dy")?;
+        let wv = weight(layer.params, layer.layer, s)?;
+        let (gw, gb) = match b {
             Some(b) => {
                 let (gw, gb) = two_mut(g, w, b);
-                super::linear_bwd(x, wv, dy, s.rows, s.inp, s.out, dx, gw, Some(gb));
+                (gw, Some(gb))
             }
-            None => super::linear_bwd(x, wv, dy, s.rows, s.inp, s.out, dx, &mut g[w], None),
-        }
-        Ok(())
+            None => (&mut g[w], None),
+        };
+        let dw = matrix_mut(gw, (s.out, s.inp), "weight gradient")?;
+        let dx = dx.try_map(|d| leading_mut(d, s.rows * s.inp, "dx"))?;
+        Ok(super::linear_bwd(x, wv, dy, dx, dw, gb)?)
     }
 
     fn gemm(
         &self,
         alpha: f32,
-        a: &Vec<f32>,
-        la: MatRef,
-        b: &Vec<f32>,
-        lb: MatRef,
+        a: Mat<'_, Vec<f32>>,
+        b: Mat<'_, Vec<f32>>,
         beta: f32,
-        c: &mut Vec<f32>,
-        lc: MatRef,
+        c: MatMut<'_, Vec<f32>>,
     ) -> OpResult {
-        Ok(gemm(alpha, a, la, b, lb, beta, c, lc)?)
+        Ok(gemm(
+            alpha, a.buf, a.view, b.buf, b.view, beta, c.buf, c.view,
+        )?)
     }
 
     fn layer_norm_forward(
         &self,
         x: &Vec<f32>,
-        p: &Vec<f32>,
-        gamma: Range<usize>,
-        beta: Range<usize>,
-        rows: usize,
-        cols: usize,
+        norm: ParamView<'_, Vec<f32>, NormParams>,
+        Rows { rows, cols }: Rows,
         y: &mut Vec<f32>,
-        mean: &mut Vec<f32>,
-        rstd: &mut Vec<f32>,
+        (mean, rstd): (&mut Vec<f32>, &mut Vec<f32>),
     ) -> OpResult {
-        let n = rows * cols;
-        super::layer_norm_fwd(
-            &x[..n],
-            &p[gamma],
-            &p[beta],
-            rows,
-            cols,
-            &mut y[..n],
-            &mut mean[..rows],
-            &mut rstd[..rows],
-        );
-        Ok(())
+        let (p, l) = (norm.params, norm.layer);
+        Ok(super::layer_norm_fwd(
+            matrix(x, (rows, cols), "x")?,
+            (&p[l.gamma.clone()], &p[l.beta.clone()]),
+            matrix_mut(y, (rows, cols), "y")?,
+            (&mut mean[..rows], &mut rstd[..rows]),
+        )?)
     }
 
     fn layer_norm_backward(
         &self,
-        x: &Vec<f32>,
-        p: &Vec<f32>,
-        (gamma, beta): (Range<usize>, Range<usize>),
-        (mean, rstd): (&Vec<f32>, &Vec<f32>),
+        saved: LayerNormSaved<'_, Vec<f32>>,
         dy: &Vec<f32>,
-        (rows, cols): (usize, usize),
-        dx: &mut Vec<f32>,
-        g: &mut Vec<f32>,
+        norm: ParamView<'_, Vec<f32>, NormParams>,
+        Rows { rows, cols }: Rows,
+        grads: Grads<'_, Vec<f32>>,
         scratch: &mut CpuScratch,
     ) -> OpResult {
-        let n = rows * cols;
-        let gv = &p[gamma.clone()];
-        let (gg, gb) = two_mut(g, gamma, beta);
-        super::layer_norm_bwd(
-            &x[..n],
-            gv,
-            &mean[..rows],
-            &rstd[..rows],
-            &dy[..n],
-            rows,
-            cols,
-            &mut dx[..n],
-            gg,
-            gb,
+        let (gamma, beta) = (norm.layer.gamma.clone(), norm.layer.beta.clone());
+        let x = matrix(saved.x, (rows, cols), "x")?;
+        Ok(super::layer_norm_bwd(
+            (x, &saved.mean[..rows], &saved.rstd[..rows]),
+            &norm.params[gamma.clone()],
+            matrix(dy, (rows, cols), "dy")?,
+            (
+                matrix_mut(grads.input, (rows, cols), "dx")?,
+                two_mut(grads.params, gamma, beta),
+            ),
             &mut scratch.f32s,
-        );
-        Ok(())
+        )?)
     }
 
     fn gelu_forward(&self, x: &Vec<f32>, n: usize, y: &mut Vec<f32>) -> OpResult {
@@ -371,8 +367,7 @@ impl Backend for Cpu {
     fn l2_normalize_rows_backward(
         &self,
         dy: &Vec<f32>,
-        y: &Vec<f32>,
-        norms: &Vec<f32>,
+        L2Saved { y, norms }: L2Saved<'_, Vec<f32>>,
         (n, dim): (usize, usize),
         eps: f32,
         dx: &mut Vec<f32>,
@@ -436,21 +431,20 @@ impl Backend for Cpu {
     fn batch_norm_relu(
         &self,
         y: &Vec<f32>,
-        p: &Vec<f32>,
-        (gamma, beta): (Range<usize>, Range<usize>),
-        (running_mean, running_var): (&mut Vec<f32>, &mut Vec<f32>),
-        mode: BnMode,
-        (rows, c): (usize, usize),
-        stats: &mut BnStats<Self>,
+        norm: ParamView<'_, Vec<f32>, NormParams>,
+        Rows { rows, cols: c }: Rows,
+        state: BnState<'_, Self>,
         scratch: &mut CpuScratch,
         out: &mut Vec<f32>,
     ) -> OpResult {
         let n = rows * c;
+        let (p, l) = (norm.params, norm.layer);
+        let stats = state.batch;
         batch_norm::bn_relu(
             &y[..n],
-            (&p[gamma], &p[beta]),
-            (&mut running_mean[..c], &mut running_var[..c]),
-            mode,
+            (&p[l.gamma.clone()], &p[l.beta.clone()]),
+            (&mut state.running_mean[..c], &mut state.running_var[..c]),
+            state.mode,
             (rows, c),
             batch_norm::Stats {
                 mean: &mut stats.mean[..c],
@@ -465,19 +459,16 @@ impl Backend for Cpu {
 
     fn batch_norm_relu_backward(
         &self,
-        y: &Vec<f32>,
-        out: &Vec<f32>,
+        BnSaved { y, out, stats }: BnSaved<'_, Self>,
         dout: &Vec<f32>,
-        p: &Vec<f32>,
-        (gamma, beta): (Range<usize>, Range<usize>),
-        stats: &BnStats<Self>,
-        (rows, c): (usize, usize),
-        g: &mut Vec<f32>,
+        norm: ParamView<'_, Vec<f32>, NormParams>,
+        Rows { rows, cols: c }: Rows,
+        grads: Grads<'_, Vec<f32>>,
         scratch: &mut CpuScratch,
-        dy: &mut Vec<f32>,
     ) -> OpResult {
         let n = rows * c;
-        let gv = &p[gamma.clone()];
+        let (gamma, beta) = (norm.layer.gamma.clone(), norm.layer.beta.clone());
+        let gv = &norm.params[gamma.clone()];
         batch_norm::bn_relu_backward(
             &y[..n],
             &out[..n],
@@ -485,22 +476,23 @@ impl Backend for Cpu {
             gv,
             (&stats.mean[..c], &stats.rstd[..c]),
             (rows, c),
-            two_mut(g, gamma, beta),
+            two_mut(grads.params, gamma, beta),
             stats.group.as_deref(),
             &mut scratch.f64s,
-            &mut dy[..n],
+            &mut grads.input[..n],
         )
     }
 
     fn dino_loss(
         &self,
         student: &Vec<f32>,
-        teacher: &Vec<f32>,
-        centre: &mut Vec<f32>,
+        CentredTeacher {
+            logits: teacher,
+            centre,
+        }: CentredTeacher<'_, Vec<f32>>,
         a: DinoLossArgs,
         dstudent: &mut Vec<f32>,
-        stats: &mut Vec<f32>,
-        slot: usize,
+        StatSlot { stats, slot }: StatSlot<'_, Vec<f32>>,
     ) -> OpResult {
         let (ns, nt) = (a.views * a.batch * a.dim, 2 * a.batch * a.dim);
         // Before the step: the entropy is of the distributions the loss used.
@@ -529,13 +521,14 @@ impl Backend for Cpu {
     fn mim_loss(
         &self,
         student: &Vec<f32>,
-        teacher: &Vec<f32>,
+        CentredTeacher {
+            logits: teacher,
+            centre,
+        }: CentredTeacher<'_, Vec<f32>>,
         weights: &Vec<f32>,
-        centre: &mut Vec<f32>,
         a: MimLossArgs,
         dstudent: &mut Vec<f32>,
-        stats: &mut Vec<f32>,
-        slot: usize,
+        StatSlot { stats, slot }: StatSlot<'_, Vec<f32>>,
     ) -> OpResult {
         let n = a.rows * a.dim;
         let (s, t) = (&student[..n], &teacher[..n]);

@@ -152,7 +152,6 @@ pub(super) fn embed_tokens(
 /// Backward of [`embed_tokens`]: CLS rows summed into `gcls` and `gpos0`,
 /// patch rows summed over images into `dpos_patch` (overwritten) and copied
 /// into `demb`.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn embed_tokens_backward(
     dx: &[f32],
     (batch, n, d): (usize, usize, usize),

@@ -14,11 +14,11 @@ use super::views::{
 use super::{Buf, Cuda, CudaScratch, RelationWorkspace};
 use crate::backend::relation::GLOBAL_VIEWS;
 use crate::backend::{
-    AttentionShape, Backend, Blocks, BnMode, BnStats, DinoLossArgs, InputGrad, LinearShape,
-    MimLossArgs, OpResult, RelationArgs,
+    AttentionShape, Backend, Blocks, BnMode, BnSaved, BnState, CentredTeacher, DinoLossArgs, Grads,
+    InputGrad, L2Saved, LayerNormSaved, LinearParams, LinearShape, Mat, MatMut, MimLossArgs,
+    NormParams, OpResult, ParamView, RelationArgs, Rows, StatSlot,
 };
 use crate::backend::{BN_EPS, BN_MOMENTUM, LN_EPS};
-use sere_core::linalg::MatRef;
 use sere_core::loss::DinoShape;
 use sere_core::optim::AdamW;
 use sere_cuda::{CudaError, MatView};
@@ -79,12 +79,15 @@ impl Backend for Cuda {
     fn linear_forward(
         &self,
         x: &Buf,
-        p: &Buf,
-        w: Range<usize>,
-        b: Option<Range<usize>>,
+        layer: ParamView<'_, Buf, LinearParams>,
         s: LinearShape,
         y: &mut Buf,
     ) -> OpResult {
+        let (p, w, b) = (
+            layer.params,
+            layer.layer.weight.clone(),
+            layer.layer.bias.clone(),
+        );
         let g = &self.gpu;
         let x = lead(x, s.rows * s.inp, "x")?;
         let mut y = lead_mut(y, s.rows * s.out, "y")?;
@@ -98,14 +101,17 @@ impl Backend for Cuda {
     fn linear_backward(
         &self,
         x: &Buf,
-        p: &Buf,
-        w: Range<usize>,
-        b: Option<Range<usize>>,
         dy: &Buf,
+        layer: ParamView<'_, Buf, LinearParams>,
         s: LinearShape,
         dx: InputGrad<'_, Buf>,
         grads: &mut Buf,
     ) -> OpResult {
+        let (p, w, b) = (
+            layer.params,
+            layer.layer.weight.clone(),
+            layer.layer.bias.clone(),
+        );
         let g = &self.gpu;
         let (rows, inp, out) = (s.rows, s.inp, s.out);
         let x = lead(x, rows * inp, "x")?;
@@ -131,14 +137,12 @@ impl Backend for Cuda {
     fn gemm(
         &self,
         alpha: f32,
-        a: &Buf,
-        la: MatRef,
-        b: &Buf,
-        lb: MatRef,
+        a: Mat<'_, Buf>,
+        b: Mat<'_, Buf>,
         beta: f32,
-        c: &mut Buf,
-        lc: MatRef,
+        c: MatMut<'_, Buf>,
     ) -> OpResult {
+        let (a, la, b, lb, c, lc) = (a.buf, a.view, b.buf, b.view, c.buf, c.view);
         if lc.rows == 0 || lc.cols == 0 {
             return Ok(());
         }
@@ -156,15 +160,16 @@ impl Backend for Cuda {
     fn layer_norm_forward(
         &self,
         x: &Buf,
-        p: &Buf,
-        gamma: Range<usize>,
-        beta: Range<usize>,
-        rows: usize,
-        cols: usize,
+        norm: ParamView<'_, Buf, NormParams>,
+        Rows { rows, cols }: Rows,
         y: &mut Buf,
-        mean: &mut Buf,
-        rstd: &mut Buf,
+        (mean, rstd): (&mut Buf, &mut Buf),
     ) -> OpResult {
+        let (p, gamma, beta) = (
+            norm.params,
+            norm.layer.gamma.clone(),
+            norm.layer.beta.clone(),
+        );
         let n = rows * cols;
         Ok(self.gpu.layer_norm_forward(
             &lead(x, n, "x")?,
@@ -181,16 +186,21 @@ impl Backend for Cuda {
 
     fn layer_norm_backward(
         &self,
-        x: &Buf,
-        p: &Buf,
-        (gamma, beta): (Range<usize>, Range<usize>),
-        (mean, rstd): (&Buf, &Buf),
+        LayerNormSaved { x, mean, rstd }: LayerNormSaved<'_, Buf>,
         dy: &Buf,
-        (rows, cols): (usize, usize),
-        dx: &mut Buf,
-        g: &mut Buf,
+        norm: ParamView<'_, Buf, NormParams>,
+        Rows { rows, cols }: Rows,
+        Grads {
+            input: dx,
+            params: g,
+        }: Grads<'_, Buf>,
         _scratch: &mut CudaScratch,
     ) -> OpResult {
+        let (p, gamma, beta) = (
+            norm.params,
+            norm.layer.gamma.clone(),
+            norm.layer.beta.clone(),
+        );
         let n = rows * cols;
         let (x, dy) = (lead(x, n, "x")?, lead(dy, n, "dy")?);
         let (mean, rstd) = (lead(mean, rows, "mean")?, lead(rstd, rows, "rstd")?);
@@ -430,8 +440,7 @@ impl Backend for Cuda {
     fn l2_normalize_rows_backward(
         &self,
         dy: &Buf,
-        y: &Buf,
-        norms: &Buf,
+        L2Saved { y, norms }: L2Saved<'_, Buf>,
         (rows, dim): (usize, usize),
         eps: f32,
         dx: &mut Buf,
@@ -542,15 +551,22 @@ impl Backend for Cuda {
     fn batch_norm_relu(
         &self,
         y: &Buf,
-        p: &Buf,
-        (gamma, beta): (Range<usize>, Range<usize>),
-        (running_mean, running_var): (&mut Buf, &mut Buf),
-        mode: BnMode,
-        (rows, c): (usize, usize),
-        stats: &mut BnStats<Self>,
+        norm: ParamView<'_, Buf, NormParams>,
+        Rows { rows, cols: c }: Rows,
+        BnState {
+            mode,
+            running_mean,
+            running_var,
+            batch: stats,
+        }: BnState<'_, Self>,
         _scratch: &mut CudaScratch,
         out: &mut Buf,
     ) -> OpResult {
+        let (p, gamma, beta) = (
+            norm.params,
+            norm.layer.gamma.clone(),
+            norm.layer.beta.clone(),
+        );
         refuse_sync_bn(&stats.group)?;
         let g = &self.gpu;
         let n = rows * c;
@@ -578,17 +594,21 @@ impl Backend for Cuda {
     /// `scratch = dout [out > 0]`, `dy = 0`, then the batch-norm backward.
     fn batch_norm_relu_backward(
         &self,
-        y: &Buf,
-        out: &Buf,
+        BnSaved { y, out, stats }: BnSaved<'_, Self>,
         dout: &Buf,
-        p: &Buf,
-        (gamma, beta): (Range<usize>, Range<usize>),
-        stats: &BnStats<Self>,
-        (rows, c): (usize, usize),
-        grads: &mut Buf,
+        norm: ParamView<'_, Buf, NormParams>,
+        Rows { rows, cols: c }: Rows,
+        Grads {
+            input: dy,
+            params: grads,
+        }: Grads<'_, Buf>,
         scratch: &mut CudaScratch,
-        dy: &mut Buf,
     ) -> OpResult {
+        let (p, gamma, beta) = (
+            norm.params,
+            norm.layer.gamma.clone(),
+            norm.layer.beta.clone(),
+        );
         refuse_sync_bn(&stats.group)?;
         let g = &self.gpu;
         let n = rows * c;
@@ -612,12 +632,13 @@ impl Backend for Cuda {
     fn dino_loss(
         &self,
         student: &Buf,
-        teacher: &Buf,
-        centre: &mut Buf,
+        CentredTeacher {
+            logits: teacher,
+            centre,
+        }: CentredTeacher<'_, Buf>,
         a: DinoLossArgs,
         dstudent: &mut Buf,
-        stats: &mut Buf,
-        slot: usize,
+        StatSlot { stats, slot }: StatSlot<'_, Buf>,
     ) -> OpResult {
         let g = &self.gpu;
         let (sn, tn) = (a.views * a.batch * a.dim, GLOBAL_VIEWS * a.batch * a.dim);
@@ -660,13 +681,14 @@ impl Backend for Cuda {
     fn mim_loss(
         &self,
         student: &Buf,
-        teacher: &Buf,
+        CentredTeacher {
+            logits: teacher,
+            centre,
+        }: CentredTeacher<'_, Buf>,
         weights: &Buf,
-        centre: &mut Buf,
         a: MimLossArgs,
         dstudent: &mut Buf,
-        stats: &mut Buf,
-        slot: usize,
+        StatSlot { stats, slot }: StatSlot<'_, Buf>,
     ) -> OpResult {
         let g = &self.gpu;
         let n = a.rows * a.dim;

@@ -10,8 +10,9 @@ use crate::backend::cpu::relation_loss::{
 };
 use crate::backend::relation::ViewShapes;
 use crate::backend::{
-    AttentionShape, Backend, DinoLossArgs, InputGrad, LinearShape, MimLossArgs, RelationArgs,
-    StudentFeatureGrads, StudentFeatures,
+    mat, mat_mut, AttentionShape, Backend, CentredTeacher, Cpu, DinoLossArgs, Grads, InputGrad,
+    L2Saved, LayerNormSaved, LinearParams, LinearShape, MimLossArgs, NormParams, RelationArgs,
+    Rows, StatSlot, StudentFeatureGrads, StudentFeatures,
 };
 use sere_core::linalg::MatRef;
 
@@ -35,6 +36,11 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     }
 }
 
+/// What an L2 normalisation saved: its output and norms.
+fn saved<'a>(y: &'a Buf, norms: &'a Buf) -> L2Saved<'a, Buf> {
+    L2Saved { y, norms }
+}
+
 fn up(dev: &Cuda, v: &[f32]) -> Buf {
     dev.upload(v).expect("upload")
 }
@@ -50,6 +56,10 @@ fn linear_forward_and_backward_match_the_cpu() {
     let s = LinearShape { rows, inp, out };
     let w = 3..3 + out * inp;
     let b = w.end..w.end + out;
+    let layer = LinearParams {
+        weight: w.clone(),
+        bias: Some(b.clone()),
+    };
     let p = data(b.end + 2, 1);
     // Buffers longer than the shape: only the leading values are used.
     let x = data(rows * inp + 4, 2);
@@ -58,45 +68,30 @@ fn linear_forward_and_backward_match_the_cpu() {
     let g0 = data(p.len(), 5);
 
     let mut y_cpu = vec![0.0; rows * out];
-    let xs = &x[..rows * inp];
-    cpu::linear_fwd(
-        xs,
-        &p[w.clone()],
-        Some(&p[b.clone()]),
-        rows,
-        inp,
-        out,
-        &mut y_cpu,
-    );
+    Cpu.linear_forward(&x, layer.of(&p), s, &mut y_cpu).unwrap();
     let (xd, pd, dyd) = (up(&dev, &x), up(&dev, &p), up(&dev, &dy));
     let mut yd = dev.zeros(rows * out + 5).unwrap();
-    dev.linear_forward(&xd, &pd, w.clone(), Some(b.clone()), s, &mut yd)
-        .unwrap();
+    dev.linear_forward(&xd, layer.of(&pd), s, &mut yd).unwrap();
     let y = down(&dev, &yd);
     close("y", &y[..rows * out], &y_cpu, 1e-5);
     assert!(y[rows * out..].iter().all(|&v| v == 0.0), "tail untouched");
     // Both ways of receiving dx: added into `dx0`, and written over it.
     for add in [true, false] {
         let (mut dx_cpu, mut g_cpu) = (dx0.clone(), g0.clone());
-        {
-            let (lo, hi) = g_cpu.split_at_mut(b.start);
-            let dx = &mut dx_cpu[..rows * inp];
-            let dx = if add {
-                InputGrad::Add(dx)
-            } else {
-                InputGrad::Write(dx)
-            };
-            let (wv, dyv) = (&p[w.clone()], &dy[..rows * out]);
-            let (gw, gb) = (&mut lo[w.clone()], Some(&mut hi[..out]));
-            cpu::linear_bwd(xs, wv, dyv, rows, inp, out, dx, gw, gb);
-        }
+        let dx = if add {
+            InputGrad::Add(&mut dx_cpu)
+        } else {
+            InputGrad::Write(&mut dx_cpu)
+        };
+        Cpu.linear_backward(&x, &dy, layer.of(&p), s, dx, &mut g_cpu)
+            .unwrap();
         let (mut dxd, mut gd) = (up(&dev, &dx0), up(&dev, &g0));
         let dx = if add {
             InputGrad::Add(&mut dxd)
         } else {
             InputGrad::Write(&mut dxd)
         };
-        dev.linear_backward(&xd, &pd, w.clone(), Some(b.clone()), &dyd, s, dx, &mut gd)
+        dev.linear_backward(&xd, &dyd, layer.of(&pd), s, dx, &mut gd)
             .unwrap();
         close("dx", &down(&dev, &dxd), &dx_cpu, 1e-5);
         close("g", &down(&dev, &gd), &g_cpu, 1e-5);
@@ -121,7 +116,8 @@ fn gemm_with_strided_and_column_major_views_matches_the_cpu() {
     let mut c_cpu = c0.clone();
     cpu::gemm(0.5, &a, la, &b, lb, 2.0, &mut c_cpu, lc).unwrap();
     let (ad, bd, mut cd) = (up(&dev, &a), up(&dev, &b), up(&dev, &c0));
-    dev.gemm(0.5, &ad, la, &bd, lb, 2.0, &mut cd, lc).unwrap();
+    dev.gemm(0.5, mat(&ad, la), mat(&bd, lb), 2.0, mat_mut(&mut cd, lc))
+        .unwrap();
     close("c", &down(&dev, &cd), &c_cpu, 1e-5);
 }
 
@@ -130,63 +126,55 @@ fn layer_norm_forward_and_backward_match_the_cpu() {
     let Some(dev) = device() else { return };
     let (rows, cols) = (6, 8);
     let (gamma, beta) = (2..2 + cols, 2 + cols..2 + 2 * cols);
+    let norm = NormParams {
+        gamma: gamma.clone(),
+        beta: beta.clone(),
+    };
+    let shape = Rows::new(rows, cols);
     let p = data(beta.end + 1, 9);
     let (x, dy) = (data(rows * cols, 10), data(rows * cols, 11));
     let (dx0, g0) = (data(rows * cols, 12), data(p.len(), 13));
 
     let (mut y_cpu, mut m_cpu, mut r_cpu) =
         (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
-    let (pg, pb) = (&p[gamma.clone()], &p[beta.clone()]);
-    cpu::layer_norm_fwd(&x, pg, pb, rows, cols, &mut y_cpu, &mut m_cpu, &mut r_cpu);
+    let stats = (&mut m_cpu, &mut r_cpu);
+    Cpu.layer_norm_forward(&x, norm.of(&p), shape, &mut y_cpu, stats)
+        .unwrap();
     let (mut dx_cpu, mut g_cpu) = (dx0.clone(), g0.clone());
-    {
-        let (lo, hi) = g_cpu.split_at_mut(beta.start);
-        cpu::layer_norm_bwd(
-            &x,
-            pg,
-            &m_cpu,
-            &r_cpu,
-            &dy,
-            rows,
-            cols,
-            &mut dx_cpu,
-            &mut lo[gamma.clone()],
-            &mut hi[..cols],
-            &mut Vec::new(),
-        );
-    }
+    let saved = LayerNormSaved {
+        x: &x,
+        mean: &m_cpu,
+        rstd: &r_cpu,
+    };
+    let into = Grads {
+        input: &mut dx_cpu,
+        params: &mut g_cpu,
+    };
+    let mut scratch = Default::default();
+    Cpu.layer_norm_backward(saved, &dy, norm.of(&p), shape, into, &mut scratch)
+        .unwrap();
 
     let (xd, pd, dyd) = (up(&dev, &x), up(&dev, &p), up(&dev, &dy));
     let mut yd = dev.zeros(rows * cols).unwrap();
     let (mut md, mut rd) = (dev.zeros(rows + 1).unwrap(), dev.zeros(rows).unwrap());
-    dev.layer_norm_forward(
-        &xd,
-        &pd,
-        gamma.clone(),
-        beta.clone(),
-        rows,
-        cols,
-        &mut yd,
-        &mut md,
-        &mut rd,
-    )
-    .unwrap();
+    dev.layer_norm_forward(&xd, norm.of(&pd), shape, &mut yd, (&mut md, &mut rd))
+        .unwrap();
     close("y", &down(&dev, &yd), &y_cpu, 1e-5);
     close("mean", &down(&dev, &md)[..rows], &m_cpu, 1e-5);
     close("rstd", &down(&dev, &rd), &r_cpu, 1e-5);
     let (mut dxd, mut gd) = (up(&dev, &dx0), up(&dev, &g0));
-    dev.layer_norm_backward(
-        &xd,
-        &pd,
-        (gamma, beta),
-        (&md, &rd),
-        &dyd,
-        (rows, cols),
-        &mut dxd,
-        &mut gd,
-        &mut CudaScratch::default(),
-    )
-    .unwrap();
+    let saved = LayerNormSaved {
+        x: &xd,
+        mean: &md,
+        rstd: &rd,
+    };
+    let into = Grads {
+        input: &mut dxd,
+        params: &mut gd,
+    };
+    let norm = norm.of(&pd);
+    dev.layer_norm_backward(saved, &dyd, norm, shape, into, &mut CudaScratch::default())
+        .unwrap();
     close("dx", &down(&dev, &dxd), &dx_cpu, 1e-4);
     close("g", &down(&dev, &gd), &g_cpu, 1e-4);
 }
@@ -342,13 +330,27 @@ fn l2_normalize_rows_and_backward_match_the_reference() {
     let start = 3;
     let base = data(start + rows * dim + 2, 19);
     let mut dxd = up(&dev, &base);
-    dev.l2_normalize_rows_backward(&dyd, &yd, &nd, (rows, dim), eps, &mut dxd, (start, false))
-        .unwrap();
+    dev.l2_normalize_rows_backward(
+        &dyd,
+        saved(&yd, &nd),
+        (rows, dim),
+        eps,
+        &mut dxd,
+        (start, false),
+    )
+    .unwrap();
     let mut want = base.clone();
     want[start..start + rows * dim].copy_from_slice(&dx_ref);
     close("dx (written)", &down(&dev, &dxd), &want, 1e-5);
-    dev.l2_normalize_rows_backward(&dyd, &yd, &nd, (rows, dim), eps, &mut dxd, (start, true))
-        .unwrap();
+    dev.l2_normalize_rows_backward(
+        &dyd,
+        saved(&yd, &nd),
+        (rows, dim),
+        eps,
+        &mut dxd,
+        (start, true),
+    )
+    .unwrap();
     for (w, &r) in want[start..start + rows * dim].iter_mut().zip(&dx_ref) {
         *w += r;
     }
@@ -460,16 +462,17 @@ fn dino_loss_matches_the_cpu() {
     .unwrap();
     let (mut cd, mut gd) = (up(&dev, &c0), up(&dev, &g0));
     let mut stats = up(&dev, &[5.0; 4]);
-    dev.dino_loss(
-        &up(&dev, &s),
-        &up(&dev, &t),
-        &mut cd,
-        a,
-        &mut gd,
-        &mut stats,
-        1,
-    )
-    .unwrap();
+    let td = up(&dev, &t);
+    let teacher = CentredTeacher {
+        logits: &td,
+        centre: &mut cd,
+    };
+    let report = StatSlot {
+        stats: &mut stats,
+        slot: 1,
+    };
+    dev.dino_loss(&up(&dev, &s), teacher, a, &mut gd, report)
+        .unwrap();
     close(
         "stats",
         &down(&dev, &stats),
@@ -499,25 +502,28 @@ fn mim_loss_matches_the_cpu() {
     let (s, t) = (data(rows * dim, 31), data(rows * dim, 32));
     let (c0, g0) = (data(dim, 33), data(rows * dim, 34));
     let run = |be_c: &mut Vec<f32>, be_g: &mut Vec<f32>, stats: &mut Vec<f32>| {
-        crate::backend::Cpu
-            .mim_loss(&s, &t, &w, be_c, a, be_g, stats, 1)
-            .unwrap()
+        let teacher = CentredTeacher {
+            logits: &t,
+            centre: be_c,
+        };
+        let report = StatSlot { stats, slot: 1 };
+        Cpu.mim_loss(&s, teacher, &w, a, be_g, report).unwrap()
     };
     let (mut c_cpu, mut g_cpu, mut st_cpu) = (c0.clone(), g0.clone(), vec![5.0; 3]);
     run(&mut c_cpu, &mut g_cpu, &mut st_cpu);
     let (mut cd, mut gd) = (up(&dev, &c0), up(&dev, &g0));
     let mut stats = up(&dev, &[5.0; 4]);
-    dev.mim_loss(
-        &up(&dev, &s),
-        &up(&dev, &t),
-        &up(&dev, &w),
-        &mut cd,
-        a,
-        &mut gd,
-        &mut stats,
-        1,
-    )
-    .unwrap();
+    let td = up(&dev, &t);
+    let teacher = CentredTeacher {
+        logits: &td,
+        centre: &mut cd,
+    };
+    let report = StatSlot {
+        stats: &mut stats,
+        slot: 1,
+    };
+    dev.mim_loss(&up(&dev, &s), teacher, &up(&dev, &w), a, &mut gd, report)
+        .unwrap();
     close("stats", &down(&dev, &stats), &st_cpu, 1e-5);
     close("dstudent", &down(&dev, &gd), &g_cpu, 1e-5);
     close("centre", &down(&dev, &cd), &c_cpu, 1e-6);
