@@ -12,7 +12,7 @@ use sere_host::backend::cpu::relation_loss::{
     dino_loss_step, SereGrads, SereInputs, SereLoss, SereLossConfig, StudentGrads, StudentViews,
     ViewShapes,
 };
-use sere_host::backend::{Backend, Cpu};
+use sere_host::backend::{Backend, Cpu, DinoLossArgs, Grads};
 use sere_host::model::heads::{
     BnMode, BnRunning, DinoHead, DinoHeadActs, DinoHeadConfig, SereActs, SereHead, SereHeadState,
     SereSide, BN_EPS,
@@ -194,7 +194,11 @@ fn sere_bwd<B: Backend>(
     let (mut g, mut d) = (up(be, grads), up(be, dx));
     let a = acts.as_mut().unwrap();
     let (p, x, dout) = (up(be, params), up(be, x), up(be, dout));
-    head.backward(be, &p, &x, a, &dout, &mut g, &mut d).unwrap();
+    let into = Grads {
+        input: &mut d,
+        params: &mut g,
+    };
+    head.backward(be, &p, &x, a, &dout, into).unwrap();
     *grads = down(be, &g);
     *dx = down(be, &d);
 }
@@ -735,8 +739,7 @@ fn relation_loss_matches_core_kernels_term_by_term() {
         .spatial(
             &cfg,
             &sh,
-            &case.teacher_sp,
-            st,
+            (&case.teacher_sp, st),
             |b, t, s| case.grid(b, t, s),
             1.0,
             None,
@@ -747,7 +750,7 @@ fn relation_loss_matches_core_kernels_term_by_term() {
         locals: &case.ch_l,
     };
     let (l_ch, t_ch) = loss
-        .channel(&cfg, &sh, &case.teacher_ch, stc, 1.0, None)
+        .channel(&cfg, &sh, (&case.teacher_ch, stc), 1.0, None)
         .unwrap();
     assert_eq!((t_sp, t_ch), (nsp, nch));
     assert!(
@@ -776,8 +779,7 @@ fn spatial_loss_without_overlap_is_zero_and_adds_nothing() {
         .spatial(
             &case.cfg,
             &sh,
-            &case.teacher_sp,
-            st,
+            (&case.teacher_sp, st),
             |_, _, _| None,
             1.0,
             Some(StudentGrads {
@@ -1040,19 +1042,17 @@ fn dino_loss_step_matches_pytorch_reference() {
     assert_eq!(centre.len(), k);
     let student = f32s(&fx["dloss.student"]);
     let mut grad = vec![0.0; student.len()];
-    let loss = dino_loss_step(
-        &student,
-        &f32s(&fx["dloss.teacher"]),
-        &mut centre,
-        v,
-        b,
-        ts,
-        tt,
-        scale,
-        mom,
-        &mut grad,
-    )
-    .unwrap();
+    let args = DinoLossArgs {
+        views: v,
+        batch: b,
+        dim: k,
+        tau_student: ts,
+        tau_teacher: tt,
+        weight: scale,
+        centre_momentum: mom,
+    };
+    let teacher = f32s(&fx["dloss.teacher"]);
+    let loss = dino_loss_step((&student, &teacher), &mut centre, args, &mut grad).unwrap();
     assert_ref("dino loss", &[loss], &fx["dloss.loss"], 1e-5);
     assert_ref("dino loss grad", &grad, &fx["dloss.grad"], 1e-4);
     assert_ref("dino centre", &centre, &fx["dloss.centre_new"], 1e-5);

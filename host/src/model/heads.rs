@@ -791,9 +791,8 @@ impl SereHead {
     /// Backward of the last train-mode student-side [`SereHead::forward`]
     /// run with `acts` on input `x` (the same `rows x C` buffer; not copied
     /// by the forward): given `dout` (gradient of `p`), adds the gradients of
-    /// BN2, `W` and BN1 into `grads` (the full flat buffer) and the input
-    /// gradient into `dx`.
-    #[allow(clippy::too_many_arguments)]
+    /// BN2, `W` and BN1 into `into.params` (the full flat buffer) and the
+    /// input gradient into `into.input`.
     pub fn backward<B: Backend>(
         &self,
         be: &B,
@@ -801,9 +800,12 @@ impl SereHead {
         x: &B::Buf,
         acts: &mut SereActs<B>,
         dout: &B::Buf,
-        grads: &mut B::Buf,
-        dx: &mut B::Buf,
+        into: Grads<'_, B::Buf>,
     ) -> OpResult {
+        let Grads {
+            input: dx,
+            params: grads,
+        } = into;
         let (c, rows) = (self.c, acts.rows);
         assert!(
             acts.side == SereSide::Student && acts.mode == BnMode::Train,

@@ -17,7 +17,7 @@ use super::state::{restore_state, snapshot_state, HostBnStates, RunState, RunVie
 use crate::augment::BatchPairGrids;
 use crate::backend::relation::{SereLossConfig, ViewShapes};
 use crate::backend::{
-    cuda_unavailable, Backend, Blocks, BnMode, CentredTeacher, Cpu, Cuda, DinoLossArgs,
+    cuda_unavailable, Backend, Blocks, BnMode, CentredTeacher, Cpu, Cuda, DinoLossArgs, Grads,
     MimLossArgs, OpError, RelationArgs, StatSlot, StudentFeatureGrads, StudentFeatures,
 };
 use crate::checkpoint::Checkpoint;
@@ -1086,8 +1086,10 @@ impl<B: Backend> Engine<B> {
                     &pass.patches,
                     &mut pass.spatial,
                     &pg.dspatial,
-                    grads,
-                    &mut pg.dpatches,
+                    Grads {
+                        input: &mut pg.dpatches,
+                        params: &mut *grads,
+                    },
                 )?;
                 ch.backward(
                     be,
@@ -1095,8 +1097,10 @@ impl<B: Backend> Engine<B> {
                     &pass.patches,
                     &mut pass.channel,
                     &pg.dchannel,
-                    grads,
-                    &mut pg.dpatches,
+                    Grads {
+                        input: &mut pg.dpatches,
+                        params: &mut *grads,
+                    },
                 )?;
             }
             be.zero(&mut pg.dout)?;

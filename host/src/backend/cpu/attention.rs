@@ -2,6 +2,7 @@
 //! GEMMs around a row softmax, and the matching backward.
 
 use super::gemm;
+use crate::backend::AttentionShape;
 use rayon::prelude::*;
 use sere_core::linalg::MatRef;
 
@@ -10,13 +11,11 @@ use sere_core::linalg::MatRef;
 /// `[3][H][d]` per token (timm's layout); `attn` rows `[H][d]`.
 pub(super) fn attention_fwd(
     qkv: &[f32],
-    batch: usize,
-    t: usize,
-    d: usize,
-    heads: usize,
+    shape: AttentionShape,
     probs: &mut [f32],
     attn: &mut [f32],
 ) -> sere_core::Result<()> {
+    let (batch, t, d, heads) = (shape.batch, shape.tokens, shape.dim, shape.heads);
     let hd = d / heads;
     let scale = 1.0 / (hd as f32).sqrt();
     probs
@@ -57,20 +56,16 @@ pub(super) fn attention_fwd(
         })
 }
 
-/// Backward of [`attention_fwd`]: adds into `dqkv`. `dscores` is scratch of
-/// `B x T x T`.
-#[allow(clippy::too_many_arguments)]
+/// Backward of [`attention_fwd`] from what it kept (`qkv`, `probs`): adds
+/// into `dqkv`. `dscores` is scratch of `B x T x T`.
 pub(super) fn attention_bwd(
-    qkv: &[f32],
-    probs: &[f32],
+    (qkv, probs): (&[f32], &[f32]),
     dattn: &[f32],
-    batch: usize,
-    t: usize,
-    d: usize,
-    heads: usize,
+    shape: AttentionShape,
     dscores: &mut [f32],
     dqkv: &mut [f32],
 ) -> sere_core::Result<()> {
+    let (batch, t, d, heads) = (shape.batch, shape.tokens, shape.dim, shape.heads);
     let hd = d / heads;
     let scale = 1.0 / (hd as f32).sqrt();
     dqkv.par_chunks_mut(t * 3 * d)

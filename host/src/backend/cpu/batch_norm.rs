@@ -2,10 +2,17 @@
 //! f64 partial sums per rayon task, running-statistics update, and the
 //! backward through ReLU and the batch statistics.
 
-use super::chunk_rows;
+use super::{chunk_rows, same, standard, standard_mut};
 use crate::backend::{BnMode, OpResult, BN_EPS, BN_MOMENTUM};
 use crate::dist::Collective;
+use ndarray::{ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;
+
+/// `Ok` when a view of `what` is `expected` (`rows x c`).
+fn same_dims(what: &'static str, got: (usize, usize), expected: (usize, usize)) -> OpResult {
+    same(what, got.0, expected.0)?;
+    Ok(same(what, got.1, expected.1)?)
+}
 
 /// Sums the per-task partial column sums (`tasks x width`) into the first
 /// task's slot and, with a `group`, over every process (SyncBN); returns
@@ -96,20 +103,37 @@ pub(super) struct Stats<'a> {
     pub group: Option<&'a dyn Collective>,
 }
 
-/// `out = ReLU(BN(y))` over `rows x c` with the statistics of `mode`; in
-/// train mode the batch statistics go to `stats` and are folded into the
-/// running ones.
-#[allow(clippy::too_many_arguments)]
+/// A batch norm's running statistics and the mode that decides whether
+/// they are read (eval) or updated (train).
+pub(super) struct Running<'a> {
+    pub mode: BnMode,
+    pub mean: &'a mut [f32],
+    pub var: &'a mut [f32],
+}
+
+/// `out = ReLU(BN(y))` over `y`'s `rows x c` with the statistics of
+/// `running.mode`; in train mode the batch statistics go to `stats` and
+/// are folded into the running ones. Both views are standard layout: rows
+/// are split into contiguous chunks across threads.
 pub(super) fn bn_relu(
-    y: &[f32],
+    y: ArrayView2<'_, f32>,
     (gamma, beta): (&[f32], &[f32]),
-    (running_mean, running_var): (&mut [f32], &mut [f32]),
-    mode: BnMode,
-    (rows, c): (usize, usize),
+    running: Running<'_>,
     stats: Stats<'_>,
     partial: &mut Vec<f64>,
-    out: &mut [f32],
+    out: ArrayViewMut2<'_, f32>,
 ) -> OpResult {
+    let (rows, c) = y.dim();
+    same_dims("batch-norm output", out.dim(), y.dim())?;
+    let (y, out) = (
+        standard(&y, "batch-norm input")?,
+        standard_mut(out, "batch-norm output")?,
+    );
+    let Running {
+        mode,
+        mean: running_mean,
+        var: running_var,
+    } = running;
     let Stats {
         mean,
         var,
@@ -152,25 +176,43 @@ pub(super) fn bn_relu(
     Ok(())
 }
 
+/// What a train-mode [`bn_relu`] kept for its backward: its input and
+/// output (`rows x c`), the batch statistics, and the processes they span.
+pub(super) struct Saved<'a> {
+    pub y: ArrayView2<'a, f32>,
+    pub out: ArrayView2<'a, f32>,
+    pub mean: &'a [f32],
+    pub rstd: &'a [f32],
+    pub group: Option<&'a dyn Collective>,
+}
+
 /// Backward of a train-mode [`bn_relu`]: adds into `ggamma` and `gbeta`,
 /// overwrites `dy` (the gradient of the batch norm's input). With a
 /// `group` (SyncBN) the affine gradients are this process's (the
 /// data-parallel gradient mean combines them) while `dy` takes the column
 /// sums of every process, as the statistics did (PyTorch's
 /// `SyncBatchNorm` backward).
-#[allow(clippy::too_many_arguments)]
 pub(super) fn bn_relu_backward(
-    y: &[f32],
-    out: &[f32],
-    dout: &[f32],
+    saved: Saved<'_>,
+    dout: ArrayView2<'_, f32>,
     gamma: &[f32],
-    (mean, rstd): (&[f32], &[f32]),
-    (rows, c): (usize, usize),
     (ggamma, gbeta): (&mut [f32], &mut [f32]),
-    group: Option<&dyn Collective>,
     partial: &mut Vec<f64>,
-    dy: &mut [f32],
+    dy: ArrayViewMut2<'_, f32>,
 ) -> OpResult {
+    let (rows, c) = saved.y.dim();
+    for (what, dim) in [
+        ("batch-norm output", saved.out.dim()),
+        ("batch-norm output gradient", dout.dim()),
+        ("batch-norm input gradient", dy.dim()),
+    ] {
+        same_dims(what, dim, (rows, c))?;
+    }
+    let (mean, rstd, group) = (saved.mean, saved.rstd, saved.group);
+    let y = standard(&saved.y, "batch-norm input")?;
+    let out = standard(&saved.out, "batch-norm output")?;
+    let dout = standard(&dout, "batch-norm output gradient")?;
+    let dy = standard_mut(dy, "batch-norm input gradient")?;
     // Column sums of g = dout * [out > 0] and of g * xhat, per task.
     let rc = chunk_rows(rows, 64);
     let tasks = rows.div_ceil(rc);

@@ -396,10 +396,7 @@ impl Backend for Cpu {
         let bt = s.batch * s.tokens;
         Ok(attention::attention_fwd(
             &qkv[..bt * 3 * s.dim],
-            s.batch,
-            s.tokens,
-            s.dim,
-            s.heads,
+            s,
             &mut probs[..s.batch * s.heads * s.tokens * s.tokens],
             &mut attn[..bt * s.dim],
         )?)
@@ -416,13 +413,12 @@ impl Backend for Cpu {
     ) -> OpResult {
         let bt = s.batch * s.tokens;
         Ok(attention::attention_bwd(
-            &qkv[..bt * 3 * s.dim],
-            &probs[..s.batch * s.heads * s.tokens * s.tokens],
+            (
+                &qkv[..bt * 3 * s.dim],
+                &probs[..s.batch * s.heads * s.tokens * s.tokens],
+            ),
             &dattn[..bt * s.dim],
-            s.batch,
-            s.tokens,
-            s.dim,
-            s.heads,
+            s,
             &mut dscores[..s.batch * s.tokens * s.tokens],
             &mut dqkv[..bt * 3 * s.dim],
         )?)
@@ -437,15 +433,16 @@ impl Backend for Cpu {
         scratch: &mut CpuScratch,
         out: &mut Vec<f32>,
     ) -> OpResult {
-        let n = rows * c;
         let (p, l) = (norm.params, norm.layer);
         let stats = state.batch;
         batch_norm::bn_relu(
-            &y[..n],
+            matrix(y, (rows, c), "batch-norm input")?,
             (&p[l.gamma.clone()], &p[l.beta.clone()]),
-            (&mut state.running_mean[..c], &mut state.running_var[..c]),
-            state.mode,
-            (rows, c),
+            batch_norm::Running {
+                mode: state.mode,
+                mean: &mut state.running_mean[..c],
+                var: &mut state.running_var[..c],
+            },
             batch_norm::Stats {
                 mean: &mut stats.mean[..c],
                 var: &mut stats.var[..c],
@@ -453,7 +450,7 @@ impl Backend for Cpu {
                 group: stats.group.as_deref(),
             },
             &mut scratch.f64s,
-            &mut out[..n],
+            matrix_mut(out, (rows, c), "batch-norm output")?,
         )
     }
 
@@ -466,20 +463,21 @@ impl Backend for Cpu {
         grads: Grads<'_, Vec<f32>>,
         scratch: &mut CpuScratch,
     ) -> OpResult {
-        let n = rows * c;
         let (gamma, beta) = (norm.layer.gamma.clone(), norm.layer.beta.clone());
         let gv = &norm.params[gamma.clone()];
         batch_norm::bn_relu_backward(
-            &y[..n],
-            &out[..n],
-            &dout[..n],
+            batch_norm::Saved {
+                y: matrix(y, (rows, c), "batch-norm input")?,
+                out: matrix(out, (rows, c), "batch-norm output")?,
+                mean: &stats.mean[..c],
+                rstd: &stats.rstd[..c],
+                group: stats.group.as_deref(),
+            },
+            matrix(dout, (rows, c), "batch-norm output gradient")?,
             gv,
-            (&stats.mean[..c], &stats.rstd[..c]),
-            (rows, c),
             two_mut(grads.params, gamma, beta),
-            stats.group.as_deref(),
             &mut scratch.f64s,
-            &mut grads.input[..n],
+            matrix_mut(grads.input, (rows, c), "batch-norm input gradient")?,
         )
     }
 
@@ -504,15 +502,9 @@ impl Backend for Cpu {
             a.tau_teacher,
         )?;
         stats[slot] = dino_loss_step(
-            &student[..ns],
-            &teacher[..nt],
+            (&student[..ns], &teacher[..nt]),
             &mut centre[..a.dim],
-            a.views,
-            a.batch,
-            a.tau_student,
-            a.tau_teacher,
-            a.weight,
-            a.centre_momentum,
+            a,
             &mut dstudent[..ns],
         )?;
         Ok(())

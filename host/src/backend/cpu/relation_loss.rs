@@ -31,6 +31,7 @@
 //! accumulates both teachers before one relation backward. The spatial
 //! logits depend on the pair's overlap grid, so they are formed per pair.
 
+use crate::backend::DinoLossArgs;
 use rayon::prelude::*;
 use sere_core::bilinear::{grid_sample_backward, grid_sample_forward, MapLayout, SampleShape};
 use sere_core::loss::{
@@ -289,7 +290,8 @@ impl SereLoss {
         Ok(total)
     }
 
-    /// The spatial relation loss: returns `(L_spatial, terms)` and adds
+    /// The spatial relation loss between the (teacher, student) features:
+    /// returns `(L_spatial, terms)` and adds
     /// `weight * dL_spatial / dstudent` into `grads` (if given).
     ///
     /// `grids(b, t, s)` gives the (teacher grid, student grid) of image `b`
@@ -297,13 +299,11 @@ impl SereLoss {
     /// `0..2+L`), each `P` `(x, y)` points in the views' normalized
     /// coordinates, or `None` when the crops do not overlap. `P` may differ
     /// between pairs (13 x 13 global-global, 6 x 6 global-local).
-    #[allow(clippy::too_many_arguments)]
     pub fn spatial<'g, G>(
         &mut self,
         cfg: &SereLossConfig,
         shapes: &ViewShapes,
-        teacher: &[f32],
-        student: StudentViews,
+        (teacher, student): (&[f32], StudentViews),
         grids: G,
         weight: f32,
         grads: Option<StudentGrads>,
@@ -402,14 +402,14 @@ impl SereLoss {
         Ok(((total / terms as f64) as f32, terms))
     }
 
-    /// The channel relation loss: returns `(L_channel, terms)` and adds
+    /// The channel relation loss between the (teacher, student) features:
+    /// returns `(L_channel, terms)` and adds
     /// `weight * dL_channel / dstudent` into `grads` (if given).
     pub fn channel(
         &mut self,
         cfg: &SereLossConfig,
         shapes: &ViewShapes,
-        teacher: &[f32],
-        student: StudentViews,
+        (teacher, student): (&[f32], StudentViews),
         weight: f32,
         grads: Option<StudentGrads>,
     ) -> Result<(f32, usize)> {
@@ -487,8 +487,7 @@ impl SereLoss {
         let (spatial, spatial_terms) = self.spatial(
             cfg,
             shapes,
-            inputs.teacher_spatial,
-            inputs.student_spatial,
+            (inputs.teacher_spatial, inputs.student_spatial),
             grids,
             weights.0,
             gs,
@@ -496,8 +495,7 @@ impl SereLoss {
         let (channel, channel_terms) = self.channel(
             cfg,
             shapes,
-            inputs.teacher_channel,
-            inputs.student_channel,
+            (inputs.teacher_channel, inputs.student_channel),
             weights.1,
             gc,
         )?;
@@ -514,27 +512,27 @@ impl SereLoss {
 pub const DINO_CENTRE_MOMENTUM: f32 = 0.9;
 
 /// The DINO loss of one step: student logits `[V][B][K]`, teacher logits
-/// `[2][B][K]` (the global views). Adds `scale * dL/dstudent` into
-/// `grad_student`, then updates `centre` (`K`) with the teacher outputs
-/// (`c = m c + (1 - m) mean(teacher)`, `m = centre_momentum`, 0.9 in DINO).
-/// The loss uses the centre from before the update, as DINO does. Returns
-/// the loss.
-#[allow(clippy::too_many_arguments)]
+/// `[2][B][K]` (the global views), shaped by `a`. Adds `a.weight *
+/// dL/dstudent` into `grad_student`, then updates `centre` (`K`) with the
+/// teacher outputs (`c = m c + (1 - m) mean(teacher)`, `m =
+/// a.centre_momentum`, 0.9 in DINO). The loss uses the centre from before
+/// the update, as DINO does. Returns the loss.
 pub fn dino_loss_step(
-    student: &[f32],
-    teacher: &[f32],
+    (student, teacher): (&[f32], &[f32]),
     centre: &mut [f32],
-    views: usize,
-    batch: usize,
-    tau_student: f32,
-    tau_teacher: f32,
-    scale: f32,
-    centre_momentum: f32,
+    a: DinoLossArgs,
     grad_student: &mut [f32],
 ) -> Result<f32> {
-    let dim = centre.len();
+    if centre.len() != a.dim {
+        return Err(Error::ShapeMismatch {
+            what: "DINO centre",
+            expected: a.dim,
+            got: centre.len(),
+        });
+    }
+    let (batch, dim) = (a.batch, a.dim);
     let shape = DinoShape {
-        student_views: views,
+        student_views: a.views,
         teacher_views: GLOBAL_VIEWS,
         batch,
         dim,
@@ -544,11 +542,17 @@ pub fn dino_loss_step(
         teacher,
         centre,
         shape,
-        tau_student,
-        tau_teacher,
-        scale,
+        a.tau_student,
+        a.tau_teacher,
+        a.weight,
         grad_student,
     )?;
-    dino_centre_update(teacher, GLOBAL_VIEWS * batch, dim, centre_momentum, centre)?;
+    dino_centre_update(
+        teacher,
+        GLOBAL_VIEWS * batch,
+        dim,
+        a.centre_momentum,
+        centre,
+    )?;
     Ok(loss)
 }

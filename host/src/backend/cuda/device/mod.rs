@@ -89,17 +89,15 @@ impl Cuda {
         f(grow(&self.gpu, &mut guard, n)?)
     }
 
-    /// The attention backward with `dp` (`dO V^T`) and `ds` (softmax
-    /// backward) scratch of `batch x heads x T x T` each.
-    #[allow(clippy::too_many_arguments)]
+    /// The attention backward from what the forward kept (`qkv`, `probs`),
+    /// with `dp` (`dO V^T`) and `ds` (softmax backward) scratch of `batch x
+    /// heads x T x T` each.
     fn attention_backward_in(
         &self,
-        qkv: &CudaView<'_, f32>,
-        probs: &CudaView<'_, f32>,
+        (qkv, probs): (&CudaView<'_, f32>, &CudaView<'_, f32>),
         dattn: &CudaView<'_, f32>,
         s: AttentionShape,
-        dp: &mut CudaViewMut<'_, f32>,
-        ds: &mut CudaViewMut<'_, f32>,
+        (dp, ds): (&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>),
         dqkv: &mut CudaViewMut<'_, f32>,
     ) -> OpResult {
         let g = &self.gpu;

@@ -539,7 +539,7 @@ impl Backend for Cuda {
         let mut run = |buf: &mut Buf| {
             let mut both = buf.slice_mut(..2 * need);
             let (mut dp, mut ds) = both.split_at_mut(need);
-            self.attention_backward_in(&qkv, &probs, &dattn, s, &mut dp, &mut ds, &mut dqkv)
+            self.attention_backward_in((&qkv, &probs), &dattn, s, (&mut dp, &mut ds), &mut dqkv)
         };
         if dscores.len() >= 2 * need {
             run(dscores)
@@ -754,12 +754,13 @@ impl Backend for Cuda {
             g,
             w,
             terms,
-            teacher_spatial,
-            &student_spatial,
+            (teacher_spatial, &student_spatial),
             &mut dspatial,
             sp,
-            stats,
-            slot,
+            StatSlot {
+                stats: &mut *stats,
+                slot,
+            },
         )?;
         let cp = RelParams {
             tau_s: cfg.tau_student,
@@ -769,12 +770,13 @@ impl Backend for Cuda {
         channel_loss(
             g,
             w,
-            teacher_channel,
-            &student_channel,
+            (teacher_channel, &student_channel),
             &mut dchannel,
             cp,
-            stats,
-            slot + 1,
+            StatSlot {
+                stats,
+                slot: slot + 1,
+            },
         )?;
         Ok(terms)
     }

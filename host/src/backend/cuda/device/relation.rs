@@ -9,7 +9,7 @@ use crate::augment::BatchPairGrids;
 use crate::backend::relation::{ViewShapes, GLOBAL_VIEWS};
 #[cfg(doc)]
 use crate::backend::Backend;
-use crate::backend::{OpError, OpResult, StudentFeatureGrads, StudentFeatures};
+use crate::backend::{OpError, OpResult, StatSlot, StudentFeatureGrads, StudentFeatures};
 use sere_core::bilinear::SampleShape;
 use sere_cuda::{CudaError, CudaSlice, Gpu};
 
@@ -188,17 +188,14 @@ pub(super) struct RelParams {
 /// per side, the relation GEMMs, the fused cross-entropy (its mean over the
 /// pair's rows, weighted by `m / terms`, added into `stats[slot]`) and the
 /// gradient scattered back into the student map.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn spatial_loss(
     gpu: &Gpu,
     w: &mut RelBuffers,
     terms: usize,
-    teacher: &Buf,
-    student: &StudentFeatures<'_, Cuda>,
+    (teacher, student): (&Buf, &StudentFeatures<'_, Cuda>),
     grads: &mut StudentFeatureGrads<'_, Cuda>,
     rp: RelParams,
-    stats: &mut Buf,
-    slot: usize,
+    StatSlot { stats, slot }: StatSlot<'_, Buf>,
 ) -> OpResult {
     if terms == 0 {
         return Ok(());
@@ -283,16 +280,13 @@ pub(super) fn spatial_loss(
 /// other than itself, three batched relation GEMMs, one fused
 /// cross-entropy per (student view, teacher view) (each mean weighted by
 /// `B / terms` into `stats[slot]`), two relation backwards.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn channel_loss(
     gpu: &Gpu,
     w: &mut RelBuffers,
-    teacher: &Buf,
-    student: &StudentFeatures<'_, Cuda>,
+    (teacher, student): (&Buf, &StudentFeatures<'_, Cuda>),
     grads: &mut StudentFeatureGrads<'_, Cuda>,
     rp: RelParams,
-    stats: &mut Buf,
-    slot: usize,
+    StatSlot { stats, slot }: StatSlot<'_, Buf>,
 ) -> OpResult {
     let sh = w.shape;
     let (b, l, c) = (sh.batch, sh.locals, sh.c);

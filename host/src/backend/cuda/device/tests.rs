@@ -456,10 +456,7 @@ fn dino_loss_matches_the_cpu() {
     let (c0, g0) = (data(dim, 29), data(views * batch * dim, 30));
     let (mut c_cpu, mut g_cpu) = (c0.clone(), g0.clone());
     let entropy = sere_core::loss::teacher_entropy(&t, &c0, 2 * batch, dim, 0.04).unwrap();
-    let loss = dino_loss_step(
-        &s, &t, &mut c_cpu, views, batch, 0.1, 0.04, 0.7, 0.9, &mut g_cpu,
-    )
-    .unwrap();
+    let loss = dino_loss_step((&s, &t), &mut c_cpu, a, &mut g_cpu).unwrap();
     let (mut cd, mut gd) = (up(&dev, &c0), up(&dev, &g0));
     let mut stats = up(&dev, &[5.0; 4]);
     let td = up(&dev, &t);
