@@ -6,7 +6,7 @@ use super::{Buf, Cuda, CudaScratch, RelationWorkspace};
 use crate::augment::BatchPairGrids;
 use crate::backend::cpu;
 use crate::backend::cpu::relation_loss::{
-    dino_loss_step, SereGrads, SereInputs, SereLoss, SereLossConfig, StudentGrads, StudentViews,
+    SereGrads, SereInputs, SereLoss, SereLossConfig, StudentGrads, StudentViews,
 };
 use crate::backend::relation::ViewShapes;
 use crate::backend::{
@@ -41,12 +41,12 @@ fn saved<'a>(y: &'a Buf, norms: &'a Buf) -> L2Saved<'a, Buf> {
     L2Saved { y, norms }
 }
 
-fn up(dev: &Cuda, v: &[f32]) -> Buf {
-    dev.upload(v).expect("upload")
+fn up<B: Backend>(be: &B, v: &[f32]) -> B::Buf {
+    be.upload(v).expect("upload")
 }
 
-fn down(dev: &Cuda, b: &Buf) -> Vec<f32> {
-    dev.download(b).expect("download")
+fn down<B: Backend>(be: &B, b: &B::Buf) -> Vec<f32> {
+    be.download(b).expect("download")
 }
 
 #[test]
@@ -439,6 +439,69 @@ fn embed_tokens_and_backward_match_the_reference() {
     close("demb", &down(&dev, &demb), &demb_ref, 1e-6);
 }
 
+/// The logits, starting centre and gradient of a centred-teacher loss.
+struct TeacherLossCase {
+    student: Vec<f32>,
+    teacher: Vec<f32>,
+    centre: Vec<f32>,
+    dstudent: Vec<f32>,
+}
+
+impl TeacherLossCase {
+    fn new((student, teacher, dim): (usize, usize, usize), seed: u64) -> Self {
+        TeacherLossCase {
+            student: data(student, seed),
+            teacher: data(teacher, seed + 1),
+            centre: data(dim, seed + 2),
+            dstudent: data(student, seed + 3),
+        }
+    }
+
+    /// Runs `loss` on `be` from this start, writing the statistics from
+    /// slot 1 of a 4-slot buffer of 5s; returns the statistics, the
+    /// student's gradient and the updated centre.
+    fn run_on<B: Backend>(
+        &self,
+        be: &B,
+        loss: impl FnOnce(&B, &B::Buf, CentredTeacher<'_, B::Buf>, &mut B::Buf, StatSlot<'_, B::Buf>),
+    ) -> [Vec<f32>; 3] {
+        let (mut centre, mut dstudent) = (up(be, &self.centre), up(be, &self.dstudent));
+        let (mut stats, teacher) = (up(be, &[5.0; 4]), up(be, &self.teacher));
+        let centred = CentredTeacher {
+            logits: &teacher,
+            centre: &mut centre,
+        };
+        let report = StatSlot {
+            stats: &mut stats,
+            slot: 1,
+        };
+        loss(be, &up(be, &self.student), centred, &mut dstudent, report);
+        [down(be, &stats), down(be, &dstudent), down(be, &centre)]
+    }
+
+    /// `run_on` the CPU and the device, compared.
+    fn check<F, G>(&self, dev: &Cuda, on_cpu: F, on_device: G)
+    where
+        F: FnOnce(
+            &Cpu,
+            &Vec<f32>,
+            CentredTeacher<'_, Vec<f32>>,
+            &mut Vec<f32>,
+            StatSlot<'_, Vec<f32>>,
+        ),
+        G: FnOnce(&Cuda, &Buf, CentredTeacher<'_, Buf>, &mut Buf, StatSlot<'_, Buf>),
+    {
+        let want = self.run_on(&Cpu, on_cpu);
+        let got = self.run_on(dev, on_device);
+        for ((what, tol), (g, w)) in [("stats", 1e-5), ("dstudent", 1e-5), ("centre", 1e-6)]
+            .into_iter()
+            .zip(got.iter().zip(&want))
+        {
+            close(what, g, w, tol);
+        }
+    }
+}
+
 #[test]
 fn dino_loss_matches_the_cpu() {
     let Some(dev) = device() else { return };
@@ -452,32 +515,12 @@ fn dino_loss_matches_the_cpu() {
         weight: 0.7,
         centre_momentum: 0.9,
     };
-    let (s, t) = (data(views * batch * dim, 27), data(2 * batch * dim, 28));
-    let (c0, g0) = (data(dim, 29), data(views * batch * dim, 30));
-    let (mut c_cpu, mut g_cpu) = (c0.clone(), g0.clone());
-    let entropy = sere_core::loss::teacher_entropy(&t, &c0, 2 * batch, dim, 0.04).unwrap();
-    let loss = dino_loss_step((&s, &t), &mut c_cpu, a, &mut g_cpu).unwrap();
-    let (mut cd, mut gd) = (up(&dev, &c0), up(&dev, &g0));
-    let mut stats = up(&dev, &[5.0; 4]);
-    let td = up(&dev, &t);
-    let teacher = CentredTeacher {
-        logits: &td,
-        centre: &mut cd,
-    };
-    let report = StatSlot {
-        stats: &mut stats,
-        slot: 1,
-    };
-    dev.dino_loss(&up(&dev, &s), teacher, a, &mut gd, report)
-        .unwrap();
-    close(
-        "stats",
-        &down(&dev, &stats),
-        &[5.0, loss, entropy, 5.0],
-        1e-5,
+    let case = TeacherLossCase::new((views * batch * dim, 2 * batch * dim, dim), 27);
+    case.check(
+        &dev,
+        |be, s, t, g, r| be.dino_loss(s, t, a, g, r).unwrap(),
+        |be, s, t, g, r| be.dino_loss(s, t, a, g, r).unwrap(),
     );
-    close("dstudent", &down(&dev, &gd), &g_cpu, 1e-5);
-    close("centre", &down(&dev, &cd), &c_cpu, 1e-6);
 }
 
 #[test]
@@ -496,34 +539,13 @@ fn mim_loss_matches_the_cpu() {
     let masks: Vec<bool> = (0..rows).map(|r| r % 4 == 1 && r >= patches).collect();
     let mut w = vec![0.0; rows];
     sere_core::loss::masked_patch_weights(&masks, patches, &mut w).unwrap();
-    let (s, t) = (data(rows * dim, 31), data(rows * dim, 32));
-    let (c0, g0) = (data(dim, 33), data(rows * dim, 34));
-    let run = |be_c: &mut Vec<f32>, be_g: &mut Vec<f32>, stats: &mut Vec<f32>| {
-        let teacher = CentredTeacher {
-            logits: &t,
-            centre: be_c,
-        };
-        let report = StatSlot { stats, slot: 1 };
-        Cpu.mim_loss(&s, teacher, &w, a, be_g, report).unwrap()
-    };
-    let (mut c_cpu, mut g_cpu, mut st_cpu) = (c0.clone(), g0.clone(), vec![5.0; 3]);
-    run(&mut c_cpu, &mut g_cpu, &mut st_cpu);
-    let (mut cd, mut gd) = (up(&dev, &c0), up(&dev, &g0));
-    let mut stats = up(&dev, &[5.0; 4]);
-    let td = up(&dev, &t);
-    let teacher = CentredTeacher {
-        logits: &td,
-        centre: &mut cd,
-    };
-    let report = StatSlot {
-        stats: &mut stats,
-        slot: 1,
-    };
-    dev.mim_loss(&up(&dev, &s), teacher, &up(&dev, &w), a, &mut gd, report)
-        .unwrap();
-    close("stats", &down(&dev, &stats), &st_cpu, 1e-5);
-    close("dstudent", &down(&dev, &gd), &g_cpu, 1e-5);
-    close("centre", &down(&dev, &cd), &c_cpu, 1e-6);
+    let case = TeacherLossCase::new((rows * dim, rows * dim, dim), 31);
+    let wd = up(&dev, &w);
+    case.check(
+        &dev,
+        |be, s, t, g, r| be.mim_loss(s, t, &w, a, g, r).unwrap(),
+        |be, s, t, g, r| be.mim_loss(s, t, &wd, a, g, r).unwrap(),
+    );
 }
 
 /// Grids of one pair: `p = hs * ws` points per image in `[-0.9, 0.9]`.
