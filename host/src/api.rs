@@ -109,8 +109,7 @@ impl<B: Backend> Model<B> {
             let f =
                 self.emb
                     .features(px, chunk.len_of(Axis(0)), FeatureSpec::default(), &mut acts)?;
-            let shape = rows.raw_dim();
-            rows.assign(&Array2::from_shape_vec(shape, f).expect("n x dim"));
+            rows.assign(&f);
         }
         Ok(out)
     }
@@ -221,7 +220,7 @@ mod tests {
             .emb
             .features(x.as_slice().unwrap(), 3, FeatureSpec::default(), &mut acts)
             .unwrap();
-        assert_eq!(f.as_slice().unwrap(), &want[..]);
+        assert_eq!(f, want);
         // A non-standard view (every other image, reversed) gives those rows.
         let picked = x.slice(s![..;-2, .., .., ..]);
         let g = m.embed(picked).unwrap();

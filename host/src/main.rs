@@ -434,10 +434,9 @@ fn run_knn(args: &KnnArgs) -> Result<(), SereError> {
             file.display(),
             dump.train_labels.len(),
             dump.test_labels.len(),
-            dump.dim
+            dump.dim()
         );
-        print_knn_scores(args, &dump);
-        return Ok(());
+        return print_knn_scores(args, &dump);
     }
     if let Some(out) = &args.dump_features {
         // Before the extraction, not after it: nothing is replaced.
@@ -487,7 +486,6 @@ fn knn_on<B: Backend>(
         train_labels: train_l,
         test_features: test_f,
         test_labels: test_l,
-        dim: spec.dim(emb.dim()),
         num_classes: data.num_classes(),
         features: name,
         provenance: vec![
@@ -500,20 +498,19 @@ fn knn_on<B: Backend>(
         dump.save(out)?;
         eprintln!("features saved to {}", out.display());
     }
-    print_knn_scores(args, &dump);
+    print_knn_scores(args, &dump)?;
     if args.pixels {
-        let (tr, trl, te, tel, d) =
+        let ((tr, trl), (te, tel)) =
             features::pixel_baseline(&data.train, test, emb.config().img, batch)?;
         let scores = knn::weighted_knn(
-            &tr,
+            tr.view(),
             &trl,
-            &te,
+            te.view(),
             &tel,
-            d,
             &args.k,
             args.temperature as f32,
             data.num_classes(),
-        );
+        )?;
         for s in &scores {
             print_knn("pixels", args.temperature, (trl.len(), tel.len()), s);
         }
@@ -522,21 +519,21 @@ fn knn_on<B: Backend>(
 }
 
 /// The k-NN lines of features extracted now or loaded from a dump.
-fn print_knn_scores(args: &KnnArgs, d: &FeatureDump) {
+fn print_knn_scores(args: &KnnArgs, d: &FeatureDump) -> Result<(), SereError> {
     let scores = knn::weighted_knn(
-        &d.train_features,
+        d.train_features.view(),
         &d.train_labels,
-        &d.test_features,
+        d.test_features.view(),
         &d.test_labels,
-        d.dim,
         &args.k,
         args.temperature as f32,
         d.num_classes,
-    );
+    )?;
     let sizes = (d.train_labels.len(), d.test_labels.len());
     for s in &scores {
         print_knn_from(&d.features, args.temperature, sizes, s, &d.provenance);
     }
+    Ok(())
 }
 
 /// The features' name in the output lines: `teacher_cls...`, or
@@ -638,24 +635,22 @@ fn linear_on<B: Backend>(
         // Before the probe, which standardises the features in place.
         let (k, t) = (20, 0.07);
         let scores = knn::weighted_knn(
-            &train_f,
+            train_f.view(),
             &train_l,
-            &test_f,
+            test_f.view(),
             &test_l,
-            spec.dim(emb.dim()),
             &[k],
             t as f32,
             classes,
-        );
+        )?;
         print_knn(&name, t, (train_l.len(), test_l.len()), &scores[0]);
     }
     let started = Instant::now();
     let r = linear::evaluate(
-        &mut train_f,
+        train_f.view_mut(),
         &train_l,
-        &mut test_f,
+        test_f.view_mut(),
         &test_l,
-        spec.dim(emb.dim()),
         classes,
         &cfg,
     )?;
@@ -670,11 +665,11 @@ fn linear_on<B: Backend>(
     save_probe(args, &r, &name, &cfg, data_name)?;
     if args.pixels {
         let started = Instant::now();
-        let (mut tr, trl, mut te, tel, d) =
+        let ((mut tr, trl), (mut te, tel)) =
             features::pixel_baseline(&data.train, test, emb.config().img, batch)?;
         let embed_s = started.elapsed().as_secs_f64();
         let started = Instant::now();
-        let r = linear::evaluate(&mut tr, &trl, &mut te, &tel, d, classes, &cfg)?;
+        let r = linear::evaluate(tr.view_mut(), &trl, te.view_mut(), &tel, classes, &cfg)?;
         print_linear("pixels", &cfg, &r, (trl.len(), tel.len()), embed_s, started);
     }
     Ok(())
@@ -705,11 +700,11 @@ fn linear_augmented<B: Backend>(
     let (test_f, test_l) = emb.embed(test, batch, spec)?;
     let d = spec.dim(emb.dim());
     let r = linear::ProbeReport {
-        top1: fit.probe.accuracy(&test_f, &test_l),
-        train_top1: fit.probe.accuracy(&train_f, &train_l),
+        top1: fit.probe.accuracy(test_f.view(), &test_l)?,
+        train_top1: fit.probe.accuracy(train_f.view(), &train_l)?,
         fit,
-        mean: vec![0.0; d],
-        inv_std: vec![1.0; d],
+        mean: ndarray::Array1::zeros(d),
+        inv_std: ndarray::Array1::ones(d),
     };
     let sizes = (train_l.len(), test_l.len());
     print_linear(&format!("{name}_augmented"), &cfg, &r, sizes, 0.0, started);
@@ -770,7 +765,7 @@ fn score_saved_probe<B: Backend>(
         )));
     }
     let (mut x, y) = emb.embed_reporting(test, batch, spec, "test")?;
-    let top1 = saved.accuracy(&mut x, &y)?;
+    let top1 = saved.accuracy(x.view_mut(), &y)?;
     println!(
         "{{\"metric\":\"linear_top1\",\"features\":\"{name}\",\"probe\":{},\"test\":{},\"top1\":{top1:.4}}}",
         serde_json::Value::from(file.display().to_string()),

@@ -3,6 +3,8 @@
 //! token by default, or DINO's linear-evaluation variants (CLS tokens of the
 //! last blocks, pooled patch tokens), chosen by [`FeatureSpec`].
 
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
+
 use crate::backend::{Backend, OpError};
 use crate::checkpoint::Checkpoint;
 use crate::config::TrainConfig;
@@ -239,38 +241,81 @@ impl<B: Backend> Embedder<B> {
         }
     }
 
-    /// L2-normalised features (`len x spec.dim(dim)`) and labels of a split,
-    /// images resized to the training crop size.
+    /// L2-normalised features (`len x spec.dim(dim)`, a row per image) and
+    /// labels of a split, images resized to the training crop size.
+    ///
+    /// ```rust
+    /// use sere_host::backend::Cpu;
+    /// use sere_host::data::DataSpec;
+    /// use sere_host::eval::features::{Embedder, FeatureSpec};
+    /// # let cfg = sere_host::config::TrainConfig { dim: 16, depth: 1, heads: 2, img: 16,
+    /// #     local_img: 8, out_dim: 32, head_hidden: 16, bottleneck: 8,
+    /// #     ..sere_host::config::TrainConfig::default() };
+    /// let emb = Embedder::random_init(Cpu, &cfg)?;
+    /// let data = DataSpec::parse("synthetic:size=16,train=6,test=0")?.open()?;
+    /// let (f, labels) = emb.embed(&data.train, 4, FeatureSpec::default())?;
+    /// assert_eq!(f.dim(), (6, 16));
+    /// assert_eq!(labels.len(), 6);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn embed(
         &self,
         split: &Split,
         batch: usize,
         spec: FeatureSpec,
-    ) -> Result<(Vec<f32>, Vec<u32>), SereError> {
+    ) -> Result<(Array2<f32>, Vec<u32>), SereError> {
         self.backbone().embed(split, batch, spec)
     }
 
     /// L2-normalised features (`n x spec.dim(dim)`) of `n` prepared images
     /// (`[n][3][S][S]`, normalised), `acts` the reusable activations.
+    ///
+    /// ```rust
+    /// use sere_host::backend::Cpu;
+    /// use sere_host::eval::features::{Embedder, FeatureSpec};
+    /// # let cfg = sere_host::config::TrainConfig { dim: 16, depth: 1, heads: 2, img: 16,
+    /// #     local_img: 8, out_dim: 32, head_hidden: 16, bottleneck: 8,
+    /// #     ..sere_host::config::TrainConfig::default() };
+    /// let emb = Embedder::random_init(Cpu, &cfg)?;
+    /// let images = vec![0.5f32; 2 * 3 * 16 * 16];
+    /// let spec = FeatureSpec { avgpool: true, ..FeatureSpec::default() };
+    /// let f = emb.features(&images, 2, spec, &mut None)?;
+    /// assert_eq!(f.dim(), (2, 2 * 16));
+    /// # Ok::<(), sere_host::error::SereError>(())
+    /// ```
     pub fn features(
         &self,
         images: &[f32],
         n: usize,
         spec: FeatureSpec,
         acts: &mut Option<VitActs<B>>,
-    ) -> Result<Vec<f32>, SereError> {
+    ) -> Result<Array2<f32>, SereError> {
         self.backbone().features(images, n, spec, acts)
     }
 
     /// [`Embedder::embed`] saying on stderr how far it got (every tenth of
     /// the split, as `label`), for the commands a person waits on.
+    ///
+    /// ```rust
+    /// use sere_host::backend::Cpu;
+    /// use sere_host::data::DataSpec;
+    /// use sere_host::eval::features::{Embedder, FeatureSpec};
+    /// # let cfg = sere_host::config::TrainConfig { dim: 16, depth: 1, heads: 2, img: 16,
+    /// #     local_img: 8, out_dim: 32, head_hidden: 16, bottleneck: 8,
+    /// #     ..sere_host::config::TrainConfig::default() };
+    /// let emb = Embedder::random_init(Cpu, &cfg)?;
+    /// let data = DataSpec::parse("synthetic:size=16,train=3,test=0")?.open()?;
+    /// let (f, _) = emb.embed_reporting(&data.train, 2, FeatureSpec::default(), "train")?;
+    /// assert_eq!(f.nrows(), 3);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn embed_reporting(
         &self,
         split: &Split,
         batch: usize,
         spec: FeatureSpec,
         label: &str,
-    ) -> Result<(Vec<f32>, Vec<u32>), SereError> {
+    ) -> Result<(Array2<f32>, Vec<u32>), SereError> {
         self.backbone().embed_inner(split, batch, spec, Some(label))
     }
 }
@@ -310,33 +355,69 @@ impl<B: Backend> Backbone<'_, B> {
         let vit = &self.net.vit;
         vit.prepare_forward(self.be, acts, n, img)
             .map_err(device_error)?;
-        let acts = acts.as_mut().expect("prepared");
+        let acts = acts
+            .as_mut()
+            .ok_or_else(|| SereError::Other("the forward pass has no activations".into()))?;
         vit.forward(self.be, self.params, images, n, img, acts, None)
             .map_err(device_error)
     }
 
-    /// See [`Embedder::embed`].
+    /// See [`Embedder::embed`]: `len x spec.dim(dim)` features and labels.
+    ///
+    /// ```rust
+    /// use sere_host::backend::Cpu;
+    /// use sere_host::data::DataSpec;
+    /// use sere_host::eval::features::{Backbone, FeatureSpec};
+    /// use sere_host::train::network::SereNet;
+    /// # let cfg = sere_host::config::TrainConfig { dim: 16, depth: 1, heads: 2, img: 16,
+    /// #     local_img: 8, out_dim: 32, head_hidden: 16, bottleneck: 8,
+    /// #     ..sere_host::config::TrainConfig::default() };
+    /// let net = SereNet::new(&cfg);
+    /// let params = vec![0.01f32; net.layout.len()];
+    /// let backbone = Backbone { be: &Cpu, net: &net, params: &params, cfg: &cfg };
+    /// let data = DataSpec::parse("synthetic:size=16,train=5,test=0")?.open()?;
+    /// let (f, labels) = backbone.embed(&data.train, 2, FeatureSpec::default())?;
+    /// assert_eq!((f.dim(), labels.len()), ((5, 16), 5));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn embed(
         &self,
         split: &Split,
         batch: usize,
         spec: FeatureSpec,
-    ) -> Result<(Vec<f32>, Vec<u32>), SereError> {
+    ) -> Result<(Array2<f32>, Vec<u32>), SereError> {
         self.embed_inner(split, batch, spec, None)
     }
 
-    /// See [`Embedder::features`].
+    /// See [`Embedder::features`]: `n x spec.dim(dim)` features.
+    ///
+    /// ```rust
+    /// use sere_host::backend::Cpu;
+    /// use sere_host::eval::features::{Backbone, FeatureSpec};
+    /// use sere_host::train::network::SereNet;
+    /// # let cfg = sere_host::config::TrainConfig { dim: 16, depth: 1, heads: 2, img: 16,
+    /// #     local_img: 8, out_dim: 32, head_hidden: 16, bottleneck: 8,
+    /// #     ..sere_host::config::TrainConfig::default() };
+    /// let net = SereNet::new(&cfg);
+    /// let params = vec![0.01f32; net.layout.len()];
+    /// let backbone = Backbone { be: &Cpu, net: &net, params: &params, cfg: &cfg };
+    /// let f = backbone.features(&vec![0.1; 3 * 16 * 16], 1, FeatureSpec::default(), &mut None)?;
+    /// assert_eq!(f.dim(), (1, 16));
+    /// # Ok::<(), sere_host::error::SereError>(())
+    /// ```
     pub fn features(
         &self,
         images: &[f32],
         n: usize,
         spec: FeatureSpec,
         acts: &mut Option<VitActs<B>>,
-    ) -> Result<Vec<f32>, SereError> {
+    ) -> Result<Array2<f32>, SereError> {
         spec.check(self.cfg.depth, self.cfg.img / self.cfg.patch)?;
         self.forward(images, n, acts)?;
-        let acts = acts.as_ref().expect("forward shaped it");
-        let mut f = self
+        let acts = acts
+            .as_ref()
+            .ok_or_else(|| SereError::Other("the forward pass left no activations".into()))?;
+        let f = self
             .net
             .vit
             .eval_features(
@@ -348,7 +429,8 @@ impl<B: Backend> Backbone<'_, B> {
                 spec.patch_grid,
             )
             .map_err(device_error)?;
-        super::knn::l2_normalize_rows(&mut f, spec.dim(self.cfg.dim));
+        let mut f = rows_of(f, spec.dim(self.cfg.dim))?;
+        super::knn::l2_normalize_rows(f.view_mut());
         Ok(f)
     }
 
@@ -358,7 +440,7 @@ impl<B: Backend> Backbone<'_, B> {
         batch: usize,
         spec: FeatureSpec,
         progress: Option<&str>,
-    ) -> Result<(Vec<f32>, Vec<u32>), SereError> {
+    ) -> Result<(Array2<f32>, Vec<u32>), SereError> {
         spec.check(self.cfg.depth, self.cfg.img / self.cfg.patch)?;
         let started = std::time::Instant::now();
         let mut shown = 0;
@@ -373,7 +455,7 @@ impl<B: Backend> Backbone<'_, B> {
         for b in EvalBatches::new(split, transform, batch).map_err(SereError::data)? {
             let b = b.map_err(SereError::data)?;
             let f = self.features(&b.images, b.len(), spec, &mut acts)?;
-            feats.extend_from_slice(&f);
+            feats.extend(f.iter());
             labels.extend_from_slice(&b.labels);
             if let Some(label) = progress {
                 let tenth = labels.len() * 10 / split.len().max(1);
@@ -389,8 +471,16 @@ impl<B: Backend> Backbone<'_, B> {
                 }
             }
         }
-        Ok((feats, labels))
+        Ok((rows_of(feats, spec.dim(self.cfg.dim))?, labels))
     }
+}
+
+/// `values` as a matrix of rows of `width` (a typed error, not a panic,
+/// when they do not fill whole rows).
+fn rows_of(values: Vec<f32>, width: usize) -> Result<Array2<f32>, SereError> {
+    let rows = values.len().checked_div(width).unwrap_or(0);
+    Array2::from_shape_vec((rows, width), values)
+        .map_err(|e| SereError::Other(format!("features do not make rows of {width} values: {e}")))
 }
 
 /// A backend's error while embedding: a kernel's own error, or the device's.
@@ -402,14 +492,22 @@ fn device_error(e: OpError) -> SereError {
     }
 }
 
+/// Features and their labels, a row per image.
+pub type Labelled = (Array2<f32>, Vec<u32>);
+
 /// Raw-pixel features of a split (`len x 3 S^2`, normalised images) and
 /// labels: the baseline a learned representation has to beat. Centre them
 /// with [`centre_and_normalize`] using the training mean.
-pub fn pixel_features(
-    split: &Split,
-    img: usize,
-    batch: usize,
-) -> Result<(Vec<f32>, Vec<u32>), SereError> {
+///
+/// ```rust
+/// use sere_host::data::DataSpec;
+/// use sere_host::eval::features::pixel_features;
+/// let data = DataSpec::parse("synthetic:size=8,train=5,test=0")?.open()?;
+/// let (f, labels) = pixel_features(&data.train, 8, 2)?;
+/// assert_eq!((f.dim(), labels.len()), ((5, 3 * 8 * 8), 5));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn pixel_features(split: &Split, img: usize, batch: usize) -> Result<Labelled, SereError> {
     let mut feats = Vec::with_capacity(split.len() * 3 * img * img);
     let mut labels = Vec::with_capacity(split.len());
     for b in EvalBatches::new(split, EvalTransform::new(img), batch).map_err(SereError::data)? {
@@ -417,46 +515,81 @@ pub fn pixel_features(
         feats.extend_from_slice(&b.images);
         labels.extend_from_slice(&b.labels);
     }
-    Ok((feats, labels))
+    Ok((rows_of(feats, 3 * img * img)?, labels))
 }
 
 /// Raw-pixel features of a training and a test split at `img` px, centred
-/// with the training mean and L2-normalised: `(train, train labels, test,
-/// test labels, width)`, the baseline `eval knn --pixels` and
-/// `eval linear --pixels` report.
-#[allow(clippy::type_complexity)]
+/// with the training mean and L2-normalised, with their labels: the
+/// baseline `eval knn --pixels` and `eval linear --pixels` report.
+///
+/// ```rust
+/// use sere_host::data::DataSpec;
+/// use sere_host::eval::features::pixel_baseline;
+/// let data = DataSpec::parse("synthetic:size=8,train=6,test=3")?.open()?;
+/// let test = data.test.as_ref().expect("a test split");
+/// let ((tr, trl), (te, tel)) = pixel_baseline(&data.train, test, 8, 4)?;
+/// assert_eq!((tr.dim(), te.dim()), ((6, 192), (3, 192)));
+/// assert_eq!((trl.len(), tel.len()), (6, 3));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn pixel_baseline(
     train: &Split,
     test: &Split,
     img: usize,
     batch: usize,
-) -> Result<(Vec<f32>, Vec<u32>, Vec<f32>, Vec<u32>, usize), SereError> {
+) -> Result<(Labelled, Labelled), SereError> {
     let (mut tr, trl) = pixel_features(train, img, batch)?;
     let (mut te, tel) = pixel_features(test, img, batch)?;
-    let d = 3 * img * img;
-    let mean = column_mean(&tr, d);
-    centre_and_normalize(&mut tr, &mean);
-    centre_and_normalize(&mut te, &mean);
-    Ok((tr, trl, te, tel, d))
+    let mean = column_mean(tr.view());
+    centre_and_normalize(tr.view_mut(), mean.view())?;
+    centre_and_normalize(te.view_mut(), mean.view())?;
+    Ok(((tr, trl), (te, tel)))
 }
 
 /// Subtracts `mean` (one row) from every row of `feats`, then L2-normalises
-/// the rows.
-pub fn centre_and_normalize(feats: &mut [f32], mean: &[f32]) {
-    let d = mean.len();
-    for row in feats.chunks_exact_mut(d) {
+/// the rows; a `mean` of another width than the rows is an error.
+///
+/// ```rust
+/// use ndarray::{array, Array2};
+/// use sere_host::eval::features::centre_and_normalize;
+/// let mut f: Array2<f32> = array![[4.0, 1.0], [1.0, 4.0]];
+/// centre_and_normalize(f.view_mut(), array![1.0, 1.0].view())?;
+/// assert_eq!(f, array![[1.0, 0.0], [0.0, 1.0]]);
+/// assert!(centre_and_normalize(f.view_mut(), array![1.0].view()).is_err());
+/// # Ok::<(), sere_host::error::SereError>(())
+/// ```
+pub fn centre_and_normalize(
+    mut feats: ArrayViewMut2<f32>,
+    mean: ArrayView1<f32>,
+) -> Result<(), SereError> {
+    if mean.len() != feats.ncols() {
+        return Err(SereError::Other(format!(
+            "a mean of {} columns cannot centre features of {}",
+            mean.len(),
+            feats.ncols()
+        )));
+    }
+    for mut row in feats.rows_mut() {
         for (v, &m) in row.iter_mut().zip(mean) {
             *v -= m;
         }
     }
-    super::knn::l2_normalize_rows(feats, d);
+    super::knn::l2_normalize_rows(feats);
+    Ok(())
 }
 
-/// Column means of `rows x d` features.
-pub fn column_mean(feats: &[f32], d: usize) -> Vec<f32> {
-    let mut mean = vec![0.0f64; d];
-    let rows = feats.len() / d.max(1);
-    for row in feats.chunks_exact(d) {
+/// Column means of `rows x d` features (summed in f64, row by row).
+///
+/// ```rust
+/// use ndarray::array;
+/// use sere_host::eval::features::column_mean;
+/// let m = column_mean(array![[1.0f32, 2.0], [3.0, 6.0]].view());
+/// assert_eq!(m, array![2.0, 4.0]);
+/// ```
+pub fn column_mean(feats: ArrayView2<f32>) -> Array1<f32> {
+    let mut mean = vec![0.0f64; feats.ncols()];
+    let rows = feats.len_of(Axis(0));
+    for row in feats.rows() {
         for (m, &v) in mean.iter_mut().zip(row) {
             *m += v as f64;
         }

@@ -10,6 +10,7 @@
 //! inside an optimisation loop.
 
 use crate::backend::cpu::gemm;
+use ndarray::{Array1, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2};
 use rayon::prelude::*;
 use sere_core::linalg::MatRef;
 
@@ -112,6 +113,9 @@ struct Lane {
 pub struct Workspace {
     lanes: Vec<Lane>,
     block: usize,
+    /// The parameter count it was made for (`classes x (dim + 1)`).
+    params: usize,
+    classes: usize,
 }
 
 impl Workspace {
@@ -126,94 +130,112 @@ impl Workspace {
                 loss: 0.0,
             })
             .collect();
-        Workspace { lanes, block }
+        Workspace {
+            lanes,
+            block,
+            params: classes * (dim + 1),
+            classes,
+        }
+    }
+
+    /// Scratch for `batch` (its rows, width and classes).
+    pub fn for_batch(batch: &ProbeBatch<'_>) -> Self {
+        Self::new(batch.y.len(), batch.dim, batch.classes)
     }
 }
 
-/// Training objective at `params` over the rows of `x` (`y.len() x dim`)
-/// and its gradient (written to `grad`, same layout as the parameters).
-/// Panics when the sizes disagree or a label is not below `classes`
-/// ([`fit`] and [`evaluate`] check their inputs first).
-#[allow(clippy::too_many_arguments)]
-pub fn loss_grad(
-    x: &[f32],
-    y: &[u32],
+/// Labelled rows the probe's objective is evaluated on, checked once: `x`
+/// (`y.len() x dim`, standard layout, read in place) and labels below
+/// `classes`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeBatch<'a> {
+    x: &'a [f32],
+    y: &'a [u32],
     dim: usize,
     classes: usize,
+}
+
+impl<'a> ProbeBatch<'a> {
+    /// The rows of `x` labelled `y`; an error when the counts differ, a
+    /// label is not below `classes` (at least 1), or `x` is not in standard
+    /// layout (make it so with `as_standard_layout`).
+    ///
+    /// ```rust
+    /// use ndarray::array;
+    /// use sere_host::eval::linear::ProbeBatch;
+    /// let x = array![[1.0f32, 0.0], [0.0, 1.0]];
+    /// let batch = ProbeBatch::new(x.view(), &[0, 1], 2)?;
+    /// assert_eq!((batch.rows(), batch.dim()), (2, 2));
+    /// assert!(ProbeBatch::new(x.view(), &[0, 2], 2).is_err());
+    /// assert!(ProbeBatch::new(x.t(), &[0, 1], 2).is_err());
+    /// # Ok::<(), sere_host::error::SereError>(())
+    /// ```
+    pub fn new(x: ArrayView2<'a, f32>, y: &'a [u32], classes: usize) -> Result<Self, SereError> {
+        let fail = |m: String| Err(SereError::Other(format!("linear probe: {m}")));
+        if x.nrows() != y.len() {
+            return fail(format!("{} feature rows but {} labels", x.nrows(), y.len()));
+        }
+        if classes == 0 {
+            return fail("needs at least one class".into());
+        }
+        if let Some(l) = y.iter().find(|&&l| l as usize >= classes) {
+            return fail(format!("label {l}, but there are {classes} classes"));
+        }
+        let dim = x.ncols();
+        let Some(x) = x.to_slice() else {
+            return fail("features not in standard (row-major) layout".into());
+        };
+        Ok(ProbeBatch { x, y, dim, classes })
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.y.len()
+    }
+
+    /// Feature width.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+}
+
+/// Training objective at `params` over `batch` and its gradient (written to
+/// `grad`, same layout as the parameters: `classes x (dim + 1)`); an error
+/// when `params`, `grad` or `ws` were made for another size.
+///
+/// ```rust
+/// use ndarray::array;
+/// use sere_host::eval::linear::{loss_grad, ProbeBatch, Workspace};
+/// let x = array![[1.0f32], [-1.0]];
+/// let batch = ProbeBatch::new(x.view(), &[1, 0], 2)?;
+/// let (params, mut grad) = (vec![0.0; 4], vec![0.0; 4]);
+/// let mut ws = Workspace::for_batch(&batch);
+/// let loss = loss_grad(&batch, 0.0, &params, &mut grad, &mut ws)?;
+/// assert!((loss - 2f64.ln()).abs() < 1e-6);
+/// assert!(loss_grad(&batch, 0.0, &params[..3], &mut grad, &mut ws).is_err());
+/// # Ok::<(), sere_host::error::SereError>(())
+/// ```
+pub fn loss_grad(
+    batch: &ProbeBatch<'_>,
     weight_decay: f32,
     params: &[f32],
     grad: &mut [f32],
     ws: &mut Workspace,
-) -> f64 {
-    let (n, c, d) = (y.len(), classes, dim);
-    assert_eq!(x.len(), n * d, "probe features have the wrong size");
-    assert_eq!(
-        params.len(),
-        c * (d + 1),
-        "probe parameters have the wrong size"
-    );
-    let block = ws.block;
-    let n_blocks = n.div_ceil(block);
-    let inv_n = 1.0 / n.max(1) as f32;
-    let (w, b) = params.split_at(c * d);
-    ws.lanes.par_iter_mut().enumerate().for_each(|(k, lane)| {
-        lane.grad.fill(0.0);
-        lane.loss = 0.0;
-        for blk in (k..n_blocks).step_by(LANES) {
-            let r0 = blk * block;
-            let rows = block.min(n - r0);
-            let z = &mut lane.logits[..rows * c];
-            let xm = MatRef::row_major(n, d);
-            let xb = MatRef { rows, ..xm }.at(r0 * d);
-            gemm(
-                1.0,
-                x,
-                xb,
-                w,
-                MatRef::row_major(c, d).transposed(),
-                0.0,
-                z,
-                MatRef::row_major(rows, c),
-            )
-            .expect("probe logits shapes");
-            for (zr, &label) in z.chunks_exact_mut(c).zip(&y[r0..r0 + rows]) {
-                let mut m = f32::NEG_INFINITY;
-                for (v, &bj) in zr.iter_mut().zip(b) {
-                    *v += bj;
-                    m = m.max(*v);
-                }
-                let zy = zr[label as usize];
-                let mut s = 0.0f32;
-                for v in zr.iter_mut() {
-                    *v = (*v - m).exp();
-                    s += *v;
-                }
-                lane.loss += (s.ln() + m - zy) as f64;
-                let scale = inv_n / s;
-                for v in zr.iter_mut() {
-                    *v *= scale;
-                }
-                zr[label as usize] -= inv_n;
-            }
-            let (gw, gb) = lane.grad.split_at_mut(c * d);
-            gemm(
-                1.0,
-                z,
-                MatRef::row_major(rows, c).transposed(),
-                x,
-                xb,
-                1.0,
-                gw,
-                MatRef::row_major(c, d),
-            )
-            .expect("probe gradient shapes");
-            for zr in z.chunks_exact(c) {
-                for (g, &v) in gb.iter_mut().zip(zr) {
-                    *g += v;
-                }
-            }
-        }
-    });
+) -> Result<f64, SereError> {
+    let p = batch.classes * (batch.dim + 1);
+    if params.len() != p || grad.len() != p || ws.params != p || ws.classes != batch.classes {
+        return Err(SereError::Other(format!(
+            "linear probe: {} parameters, {} gradients and scratch for {} against {p} for \
+             {} classes of {} features",
+            params.len(),
+            grad.len(),
+            ws.params,
+            batch.classes,
+            batch.dim
+        )));
+    }
+    accumulate(batch, params, ws)?;
+    let (c, d, n) = (batch.classes, batch.dim, batch.rows());
     grad.fill(0.0);
     let mut loss = 0.0f64;
     for lane in &ws.lanes {
@@ -223,11 +245,89 @@ pub fn loss_grad(
         }
     }
     let mut sq = 0.0f64;
-    for (g, &wv) in grad[..c * d].iter_mut().zip(w) {
+    for (g, &wv) in grad[..c * d].iter_mut().zip(&params[..c * d]) {
         *g += weight_decay * wv;
         sq += (wv as f64) * (wv as f64);
     }
-    loss / n.max(1) as f64 + 0.5 * weight_decay as f64 * sq
+    Ok(loss / n.max(1) as f64 + 0.5 * weight_decay as f64 * sq)
+}
+
+/// Each lane's share of the loss and gradient (without the weight decay):
+/// blocks `k, k + LANES, ...` of rows go to lane `k`.
+fn accumulate(batch: &ProbeBatch<'_>, params: &[f32], ws: &mut Workspace) -> Result<(), SereError> {
+    let (x, y) = (batch.x, batch.y);
+    let (n, c, d) = (y.len(), batch.classes, batch.dim);
+    let block = ws.block;
+    let n_blocks = n.div_ceil(block);
+    let inv_n = 1.0 / n.max(1) as f32;
+    let (w, b) = params.split_at(c * d);
+    ws.lanes
+        .par_iter_mut()
+        .enumerate()
+        .try_for_each(|(k, lane)| {
+            lane.grad.fill(0.0);
+            lane.loss = 0.0;
+            for blk in (k..n_blocks).step_by(LANES) {
+                let r0 = blk * block;
+                let rows = block.min(n - r0);
+                let z = &mut lane.logits[..rows * c];
+                let xm = MatRef::row_major(n, d);
+                let xb = MatRef { rows, ..xm }.at(r0 * d);
+                gemm(
+                    1.0,
+                    x,
+                    xb,
+                    w,
+                    MatRef::row_major(c, d).transposed(),
+                    0.0,
+                    z,
+                    MatRef::row_major(rows, c),
+                )?;
+                softmax_residuals(z, &y[r0..r0 + rows], b, inv_n, &mut lane.loss);
+                let (gw, gb) = lane.grad.split_at_mut(c * d);
+                gemm(
+                    1.0,
+                    z,
+                    MatRef::row_major(rows, c).transposed(),
+                    x,
+                    xb,
+                    1.0,
+                    gw,
+                    MatRef::row_major(c, d),
+                )?;
+                for zr in z.chunks_exact(c) {
+                    for (g, &v) in gb.iter_mut().zip(zr) {
+                        *g += v;
+                    }
+                }
+            }
+            Ok::<(), SereError>(())
+        })
+}
+
+/// Turns a block's logits `z` (a row per label of `y`, biases `b` not yet
+/// added) into the cross-entropy's gradient `(softmax - onehot) / n`
+/// (`inv_n` = 1/n), adding each row's cross-entropy to `loss` in turn.
+fn softmax_residuals(z: &mut [f32], y: &[u32], b: &[f32], inv_n: f32, loss: &mut f64) {
+    for (zr, &label) in z.chunks_exact_mut(b.len()).zip(y) {
+        let mut m = f32::NEG_INFINITY;
+        for (v, &bj) in zr.iter_mut().zip(b) {
+            *v += bj;
+            m = m.max(*v);
+        }
+        let zy = zr[label as usize];
+        let mut s = 0.0f32;
+        for v in zr.iter_mut() {
+            *v = (*v - m).exp();
+            s += *v;
+        }
+        *loss += (s.ln() + m - zy) as f64;
+        let scale = inv_n / s;
+        for v in zr.iter_mut() {
+            *v *= scale;
+        }
+        zr[label as usize] -= inv_n;
+    }
 }
 
 impl LinearProbe {
@@ -240,70 +340,119 @@ impl LinearProbe {
         }
     }
 
-    /// Predicted class (arg-max logit, lowest index on ties) of every row.
-    pub fn predict(&self, x: &[f32]) -> Vec<u32> {
+    /// Predicted class (arg-max logit, lowest index on ties) of every row
+    /// of `x` (`rows x dim`, any layout: a copy is made of one not in
+    /// standard order); an error when the widths differ.
+    ///
+    /// ```rust
+    /// use ndarray::array;
+    /// use sere_host::eval::linear::LinearProbe;
+    /// // W = [[1, 0], [0, 1]], b = [0, 0]: the larger coordinate wins.
+    /// let probe = LinearProbe { dim: 2, classes: 2, params: vec![1.0, 0.0, 0.0, 1.0, 0.0, 0.0] };
+    /// assert_eq!(probe.predict(array![[2.0f32, 1.0], [0.0, 3.0]].view())?, [0, 1]);
+    /// assert!(probe.predict(array![[1.0f32]].view()).is_err());
+    /// # Ok::<(), sere_host::error::SereError>(())
+    /// ```
+    pub fn predict(&self, x: ArrayView2<f32>) -> Result<Vec<u32>, SereError> {
         let (c, d) = (self.classes, self.dim);
-        let (w, b) = self.params.split_at(c * d);
-        x.par_chunks(MAX_BLOCK * d)
-            .flat_map_iter(|xb| {
-                let rows = xb.len() / d;
-                let mut z = vec![0.0f32; rows * c];
-                gemm(
-                    1.0,
-                    xb,
-                    MatRef::row_major(rows, d),
-                    w,
-                    MatRef::row_major(c, d).transposed(),
-                    0.0,
-                    &mut z,
-                    MatRef::row_major(rows, c),
-                )
-                .expect("probe logits shapes");
-                let preds: Vec<u32> = z
-                    .chunks_exact(c)
-                    .map(|zr| {
-                        let mut best = 0;
-                        for j in 1..c {
-                            if zr[j] + b[j] > zr[best] + b[best] {
-                                best = j;
-                            }
-                        }
-                        best as u32
-                    })
-                    .collect();
-                preds
+        if x.ncols() != d || c == 0 || self.params.len() != c * (d + 1) {
+            return Err(SereError::Other(format!(
+                "linear probe of {c} classes x {d} features ({} parameters) cannot score \
+                 features of width {}",
+                self.params.len(),
+                x.ncols()
+            )));
+        }
+        let x = x.as_standard_layout();
+        let xs = x
+            .as_slice()
+            .ok_or_else(|| SereError::Other("linear probe: features not contiguous".into()))?;
+        let blocks: Result<Vec<Vec<u32>>, SereError> = (0..x.nrows().div_ceil(MAX_BLOCK))
+            .into_par_iter()
+            .map(|blk| {
+                let rows = MAX_BLOCK.min(x.nrows() - blk * MAX_BLOCK);
+                let r0 = blk * MAX_BLOCK * d;
+                self.predict_block(&xs[r0..r0 + rows * d], rows)
             })
-            .collect()
+            .collect();
+        Ok(blocks?.concat())
     }
 
-    /// Top-1 accuracy on `x` (`y.len() x dim`).
-    pub fn accuracy(&self, x: &[f32], y: &[u32]) -> f32 {
+    /// [`LinearProbe::predict`] of `rows` contiguous rows `xb`.
+    fn predict_block(&self, xb: &[f32], rows: usize) -> Result<Vec<u32>, SereError> {
+        let (c, d) = (self.classes, self.dim);
+        let (w, b) = self.params.split_at(c * d);
+        let mut z = vec![0.0f32; rows * c];
+        gemm(
+            1.0,
+            xb,
+            MatRef::row_major(rows, d),
+            w,
+            MatRef::row_major(c, d).transposed(),
+            0.0,
+            &mut z,
+            MatRef::row_major(rows, c),
+        )?;
+        let best = |zr: &[f32]| {
+            let mut best = 0;
+            for j in 1..c {
+                if zr[j] + b[j] > zr[best] + b[best] {
+                    best = j;
+                }
+            }
+            best as u32
+        };
+        Ok(z.chunks_exact(c).map(best).collect())
+    }
+
+    /// Top-1 accuracy on `x` (`y.len() x dim`); an error when the rows and
+    /// labels, or the widths, differ.
+    ///
+    /// ```rust
+    /// use ndarray::array;
+    /// use sere_host::eval::linear::LinearProbe;
+    /// let probe = LinearProbe { dim: 1, classes: 2, params: vec![-1.0, 1.0, 0.0, 0.0] };
+    /// let x = array![[1.0f32], [-1.0], [2.0]];
+    /// assert_eq!(probe.accuracy(x.view(), &[1, 0, 0])?, 2.0 / 3.0);
+    /// assert!(probe.accuracy(x.view(), &[1]).is_err());
+    /// # Ok::<(), sere_host::error::SereError>(())
+    /// ```
+    pub fn accuracy(&self, x: ArrayView2<f32>, y: &[u32]) -> Result<f32, SereError> {
+        if x.nrows() != y.len() {
+            return Err(SereError::Other(format!(
+                "linear probe: {} feature rows but {} labels",
+                x.nrows(),
+                y.len()
+            )));
+        }
         if y.is_empty() {
-            return 0.0;
+            return Ok(0.0);
         }
         let hits = self
-            .predict(x)
+            .predict(x)?
             .iter()
             .zip(y)
             .filter(|(p, l)| p == l)
             .count();
-        hits as f32 / y.len() as f32
+        Ok(hits as f32 / y.len() as f32)
     }
 }
 
-/// Checks a labelled feature matrix before fitting or scoring.
-fn check(x: &[f32], y: &[u32], dim: usize, classes: usize, what: &str) -> Result<(), SereError> {
+/// Checks a labelled feature matrix (`y.len() x dim`) before fitting or
+/// scoring.
+fn check(x: &ArrayView2<f32>, y: &[u32], classes: usize, what: &str) -> Result<(), SereError> {
     let fail = |m: String| Err(SereError::Other(format!("linear probe: {what} {m}")));
+    let dim = x.ncols();
     if dim == 0 || classes == 0 {
         return fail(format!("has {dim} features and {classes} classes"));
     }
     if y.is_empty() {
         return fail("has no samples".into());
     }
-    if x.len() != y.len() * dim {
+    if x.nrows() != y.len() {
         return fail(format!(
-            "holds {} values for {} rows of {dim}",
-            x.len(),
+            "holds {} rows of {dim} for {} labels",
+            x.nrows(),
             y.len()
         ));
     }
@@ -316,31 +465,54 @@ fn check(x: &[f32], y: &[u32], dim: usize, classes: usize, what: &str) -> Result
     Ok(())
 }
 
-/// Fits a probe to `x` (`y.len() x dim`) with labels `y < classes`.
+/// Fits a probe to `x` (`y.len() x dim`, any layout) with labels
+/// `y < classes`.
+///
+/// ```rust
+/// use ndarray::array;
+/// use sere_host::eval::linear::{fit, ProbeConfig};
+/// let x = array![[1.0f32], [2.0], [-1.0], [-2.0]];
+/// let f = fit(x.view(), &[1, 1, 0, 0], 2, &ProbeConfig::default())?;
+/// assert_eq!(f.probe.predict(x.view())?, [1, 1, 0, 0]);
+/// assert!(fit(x.view(), &[1, 1, 0], 2, &ProbeConfig::default()).is_err());
+/// # Ok::<(), sere_host::error::SereError>(())
+/// ```
 pub fn fit(
-    x: &[f32],
+    x: ArrayView2<f32>,
     y: &[u32],
-    dim: usize,
     classes: usize,
     cfg: &ProbeConfig,
 ) -> Result<ProbeFit, SereError> {
-    check(x, y, dim, classes, "training set")?;
+    check(&x, y, classes, "training set")?;
     if cfg.epochs == 0 || cfg.weight_decay.is_nan() || cfg.weight_decay < 0.0 {
         return Err(SereError::Other(format!(
             "linear probe: need --epochs >= 1 and --weight-decay >= 0 (got {} and {})",
             cfg.epochs, cfg.weight_decay
         )));
     }
-    let mut probe = LinearProbe::zeros(dim, classes);
+    let x = x.as_standard_layout();
+    let batch = ProbeBatch::new(x.view(), y, classes)?;
+    let mut probe = LinearProbe::zeros(batch.dim, classes);
     let wd = cfg.weight_decay;
     let (iterations, passes) = match cfg.optimizer {
         Optimizer::Lbfgs => {
-            let mut ws = Workspace::new(y.len(), dim, classes);
+            let mut ws = Workspace::for_batch(&batch);
+            // The objective cannot fail after the checks; if it does, the
+            // first error is returned once L-BFGS stops.
+            let mut failed = None;
             let r = lbfgs(
-                |p, g| loss_grad(x, y, dim, classes, wd, p, g, &mut ws),
+                |p, g| {
+                    loss_grad(&batch, wd, p, g, &mut ws).unwrap_or_else(|e| {
+                        failed.get_or_insert(e);
+                        f64::NAN
+                    })
+                },
                 &mut probe.params,
                 cfg.epochs,
             );
+            if let Some(e) = failed {
+                return Err(e);
+            }
             (r.iterations, r.evaluations)
         }
         Optimizer::Sgd => {
@@ -350,12 +522,12 @@ pub fn fit(
                     cfg.batch, cfg.lr
                 )));
             }
-            (sgd(x, y, dim, classes, cfg, &mut probe.params), cfg.epochs)
+            (sgd(&batch, cfg, &mut probe.params)?, cfg.epochs)
         }
     };
-    let mut ws = Workspace::new(y.len(), dim, classes);
+    let mut ws = Workspace::for_batch(&batch);
     let mut grad = vec![0.0; probe.params.len()];
-    let loss = loss_grad(x, y, dim, classes, wd, &probe.params, &mut grad, &mut ws);
+    let loss = loss_grad(&batch, wd, &probe.params, &mut grad, &mut ws)?;
     if !loss.is_finite() {
         return Err(SereError::Other(format!(
             "linear probe diverged (loss {loss}); lower --lr or use --optimizer lbfgs"
@@ -370,24 +542,18 @@ pub fn fit(
 }
 
 /// Mini-batch SGD (momentum 0.9, cosine learning rate to zero, weight
-/// decay in the gradient) for `cfg.epochs` epochs; returns the step count.
-fn sgd(
-    x: &[f32],
-    y: &[u32],
-    dim: usize,
-    classes: usize,
-    cfg: &ProbeConfig,
-    params: &mut [f32],
-) -> usize {
+/// decay in the gradient) on `data` for `cfg.epochs` epochs; returns the
+/// step count.
+fn sgd(data: &ProbeBatch<'_>, cfg: &ProbeConfig, params: &mut [f32]) -> Result<usize, SereError> {
     use rand::RngExt;
-    let (n, d) = (y.len(), dim);
+    let (n, d, x, y) = (data.rows(), data.dim, data.x, data.y);
     let bs = cfg.batch.min(n);
     let steps_per_epoch = n.div_ceil(bs);
     let total = (cfg.epochs * steps_per_epoch).max(1);
     let mut order: Vec<usize> = (0..n).collect();
     let (mut xb, mut yb) = (vec![0.0f32; bs * d], vec![0u32; bs]);
     let (mut grad, mut vel) = (vec![0.0f32; params.len()], vec![0.0f32; params.len()]);
-    let mut ws = Workspace::new(bs, dim, classes);
+    let mut ws = Workspace::new(bs, d, data.classes);
     let mut step = 0;
     for epoch in 0..cfg.epochs {
         let mut rng = stream(cfg.seed, Purpose::Shuffle, epoch as u64, 0x6c_696e);
@@ -400,17 +566,10 @@ fn sgd(
                 xb[r * d..(r + 1) * d].copy_from_slice(&x[i * d..(i + 1) * d]);
                 yb[r] = y[i];
             }
-            let (xr, yr) = (&xb[..rows * d], &yb[..rows]);
-            loss_grad(
-                xr,
-                yr,
-                dim,
-                classes,
-                cfg.weight_decay,
-                params,
-                &mut grad,
-                &mut ws,
-            );
+            let xr = ArrayView2::from_shape((rows, d), &xb[..rows * d])
+                .map_err(|e| SereError::Other(format!("linear probe: SGD batch: {e}")))?;
+            let mini = ProbeBatch::new(xr, &yb[..rows], data.classes)?;
+            loss_grad(&mini, cfg.weight_decay, params, &mut grad, &mut ws)?;
             let progress = step as f64 / total as f64;
             let lr = cfg.lr * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32;
             for ((p, v), &g) in params.iter_mut().zip(vel.iter_mut()).zip(&grad) {
@@ -420,21 +579,29 @@ fn sgd(
             step += 1;
         }
     }
-    step
+    Ok(step)
 }
 
 /// Column means and inverse standard deviations of `rows x dim` features
-/// (a constant column gets scale 1).
-pub fn column_stats(x: &[f32], dim: usize) -> (Vec<f32>, Vec<f32>) {
-    let rows = (x.len() / dim.max(1)).max(1) as f64;
+/// (a constant column gets scale 1), summed in f64 row by row.
+///
+/// ```rust
+/// use ndarray::array;
+/// use sere_host::eval::linear::column_stats;
+/// let (mean, inv_std) = column_stats(array![[1.0f32, 5.0], [3.0, 5.0]].view());
+/// assert_eq!((mean, inv_std), (array![2.0, 5.0], array![1.0, 1.0]));
+/// ```
+pub fn column_stats(x: ArrayView2<f32>) -> (Array1<f32>, Array1<f32>) {
+    let dim = x.ncols();
+    let rows = x.nrows().max(1) as f64;
     let (mut s1, mut s2) = (vec![0.0f64; dim], vec![0.0f64; dim]);
-    for row in x.chunks_exact(dim) {
+    for row in x.rows() {
         for ((a, b), &v) in s1.iter_mut().zip(s2.iter_mut()).zip(row) {
             *a += v as f64;
             *b += v as f64 * v as f64;
         }
     }
-    let mean: Vec<f32> = s1.iter().map(|&a| (a / rows) as f32).collect();
+    let mean: Array1<f32> = s1.iter().map(|&a| (a / rows) as f32).collect();
     let inv_std = s1
         .iter()
         .zip(&s2)
@@ -450,13 +617,43 @@ pub fn column_stats(x: &[f32], dim: usize) -> (Vec<f32>, Vec<f32>) {
     (mean, inv_std)
 }
 
-/// `x = (x - mean) * inv_std` per column.
-pub fn standardize(x: &mut [f32], mean: &[f32], inv_std: &[f32]) {
-    x.par_chunks_mut(mean.len()).for_each(|row| {
+/// `x = (x - mean) * inv_std` per column (rows in parallel when `x` is
+/// contiguous); statistics of another width than `x` are an error.
+///
+/// ```rust
+/// use ndarray::array;
+/// use sere_host::eval::linear::standardize;
+/// let mut x = array![[1.0f32, 4.0], [3.0, 8.0]];
+/// standardize(x.view_mut(), array![2.0, 6.0].view(), array![1.0, 0.5].view())?;
+/// assert_eq!(x, array![[-1.0, -1.0], [1.0, 1.0]]);
+/// assert!(standardize(x.view_mut(), array![0.0].view(), array![1.0].view()).is_err());
+/// # Ok::<(), sere_host::error::SereError>(())
+/// ```
+pub fn standardize(
+    mut x: ArrayViewMut2<f32>,
+    mean: ArrayView1<f32>,
+    inv_std: ArrayView1<f32>,
+) -> Result<(), SereError> {
+    let d = x.ncols();
+    if mean.len() != d || inv_std.len() != d {
+        return Err(SereError::Other(format!(
+            "linear probe: statistics of {} and {} columns for features of {d}",
+            mean.len(),
+            inv_std.len()
+        )));
+    }
+    let apply = |mut row: ArrayViewMut1<f32>| {
         for ((v, &m), &s) in row.iter_mut().zip(mean).zip(inv_std) {
             *v = (*v - m) * s;
         }
-    });
+    };
+    match x.as_slice_mut() {
+        Some(flat) if d > 0 => flat
+            .par_chunks_mut(d)
+            .for_each(|r| apply(ArrayViewMut1::from(r))),
+        _ => x.rows_mut().into_iter().for_each(apply),
+    }
+    Ok(())
 }
 
 /// Result of [`evaluate`].
@@ -469,35 +666,51 @@ pub struct ProbeReport {
     /// The fit.
     pub fit: ProbeFit,
     /// The training columns' mean the features were standardised with.
-    pub mean: Vec<f32>,
+    pub mean: Array1<f32>,
     /// Their inverse standard deviations.
-    pub inv_std: Vec<f32>,
+    pub inv_std: Array1<f32>,
 }
 
-/// The linear evaluation: standardises both feature sets with the training
-/// columns' mean and standard deviation (an affine change of variables:
-/// the classifier stays linear in the given features; it conditions the
-/// optimisation and sets the scale the weight decay acts on), fits on
-/// `train`, and scores train and test.
-#[allow(clippy::too_many_arguments)]
+/// The linear evaluation: standardises both feature sets (`rows x dim`
+/// each, in place) with the training columns' mean and standard deviation
+/// (an affine change of variables: the classifier stays linear in the
+/// given features; it conditions the optimisation and sets the scale the
+/// weight decay acts on), fits on `train`, and scores train and test.
+///
+/// ```rust
+/// use ndarray::array;
+/// use sere_host::eval::linear::{evaluate, ProbeConfig};
+/// let mut train = array![[1.0f32], [2.0], [-1.0], [-2.0]];
+/// let mut test = array![[3.0f32], [-3.0]];
+/// let cfg = ProbeConfig::default();
+/// let r = evaluate(train.view_mut(), &[1, 1, 0, 0], test.view_mut(), &[1, 0], 2, &cfg)?;
+/// assert_eq!((r.top1, r.train_top1, r.mean[0]), (1.0, 1.0, 0.0));
+/// # Ok::<(), sere_host::error::SereError>(())
+/// ```
 pub fn evaluate(
-    train: &mut [f32],
+    mut train: ArrayViewMut2<f32>,
     train_labels: &[u32],
-    test: &mut [f32],
+    mut test: ArrayViewMut2<f32>,
     test_labels: &[u32],
-    dim: usize,
     classes: usize,
     cfg: &ProbeConfig,
 ) -> Result<ProbeReport, SereError> {
-    check(train, train_labels, dim, classes, "training set")?;
-    check(test, test_labels, dim, classes, "test set")?;
-    let (mean, inv_std) = column_stats(train, dim);
-    standardize(train, &mean, &inv_std);
-    standardize(test, &mean, &inv_std);
-    let fit = fit(train, train_labels, dim, classes, cfg)?;
+    check(&train.view(), train_labels, classes, "training set")?;
+    check(&test.view(), test_labels, classes, "test set")?;
+    if train.ncols() != test.ncols() {
+        return Err(SereError::Other(format!(
+            "linear probe: training features have {} columns, test features {}",
+            train.ncols(),
+            test.ncols()
+        )));
+    }
+    let (mean, inv_std) = column_stats(train.view());
+    standardize(train.view_mut(), mean.view(), inv_std.view())?;
+    standardize(test.view_mut(), mean.view(), inv_std.view())?;
+    let fit = fit(train.view(), train_labels, classes, cfg)?;
     Ok(ProbeReport {
-        top1: fit.probe.accuracy(test, test_labels),
-        train_top1: fit.probe.accuracy(train, train_labels),
+        top1: fit.probe.accuracy(test.view(), test_labels)?,
+        train_top1: fit.probe.accuracy(train.view(), train_labels)?,
         fit,
         mean,
         inv_std,
@@ -511,9 +724,9 @@ pub struct SavedProbe {
     /// The probe.
     pub probe: LinearProbe,
     /// Column means subtracted before the probe.
-    pub mean: Vec<f32>,
+    pub mean: Array1<f32>,
     /// Column inverse standard deviations applied after.
-    pub inv_std: Vec<f32>,
+    pub inv_std: Array1<f32>,
     /// The features' name (e.g. `teacher_cls_last4_avgpool`).
     pub features: String,
 }
@@ -532,8 +745,8 @@ impl SavedProbe {
         let mut ck = Checkpoint::new();
         ck.insert("linear.weight", &[c, d], w.to_vec());
         ck.insert("linear.bias", &[c], b.to_vec());
-        ck.insert("features.mean", &[d], self.mean.clone());
-        ck.insert("features.inv_std", &[d], self.inv_std.clone());
+        ck.insert("features.mean", &[d], self.mean.to_vec());
+        ck.insert("features.inv_std", &[d], self.inv_std.to_vec());
         ck.set_meta(checkpoint::meta::FORMAT, PROBE_FORMAT);
         ck.set_meta("features", &self.features);
         for (k, v) in meta {
@@ -559,7 +772,7 @@ impl SavedProbe {
                 path.display()
             )));
         };
-        let vector = |name: &str, n: usize| -> Result<Vec<f32>, SereError> {
+        let vector = |name: &str, n: usize| -> Result<Array1<f32>, SereError> {
             let (s, v) = ck.tensor(name)?;
             if *s != [n] {
                 return Err(SereError::Other(format!(
@@ -567,7 +780,7 @@ impl SavedProbe {
                     path.display()
                 )));
             }
-            Ok(v.to_vec())
+            Ok(Array1::from(v.to_vec()))
         };
         let mut params = w.to_vec();
         params.extend(vector("linear.bias", c)?);
@@ -584,12 +797,27 @@ impl SavedProbe {
     }
 
     /// Top-1 accuracy on `x` (`labels.len() x dim`, standardised here in
-    /// place with the probe's own statistics).
-    pub fn accuracy(&self, x: &mut [f32], labels: &[u32]) -> Result<f32, SereError> {
-        let (d, c) = (self.probe.dim, self.probe.classes);
-        check(x, labels, d, c, "test set")?;
-        standardize(x, &self.mean, &self.inv_std);
-        Ok(self.probe.accuracy(x, labels))
+    /// place with the probe's own statistics); features of another width
+    /// than the probe's are an error.
+    ///
+    /// ```rust
+    /// use ndarray::array;
+    /// use sere_host::eval::linear::{LinearProbe, SavedProbe};
+    /// let saved = SavedProbe {
+    ///     probe: LinearProbe { dim: 1, classes: 2, params: vec![-1.0, 1.0, 0.0, 0.0] },
+    ///     mean: array![10.0],
+    ///     inv_std: array![1.0],
+    ///     features: "teacher_cls".into(),
+    /// };
+    /// let mut x = array![[11.0f32], [9.0]];
+    /// assert_eq!(saved.accuracy(x.view_mut(), &[1, 0])?, 1.0);
+    /// assert!(saved.accuracy(array![[1.0f32, 2.0]].view_mut(), &[0]).is_err());
+    /// # Ok::<(), sere_host::error::SereError>(())
+    /// ```
+    pub fn accuracy(&self, mut x: ArrayViewMut2<f32>, labels: &[u32]) -> Result<f32, SereError> {
+        check(&x.view(), labels, self.probe.classes, "test set")?;
+        standardize(x.view_mut(), self.mean.view(), self.inv_std.view())?;
+        self.probe.accuracy(x.view(), labels)
     }
 }
 

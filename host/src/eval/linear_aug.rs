@@ -16,7 +16,9 @@ use rand::RngExt;
 use rayon::prelude::*;
 
 use super::features::{Embedder, FeatureSpec};
-use super::linear::{loss_grad, LinearProbe, Optimizer, ProbeConfig, ProbeFit, Workspace};
+use super::linear::{
+    loss_grad, LinearProbe, Optimizer, ProbeBatch, ProbeConfig, ProbeFit, Workspace,
+};
 use crate::augment::{colour, random_resized_crop, resize_crop, IMAGENET_MEAN, IMAGENET_STD};
 use crate::backend::Backend;
 use crate::data::rng::{stream, Purpose};
@@ -103,16 +105,8 @@ pub fn fit_augmented<B: Backend>(
                 *l = split.label(i);
             }
             let x = emb.features(px, rows, spec, &mut acts)?;
-            let loss = loss_grad(
-                &x,
-                &labels[..rows],
-                d,
-                classes,
-                cfg.weight_decay,
-                &probe.params,
-                &mut grad,
-                &mut ws,
-            );
+            let batch = ProbeBatch::new(x.view(), &labels[..rows], classes)?;
+            let loss = loss_grad(&batch, cfg.weight_decay, &probe.params, &mut grad, &mut ws)?;
             epoch_loss += loss * rows as f64 / n as f64;
             let progress = step as f64 / total as f64;
             let lr = cfg.lr * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32;

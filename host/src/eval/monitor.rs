@@ -44,8 +44,8 @@ impl KnnMonitor {
         let memory = data.train.spread(cfg.eval_train_images);
         let queries = test.spread(cfg.eval_test_images);
         let classes = data.num_classes();
-        let (tr, trl, te, tel, d) = pixel_baseline(&memory, &queries, cfg.img, cfg.batch.max(1))?;
-        let pixels_top1 = knn_top1((&tr, &trl), (&te, &tel), d, classes);
+        let ((tr, trl), (te, tel)) = pixel_baseline(&memory, &queries, cfg.img, cfg.batch.max(1))?;
+        let pixels_top1 = knn_top1((tr.view(), &trl), (te.view(), &tel), classes)?;
         Ok(Some(KnnMonitor {
             every: cfg.eval_every,
             memory,
@@ -78,12 +78,7 @@ impl KnnMonitor {
         let (spec, batch) = (FeatureSpec::default(), teacher.cfg.batch.max(1));
         let (tr, trl) = teacher.embed(&self.memory, batch, spec)?;
         let (te, tel) = teacher.embed(&self.queries, batch, spec)?;
-        let top1 = knn_top1(
-            (&tr, &trl),
-            (&te, &tel),
-            spec.dim(teacher.cfg.dim),
-            self.classes,
-        );
+        let top1 = knn_top1((tr.view(), &trl), (te.view(), &tel), self.classes)?;
         self.spent += started.elapsed();
         Ok(top1)
     }
@@ -150,7 +145,8 @@ mod tests {
         let (te, tel) = emb
             .embed(&d.test.as_ref().unwrap().spread(10), 8, spec)
             .unwrap();
-        assert_eq!(top1, knn_top1((&tr, &trl), (&te, &tel), cfg.dim, 10));
+        let want = knn_top1((tr.view(), &trl), (te.view(), &tel), 10).unwrap();
+        assert_eq!(top1, want);
         assert!(m.spent_s() > 0.0);
     }
 }

@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
 use super::features::{pixel_baseline, Embedder, FeatureSpec};
@@ -119,23 +120,22 @@ impl FinalEval {
 }
 
 /// k-NN top-1 with the report's settings (k = 20, T = 0.07; also the
-/// `--eval-every` monitor's).
+/// `--eval-every` monitor's) of `(features, labels)` pairs.
 pub(crate) fn knn(
-    (train, train_labels): (&[f32], &[u32]),
-    (test, test_labels): (&[f32], &[u32]),
-    dim: usize,
+    (train, train_labels): (ArrayView2<f32>, &[u32]),
+    (test, test_labels): (ArrayView2<f32>, &[u32]),
     classes: usize,
-) -> f64 {
-    weighted_knn_accuracy(
+) -> Result<f64, SereError> {
+    let top1 = weighted_knn_accuracy(
         train,
         train_labels,
         test,
         test_labels,
-        dim,
         KNN_K,
         KNN_T as f32,
         classes,
-    ) as f64
+    )?;
+    Ok(top1 as f64)
 }
 
 /// k-NN and linear-probe top-1 of one network's CLS features.
@@ -146,18 +146,16 @@ fn knn_and_linear<B: Backend>(
 ) -> Result<(f64, f64), SereError> {
     let test = data.test_split().map_err(SereError::data)?;
     let spec = FeatureSpec::default();
-    let dim = spec.dim(emb.dim());
     let classes = data.num_classes();
     let (mut tr, trl) = emb.embed(&data.train, batch, spec)?;
     let (mut te, tel) = emb.embed(test, batch, spec)?;
-    let knn_top1 = knn((&tr, &trl), (&te, &tel), dim, classes);
+    let knn_top1 = knn((tr.view(), &trl), (te.view(), &tel), classes)?;
     // After the k-NN: the probe standardises the features in place.
     let probe = linear::evaluate(
-        &mut tr,
+        tr.view_mut(),
         &trl,
-        &mut te,
+        te.view_mut(),
         &tel,
-        dim,
         classes,
         &ProbeConfig::default(),
     )?;
@@ -185,8 +183,8 @@ pub fn final_eval<B: Backend>(
     let (knn_teacher, linear_teacher) = knn_and_linear(&teacher, &data, batch)?;
     let init = Embedder::random_init(teacher.into_backend(), &cfg)?;
     let (knn_random_init, linear_random_init) = knn_and_linear(&init, &data, batch)?;
-    let (tr, trl, te, tel, d) = pixel_baseline(&data.train, test, cfg.img, batch)?;
-    let knn_pixels = knn((&tr, &trl), (&te, &tel), d, data.num_classes());
+    let ((tr, trl), (te, tel)) = pixel_baseline(&data.train, test, cfg.img, batch)?;
+    let knn_pixels = knn((tr.view(), &trl), (te.view(), &tel), data.num_classes())?;
     let step = ck
         .meta(meta::STEP)
         .and_then(|s| s.parse().ok())

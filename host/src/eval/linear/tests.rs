@@ -1,4 +1,5 @@
 use super::*;
+use ndarray::Array2;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -18,36 +19,42 @@ fn clusters(
     sep: f32,
     noise: f32,
     seed: u64,
-) -> (Vec<f32>, Vec<u32>) {
+) -> (Array2<f32>, Vec<u32>) {
     let n = classes * per_class;
-    let mut x = uniform(n * dim, seed, noise);
+    let mut x = rows(uniform(n * dim, seed, noise), dim);
     let y: Vec<u32> = (0..n).map(|i| (i % classes) as u32).collect();
-    for (row, &l) in x.chunks_exact_mut(dim).zip(&y) {
+    for (mut row, &l) in x.rows_mut().into_iter().zip(&y) {
         row[l as usize % dim] += sep;
     }
     (x, y)
 }
 
-fn objective(x: &[f32], y: &[u32], d: usize, c: usize, wd: f32, p: &[f32]) -> (f64, Vec<f32>) {
+/// `values` as rows of `dim`.
+fn rows(values: Vec<f32>, dim: usize) -> Array2<f32> {
+    Array2::from_shape_vec((values.len() / dim, dim), values).unwrap()
+}
+
+fn objective(x: &Array2<f32>, y: &[u32], c: usize, wd: f32, p: &[f32]) -> (f64, Vec<f32>) {
     let mut g = vec![0.0; p.len()];
-    let mut ws = Workspace::new(y.len(), d, c);
-    (loss_grad(x, y, d, c, wd, p, &mut g, &mut ws), g)
+    let batch = ProbeBatch::new(x.view(), y, c).unwrap();
+    let mut ws = Workspace::for_batch(&batch);
+    (loss_grad(&batch, wd, p, &mut g, &mut ws).unwrap(), g)
 }
 
 #[test]
 fn gradient_matches_finite_differences() {
     let (n, d, c, wd) = (13, 3, 4, 0.3);
-    let x = uniform(n * d, 1, 1.5);
+    let x = rows(uniform(n * d, 1, 1.5), d);
     let y: Vec<u32> = (0..n).map(|i| (i * 7 % c) as u32).collect();
     let p = uniform(c * (d + 1), 2, 0.8);
-    let (f0, g) = objective(&x, &y, d, c, wd, &p);
+    let (f0, g) = objective(&x, &y, c, wd, &p);
     assert!(f0 > 0.0);
     let eps = 1e-2f32;
     for k in 0..p.len() {
         let (mut pp, mut pm) = (p.clone(), p.clone());
         pp[k] += eps;
         pm[k] -= eps;
-        let fd = (objective(&x, &y, d, c, wd, &pp).0 - objective(&x, &y, d, c, wd, &pm).0)
+        let fd = (objective(&x, &y, c, wd, &pp).0 - objective(&x, &y, c, wd, &pm).0)
             / (2.0 * eps as f64);
         assert!(
             (fd - g[k] as f64).abs() < 1e-3,
@@ -56,7 +63,7 @@ fn gradient_matches_finite_differences() {
         );
     }
     // At zero the loss is ln(classes).
-    let (f, _) = objective(&x, &y, d, c, wd, &vec![0.0; p.len()]);
+    let (f, _) = objective(&x, &y, c, wd, &vec![0.0; p.len()]);
     assert!((f - (c as f64).ln()).abs() < 1e-6, "{f}");
 }
 
@@ -69,7 +76,7 @@ fn result_does_not_depend_on_thread_count() {
             .num_threads(threads)
             .build()
             .unwrap()
-            .install(|| objective(&x, &y, 16, 5, 1e-3, &p))
+            .install(|| objective(&x, &y, 5, 1e-3, &p))
     };
     let (a, b) = (run(1), run(3));
     assert_eq!(a.0.to_bits(), b.0.to_bits());
@@ -87,7 +94,7 @@ fn separable_clusters_are_classified_and_shuffled_labels_are_not() {
             ..ProbeConfig::default()
         };
         let (mut a, mut b) = (tr.clone(), te.clone());
-        let r = evaluate(&mut a, &trl, &mut b, &tel, d, c, &cfg).unwrap();
+        let r = evaluate(a.view_mut(), &trl, b.view_mut(), &tel, c, &cfg).unwrap();
         assert_eq!((r.train_top1, r.top1), (1.0, 1.0), "{optimizer:?}: {r:?}");
         assert!(r.fit.loss < 0.1, "{optimizer:?}: {r:?}");
     }
@@ -97,11 +104,10 @@ fn separable_clusters_are_classified_and_shuffled_labels_are_not() {
     let shuffled: Vec<u32> = trl.iter().map(|_| r.random_range(0..c as u32)).collect();
     let test_shuffled: Vec<u32> = tel.iter().map(|_| r.random_range(0..c as u32)).collect();
     let rep = evaluate(
-        &mut tr,
+        tr.view_mut(),
         &shuffled,
-        &mut te,
+        te.view_mut(),
         &test_shuffled,
-        d,
         c,
         &ProbeConfig::default(),
     )
@@ -118,7 +124,7 @@ fn separable_clusters_are_classified_and_shuffled_labels_are_not() {
 /// (`delta = ln 3` without decay).
 #[test]
 fn two_class_optimum_matches_closed_form() {
-    let x = [1.0f32, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0];
+    let x = rows(vec![1.0f32, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0], 1);
     let y = [1u32, 1, 1, 0, 0, 0, 0, 1];
     let sigma = |t: f64| 1.0 / (1.0 + (-t).exp());
     for wd in [0.0f32, 0.1, 1.0] {
@@ -137,7 +143,7 @@ fn two_class_optimum_matches_closed_form() {
             weight_decay: wd,
             ..ProbeConfig::default()
         };
-        let f = fit(&x, &y, 1, 2, &cfg).unwrap();
+        let f = fit(x.view(), &y, 2, &cfg).unwrap();
         let p = &f.probe.params; // [w0, w1, b0, b1]
         let got = (p[1] - p[0]) as f64;
         assert!((got - delta).abs() < 1e-4, "wd {wd}: {got} vs {delta}");
@@ -166,8 +172,8 @@ fn sgd_approaches_the_lbfgs_optimum_and_fits_are_deterministic() {
         batch: 32,
         ..lb.clone()
     };
-    let a = fit(&x, &y, d, c, &lb).unwrap();
-    let b = fit(&x, &y, d, c, &sg).unwrap();
+    let a = fit(x.view(), &y, c, &lb).unwrap();
+    let b = fit(x.view(), &y, c, &sg).unwrap();
     assert!(a.loss < (c as f64).ln() - 0.3, "{a:?}");
     assert!(
         b.loss >= a.loss - 1e-6,
@@ -179,25 +185,54 @@ fn sgd_approaches_the_lbfgs_optimum_and_fits_are_deterministic() {
         b.loss,
         a.loss
     );
-    assert_eq!(fit(&x, &y, d, c, &lb).unwrap(), a);
-    assert_eq!(fit(&x, &y, d, c, &sg).unwrap(), b);
+    assert_eq!(fit(x.view(), &y, c, &lb).unwrap(), a);
+    assert_eq!(fit(x.view(), &y, c, &sg).unwrap(), b);
     // Another seed shuffles differently.
-    let other = fit(&x, &y, d, c, &ProbeConfig { seed: 1, ..sg }).unwrap();
+    let other = fit(x.view(), &y, c, &ProbeConfig { seed: 1, ..sg }).unwrap();
     assert_ne!(other.probe.params, b.probe.params);
 }
 
 #[test]
 fn bad_inputs_are_errors() {
-    let x = [0.0f32; 4];
+    let x = Array2::<f32>::zeros((2, 2));
     let msg = |r: Result<ProbeFit, SereError>| r.unwrap_err().to_string();
-    assert!(msg(fit(&x, &[0, 5], 2, 3, &ProbeConfig::default())).contains("label 5"));
-    assert!(msg(fit(&[], &[], 2, 3, &ProbeConfig::default())).contains("no samples"));
-    assert!(msg(fit(&x, &[0, 1, 2], 2, 3, &ProbeConfig::default())).contains("values"));
+    let default = ProbeConfig::default();
+    assert!(msg(fit(x.view(), &[0, 5], 3, &default)).contains("label 5"));
+    let empty = Array2::<f32>::zeros((0, 2));
+    assert!(msg(fit(empty.view(), &[], 3, &default)).contains("no samples"));
+    assert!(msg(fit(x.view(), &[0, 1, 2], 3, &default)).contains("2 rows of 2 for 3 labels"));
     let cfg = ProbeConfig {
         weight_decay: -1.0,
         ..ProbeConfig::default()
     };
-    assert!(msg(fit(&x, &[0, 1], 2, 3, &cfg)).contains("weight-decay"));
-    let nan = [f32::NAN, 0.0, 0.0, 0.0];
-    assert!(msg(fit(&nan, &[0, 1], 2, 3, &ProbeConfig::default())).contains("non-finite"));
+    assert!(msg(fit(x.view(), &[0, 1], 3, &cfg)).contains("weight-decay"));
+    let mut nan = x.clone();
+    nan[[0, 0]] = f32::NAN;
+    assert!(msg(fit(nan.view(), &[0, 1], 3, &default)).contains("non-finite"));
+    // Test features of another width than the training ones.
+    let (mut a, mut b) = (x.clone(), Array2::<f32>::ones((1, 3)));
+    let e = evaluate(a.view_mut(), &[0, 1], b.view_mut(), &[0], 3, &default).unwrap_err();
+    assert!(e.to_string().contains("2 columns, test features 3"), "{e}");
+}
+
+/// A fit and its scores on a column-major copy of the features are those
+/// of the row-major features, bit for bit.
+#[test]
+fn any_memory_layout_fits_and_scores_the_same() {
+    let (x, y) = clusters(3, 5, 20, 1.0, 1.5, 9);
+    let mut t = Array2::zeros((5, 60));
+    t.assign(&x.t());
+    let cfg = ProbeConfig::default();
+    let (a, b) = (
+        fit(x.view(), &y, 3, &cfg).unwrap(),
+        fit(t.t(), &y, 3, &cfg).unwrap(),
+    );
+    assert_eq!(a, b);
+    let acc = a.probe.accuracy(x.view(), &y).unwrap();
+    assert_eq!(b.probe.accuracy(t.t(), &y).unwrap(), acc);
+    let (mean, inv_std) = column_stats(x.view());
+    let (mut s1, mut s2) = (x.clone(), t.clone());
+    standardize(s1.view_mut(), mean.view(), inv_std.view()).unwrap();
+    standardize(s2.view_mut().reversed_axes(), mean.view(), inv_std.view()).unwrap();
+    assert_eq!(s1, s2.t());
 }
