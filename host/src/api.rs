@@ -104,11 +104,11 @@ impl<B: Backend> Model<B> {
             .axis_chunks_iter(Axis(0), CHUNK)
             .zip(out.axis_chunks_iter_mut(Axis(0), CHUNK))
         {
+            // The backend uploads one flat block: copy only a strided view.
             let chunk = chunk.as_standard_layout();
-            let px = chunk.as_slice().expect("standard layout");
-            let f =
-                self.emb
-                    .features(px, chunk.len_of(Axis(0)), FeatureSpec::default(), &mut acts)?;
+            let f = self
+                .emb
+                .features(chunk.view(), FeatureSpec::default(), &mut acts)?;
             rows.assign(&f);
         }
         Ok(out)
@@ -137,9 +137,7 @@ impl<B: Backend> Model<B> {
             .zip(out.axis_chunks_iter_mut(Axis(0), CHUNK))
         {
             let chunk = chunk.as_standard_layout();
-            let rows = chunk.len_of(Axis(0));
-            self.emb
-                .forward(chunk.as_slice().expect("standard layout"), rows, &mut acts)?;
+            self.emb.forward(chunk.view(), &mut acts)?;
             let acts = acts.as_ref().expect("forward shaped it");
             let probs = self
                 .emb
@@ -174,8 +172,7 @@ impl<B: Backend> Model<B> {
         let transform = EvalTransform::new(s);
         let mut out = Array4::zeros((n, 3, s, s));
         for (img, mut view) in images.outer_iter().zip(out.outer_iter_mut()) {
-            let raster =
-                Raster::new(w, h, c, img.iter().copied().collect()).map_err(SereError::data)?;
+            let raster = Raster::from_array(img.to_owned()).map_err(SereError::data)?;
             let px = transform.apply(&raster);
             view.assign(&ndarray::ArrayView3::from_shape((3, s, s), &px).expect("3 x S x S"));
         }
@@ -218,7 +215,7 @@ mod tests {
         let mut acts = None;
         let want = m
             .emb
-            .features(x.as_slice().unwrap(), 3, FeatureSpec::default(), &mut acts)
+            .features(x.view(), FeatureSpec::default(), &mut acts)
             .unwrap();
         assert_eq!(f, want);
         // A non-standard view (every other image, reversed) gives those rows.
@@ -238,7 +235,7 @@ mod tests {
         let (h, w) = (20, 30);
         let bytes =
             Array4::from_shape_fn((1, h, w, 3), |(_, i, j, c)| (i * 7 + j * 3 + c * 50) as u8);
-        let raster = Raster::new(w, h, 3, bytes.iter().copied().collect()).unwrap();
+        let raster = Raster::from_array(bytes.index_axis(Axis(0), 0).to_owned()).unwrap();
         let px = EvalTransform::new(m.image_size()).apply(&raster);
         let s = m.image_size();
         let want = m

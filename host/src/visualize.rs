@@ -28,6 +28,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use image::{ImageFormat, Rgb, RgbImage};
+use ndarray::ArrayView4;
 use sere_core::{relation, softmax};
 
 use crate::backend::Backend;
@@ -631,7 +632,9 @@ pub fn run<B: Backend>(emb: &Embedder<B>, args: &VisualizeArgs) -> Result<Vec<Pa
     let mut acts = None;
     for ((_, raster), files) in inputs.iter().zip(paths.chunks(2)) {
         let view = tf.apply(raster);
-        emb.forward_at(&view, 1, img, &mut acts)?;
+        let batch = ArrayView4::from_shape((1, 3, img, img), &view)
+            .map_err(|e| SereError::Other(format!("evaluation view: {e}")))?;
+        emb.forward_at(batch, img, &mut acts)?;
         let acts = acts.as_ref().expect("forward shaped it");
         let m = maps(emb.backend(), acts, cfg.depth, cfg.dim, cfg.heads)?;
         let input = input_pixels(&view, &tf, side);

@@ -9,32 +9,34 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ndarray::{Array3, ArrayView3};
+
 use super::error::{DataError, Result};
 
-/// An 8-bit image: rows top to bottom, channels interleaved (HWC), with 1
-/// (grayscale) or 3 (RGB) channels. Grayscale reads as three equal channels
-/// through [`Raster::get`], so MNIST-like sources need no conversion copy.
+/// An 8-bit image of shape `(height, width, channels)` (rows top to bottom,
+/// channels interleaved: HWC), with 1 (grayscale) or 3 (RGB) channels, in
+/// standard (row-major, contiguous) layout. Grayscale reads as three equal
+/// channels through [`Raster::get`], so MNIST-like sources need no
+/// conversion copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Raster {
-    /// Width in pixels (> 0).
-    pub width: usize,
-    /// Height in pixels (> 0).
-    pub height: usize,
-    /// 1 or 3.
-    pub channels: usize,
-    /// `height * width * channels` bytes.
-    pub data: Vec<u8>,
+    /// Invariant: non-empty, 1 or 3 channels, standard layout (every
+    /// constructor makes it so; [`Raster::as_slice`] relies on it).
+    pixels: Array3<u8>,
 }
 
 impl Raster {
-    /// Checks the shape against the buffer.
+    /// A `width x height` image of `channels` from `height * width *
+    /// channels` HWC bytes; a size or length that does not fit is an error.
+    ///
+    /// ```rust
+    /// use sere_host::data::Raster;
+    /// let img = Raster::new(2, 1, 3, vec![1, 2, 3, 4, 5, 6]).unwrap();
+    /// assert_eq!((img.width(), img.height(), img.get(1, 0, 2)), (2, 1, 6));
+    /// assert!(Raster::new(2, 2, 3, vec![0; 5]).is_err());
+    /// ```
     pub fn new(width: usize, height: usize, channels: usize, data: Vec<u8>) -> Result<Self> {
-        if width == 0 || height == 0 || !(channels == 1 || channels == 3) {
-            return Err(DataError::config(
-                "raster",
-                format!("{width}x{height}x{channels}: need non-zero size and 1 or 3 channels"),
-            ));
-        }
+        check_shape(width, height, channels)?;
         if data.len() != width * height * channels {
             return Err(DataError::config(
                 "raster",
@@ -45,20 +47,85 @@ impl Raster {
                 ),
             ));
         }
-        Ok(Raster {
-            width,
-            height,
-            channels,
-            data,
-        })
+        let pixels = Array3::from_shape_vec((height, width, channels), data)
+            .map_err(|e| DataError::config("raster", e.to_string()))?;
+        Ok(Raster { pixels })
+    }
+
+    /// An image from `(height, width, channels)` pixels of any layout (a
+    /// non-standard one is copied into standard order once); an empty image
+    /// or a channel count other than 1 or 3 is an error.
+    ///
+    /// ```rust
+    /// use ndarray::Array3;
+    /// use sere_host::data::Raster;
+    /// let img = Raster::from_array(Array3::from_elem((4, 5, 1), 7u8)).unwrap();
+    /// assert_eq!((img.width(), img.height(), img.channels()), (5, 4, 1));
+    /// assert_eq!(img.get(4, 3, 2), 7); // grayscale repeats its channel
+    /// assert!(Raster::from_array(Array3::zeros((4, 5, 2))).is_err());
+    /// ```
+    pub fn from_array(pixels: Array3<u8>) -> Result<Self> {
+        let (h, w, c) = pixels.dim();
+        check_shape(w, h, c)?;
+        let pixels = if pixels.is_standard_layout() {
+            pixels
+        } else {
+            pixels.as_standard_layout().into_owned()
+        };
+        Ok(Raster { pixels })
+    }
+
+    /// The pixels, shaped `(height, width, channels)`.
+    ///
+    /// ```rust
+    /// use sere_host::data::Raster;
+    /// let img = Raster::new(3, 2, 1, (0..6).collect()).unwrap();
+    /// assert_eq!(img.pixels().dim(), (2, 3, 1));
+    /// assert_eq!(img.pixels()[[1, 0, 0]], 3);
+    /// ```
+    pub fn pixels(&self) -> ArrayView3<'_, u8> {
+        self.pixels.view()
+    }
+
+    /// All bytes in HWC order, for per-pixel loops that index them directly.
+    pub fn as_slice(&self) -> &[u8] {
+        // Every constructor keeps the array in standard layout, so the
+        // empty fallback is never taken.
+        self.pixels.as_slice().unwrap_or(&[])
+    }
+
+    /// Width in pixels (> 0).
+    pub fn width(&self) -> usize {
+        self.pixels.dim().1
+    }
+
+    /// Height in pixels (> 0).
+    pub fn height(&self) -> usize {
+        self.pixels.dim().0
+    }
+
+    /// Channels: 1 or 3.
+    pub fn channels(&self) -> usize {
+        self.pixels.dim().2
     }
 
     /// Channel `c` (0..3) of pixel `(x, y)`; grayscale repeats its channel.
     #[inline]
     pub fn get(&self, x: usize, y: usize, c: usize) -> u8 {
-        let c = if self.channels == 1 { 0 } else { c };
-        self.data[(y * self.width + x) * self.channels + c]
+        let c = if self.channels() == 1 { 0 } else { c };
+        self.pixels[[y, x, c]]
     }
+}
+
+/// Refuses an empty image or one with other than 1 or 3 channels.
+fn check_shape(width: usize, height: usize, channels: usize) -> Result<()> {
+    if width == 0 || height == 0 || !(channels == 1 || channels == 3) {
+        return Err(DataError::config(
+            "raster",
+            format!("{width}x{height}x{channels}: need non-zero size and 1 or 3 channels"),
+        ));
+    }
+    Ok(())
 }
 
 /// Where a split's pixels live.
@@ -171,12 +238,12 @@ impl Split {
                 data,
             } => {
                 let each = width * height * channels;
-                Ok(Raster {
-                    width: *width,
-                    height: *height,
-                    channels: *channels,
-                    data: data[i * each..(i + 1) * each].to_vec(),
-                })
+                Raster::new(
+                    *width,
+                    *height,
+                    *channels,
+                    data[i * each..(i + 1) * each].to_vec(),
+                )
             }
             Pixels::Files(paths) => decode_file(&paths[i]),
         }
@@ -259,12 +326,7 @@ pub fn decode_file(path: &Path) -> Result<Raster> {
             detail: "the image has zero width or height".into(),
         });
     }
-    Ok(Raster {
-        width: w,
-        height: h,
-        channels: 3,
-        data: rgb.into_raw(),
-    })
+    Raster::new(w, h, 3, rgb.into_raw())
 }
 
 /// Whether a JPEG file has an end-of-image marker (`FF D9`) after the start
@@ -323,7 +385,7 @@ mod tests {
         let split = Split::packed(1, 1, 1, data, labels).unwrap();
         let s = split.spread(6);
         assert_eq!(s.labels(), &[0, 0, 1, 1, 2, 2]);
-        let firsts: Vec<u8> = (0..6).map(|i| s.image(i).unwrap().data[0]).collect();
+        let firsts: Vec<u8> = (0..6).map(|i| s.image(i).unwrap().as_slice()[0]).collect();
         assert_eq!(firsts, [0, 2, 4, 6, 8, 10]);
         assert_eq!(split.spread(3).labels(), &[0, 1, 2]);
         assert_eq!(split.spread(50).len(), 12);

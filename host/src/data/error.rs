@@ -96,6 +96,12 @@ pub enum DataError {
     /// The loader's worker thread failed or stopped unexpectedly.
     #[error("data loader stopped: {0}")]
     Loader(String),
+    /// An array that should be one contiguous, row-major block is not (the
+    /// data side only builds such arrays; this is a bug, please report it).
+    #[error(
+        "{0} are not in standard (row-major, contiguous) layout; this is a bug, please report it"
+    )]
+    Layout(&'static str),
 }
 
 impl DataError {

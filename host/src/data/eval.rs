@@ -2,6 +2,7 @@
 //! crop resized to `S x S` and normalised, with no randomness, and batched
 //! iteration over a split with its labels (the last batch may be short).
 
+use ndarray::Array4;
 use rayon::prelude::*;
 
 use super::augment::{colour, resize_crop, PixelRect, IMAGENET_MEAN, IMAGENET_STD};
@@ -68,7 +69,7 @@ impl EvalTransform {
     pub fn apply_into(&self, img: &Raster, out: &mut [f32]) {
         resize_crop(
             img,
-            self.crop_rect(img.width, img.height),
+            self.crop_rect(img.width(), img.height()),
             self.size,
             false,
             out,
@@ -87,8 +88,8 @@ impl EvalTransform {
 /// A batch of evaluation views.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalBatch {
-    /// `[n][3][S][S]` pixels.
-    pub images: Vec<f32>,
+    /// Normalised pixels shaped `(n, 3, S, S)` (standard layout).
+    pub images: Array4<f32>,
     /// `[n]` labels.
     pub labels: Vec<u32>,
     /// `[n]` sample indices, ascending.
@@ -140,6 +141,30 @@ impl<'a> EvalBatches<'a> {
     }
 }
 
+impl EvalBatches<'_> {
+    /// Samples `start..end`, decoded and transformed in parallel into one
+    /// `(n, 3, S, S)` array (its buffer is allocated once and kept).
+    fn batch(&self, start: usize, end: usize) -> Result<EvalBatch> {
+        let (len, size) = (self.transform.image_len(), self.transform.size);
+        let mut images = vec![0.0f32; (end - start) * len];
+        images
+            .par_chunks_mut(len)
+            .enumerate()
+            .try_for_each(|(k, out)| {
+                let img = self.split.image(start + k)?;
+                self.transform.apply_into(&img, out);
+                Ok::<_, DataError>(())
+            })?;
+        let images = Array4::from_shape_vec((end - start, 3, size, size), images)
+            .map_err(|e| DataError::Loader(format!("evaluation batch: {e}; this is a bug")))?;
+        Ok(EvalBatch {
+            images,
+            labels: self.split.labels()[start..end].to_vec(),
+            indices: (start..end).collect(),
+        })
+    }
+}
+
 impl Iterator for EvalBatches<'_> {
     type Item = Result<EvalBatch>;
 
@@ -149,26 +174,10 @@ impl Iterator for EvalBatches<'_> {
         if start >= end {
             return None;
         }
-        self.next = end;
-        let len = self.transform.image_len();
-        let mut images = vec![0.0f32; (end - start) * len];
-        let done: Result<()> = images
-            .par_chunks_mut(len)
-            .enumerate()
-            .try_for_each(|(k, out)| {
-                let img = self.split.image(start + k)?;
-                self.transform.apply_into(&img, out);
-                Ok(())
-            });
-        if let Err(e) = done {
-            self.next = self.split.len(); // stop after an error
-            return Some(Err(e));
-        }
-        Some(Ok(EvalBatch {
-            images,
-            labels: self.split.labels()[start..end].to_vec(),
-            indices: (start..end).collect(),
-        }))
+        let batch = self.batch(start, end);
+        // Stop after an error.
+        self.next = if batch.is_ok() { end } else { self.split.len() };
+        Some(batch)
     }
 }
 
@@ -206,7 +215,8 @@ mod tests {
         assert_eq!(batches[2].labels, vec![4]);
         assert_eq!(batches[1].indices, vec![2, 3]);
         // Image 3 is constant 150: its view is 150 / 255 everywhere.
-        let v = &batches[1].images[27..54];
+        assert_eq!(batches[1].images.dim(), (2, 3, 3, 3));
+        let v = batches[1].images.index_axis(ndarray::Axis(0), 1);
         assert!(v.iter().all(|x| (x - 150.0 / 255.0).abs() < 1e-6));
     }
 }

@@ -233,7 +233,7 @@ mod tests {
         assert_eq!(ds.classes, vec!["cat", "dog"]);
         assert_eq!(ds.train.labels(), &[0, 0, 1]);
         let img = ds.train.image(2).unwrap();
-        assert_eq!((img.width, img.height), (3, 6));
+        assert_eq!((img.width(), img.height()), (3, 6));
         assert_eq!(
             [img.get(2, 5, 0), img.get(2, 5, 1), img.get(2, 5, 2)],
             [3, 2, 5]

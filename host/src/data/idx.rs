@@ -248,7 +248,7 @@ mod tests {
         assert_eq!(ds.train.labels(), &[2, 0, 1]);
         assert_eq!(ds.classes, vec!["0", "1", "2"]);
         let img = ds.train.image(1).unwrap();
-        assert_eq!((img.width, img.height, img.channels), (2, 4, 1));
+        assert_eq!((img.width(), img.height(), img.channels()), (2, 4, 1));
         // Row 3, column 1 of image 1 is byte 3 * 2 + 1 = 7; gray reads as RGB.
         assert_eq!(img.get(1, 3, 0), 17);
         assert_eq!(img.get(1, 3, 2), 17);

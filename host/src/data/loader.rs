@@ -15,6 +15,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use ndarray::{Array, Array4, Array5, ArrayView3, ArrayView4, Axis, ShapeBuilder};
 use rayon::prelude::*;
 use sere_core::geometry::CropBox;
 
@@ -90,10 +91,12 @@ pub struct Batch {
     pub local_size: usize,
     /// Local views per image (L).
     pub n_local: usize,
-    /// `[2][B][3][G][G]` normalised pixels.
-    pub globals: Vec<f32>,
-    /// `[L][B][3][l][l]` normalised pixels.
-    pub locals: Vec<f32>,
+    /// Normalised pixels of the global views, shaped `(2, B, 3, G, G)`
+    /// (standard layout).
+    pub globals: Array5<f32>,
+    /// Normalised pixels of the local views, shaped `(L, B, 3, l, l)`
+    /// (standard layout).
+    pub locals: Array5<f32>,
     /// `[B][2 + L]` crop records, image-major.
     pub crops: Vec<CropBox>,
     /// `[B]` class labels.
@@ -103,10 +106,10 @@ pub struct Batch {
     /// Grids of every (teacher, student) view pair, in
     /// [`view_pairs`](crate::augment::view_pairs) order.
     pub grids: Vec<BatchPairGrids>,
-    /// `[2][B][N]` iBOT masks of the student's global crops over their
-    /// patch grids (`true` = masked; view-major like `globals`); empty
-    /// without masking.
-    pub masks: Vec<bool>,
+    /// iBOT masks of the student's global crops over their patch grids,
+    /// shaped `(2, B, rows, cols)` (`true` = masked; view-major like
+    /// `globals`; standard layout); `(0, B, 0, 0)` without masking.
+    pub masks: Array4<bool>,
 }
 
 impl Batch {
@@ -115,25 +118,77 @@ impl Batch {
         N_GLOBAL + self.n_local
     }
 
-    /// `[B][3][G][G]` pixels of global view `v` (0 or 1).
-    pub fn global_view(&self, v: usize) -> &[f32] {
-        let n = self.batch_size * 3 * self.global_size * self.global_size;
-        &self.globals[v * n..(v + 1) * n]
+    /// Pixels of global view `v` (0 or 1), shaped `(B, 3, G, G)`: a view
+    /// into the batch, no copy. Panics if `v` is not 0 or 1.
+    ///
+    /// ```rust
+    /// # use sere_host::augment::MultiCrop;
+    /// # use sere_host::data::{batch_at, LoaderConfig, Position, Split};
+    /// let split = Split::packed(20, 20, 3, vec![128; 4 * 20 * 20 * 3], vec![0; 4])?;
+    /// let cfg = LoaderConfig { batch_size: 2, ..LoaderConfig::default() };
+    /// // 2 global 16 px views and 3 local 8 px ones per image.
+    /// let batch = batch_at(&split, &MultiCrop::new(16, 8, 3), &cfg, Position::default())?;
+    /// assert_eq!(batch.global_view(1).dim(), (2, 3, 16, 16));
+    /// # Ok::<(), sere_host::data::DataError>(())
+    /// ```
+    pub fn global_view(&self, v: usize) -> ArrayView4<'_, f32> {
+        self.globals.index_axis(Axis(0), v)
     }
 
-    /// `[B][3][l][l]` pixels of local view `v` (0 .. L).
-    pub fn local_view(&self, v: usize) -> &[f32] {
-        let n = self.batch_size * 3 * self.local_size * self.local_size;
-        &self.locals[v * n..(v + 1) * n]
+    /// Pixels of local view `v` (0 .. L), shaped `(B, 3, l, l)`: a view
+    /// into the batch, no copy. Panics if `v >= L`.
+    ///
+    /// ```rust
+    /// # use sere_host::augment::MultiCrop;
+    /// # use sere_host::data::{batch_at, LoaderConfig, Position, Split};
+    /// let split = Split::packed(20, 20, 3, vec![128; 4 * 20 * 20 * 3], vec![0; 4])?;
+    /// let cfg = LoaderConfig { batch_size: 2, ..LoaderConfig::default() };
+    /// // 2 global 16 px views and 3 local 8 px ones per image.
+    /// let batch = batch_at(&split, &MultiCrop::new(16, 8, 3), &cfg, Position::default())?;
+    /// assert_eq!(batch.local_view(2).dim(), (2, 3, 8, 8));
+    /// # Ok::<(), sere_host::data::DataError>(())
+    /// ```
+    pub fn local_view(&self, v: usize) -> ArrayView4<'_, f32> {
+        self.locals.index_axis(Axis(0), v)
     }
 
-    /// `[B][3][s][s]` pixels of view `v` in overall numbering (globals first).
-    pub fn view(&self, v: usize) -> &[f32] {
+    /// Pixels of view `v` in overall numbering (globals first), shaped
+    /// `(B, 3, s, s)`. Panics if `v >= 2 + L`.
+    ///
+    /// ```rust
+    /// # use sere_host::augment::MultiCrop;
+    /// # use sere_host::data::{batch_at, LoaderConfig, Position, Split};
+    /// let split = Split::packed(20, 20, 3, vec![128; 4 * 20 * 20 * 3], vec![0; 4])?;
+    /// let cfg = LoaderConfig { batch_size: 2, ..LoaderConfig::default() };
+    /// // 2 global 16 px views and 3 local 8 px ones per image.
+    /// let batch = batch_at(&split, &MultiCrop::new(16, 8, 3), &cfg, Position::default())?;
+    /// assert_eq!(batch.view(4), batch.local_view(2));
+    /// assert_eq!(batch.view(0).dim(), (2, 3, 16, 16));
+    /// # Ok::<(), sere_host::data::DataError>(())
+    /// ```
+    pub fn view(&self, v: usize) -> ArrayView4<'_, f32> {
         if v < N_GLOBAL {
             self.global_view(v)
         } else {
             self.local_view(v - N_GLOBAL)
         }
+    }
+
+    /// The iBOT masks of global view `v` (0 or 1), shaped `(B, rows,
+    /// cols)`; `None` without masking. Panics if `v` is not 0 or 1.
+    ///
+    /// ```rust
+    /// # use sere_host::augment::MultiCrop;
+    /// # use sere_host::data::{batch_at, LoaderConfig, Position, Split};
+    /// let split = Split::packed(20, 20, 3, vec![128; 4 * 20 * 20 * 3], vec![0; 4])?;
+    /// let cfg = LoaderConfig { batch_size: 2, ..LoaderConfig::default() };
+    /// // 2 global 16 px views and 3 local 8 px ones per image.
+    /// let batch = batch_at(&split, &MultiCrop::new(16, 8, 3), &cfg, Position::default())?;
+    /// assert!(batch.mask_view(0).is_none()); // the example draws no masks
+    /// # Ok::<(), sere_host::data::DataError>(())
+    /// ```
+    pub fn mask_view(&self, v: usize) -> Option<ArrayView3<'_, bool>> {
+        (!self.masks.is_empty()).then(|| self.masks.index_axis(Axis(0), v))
     }
 
     /// The crops of image `b`, one per view.
@@ -231,24 +286,45 @@ fn build(
     for r in per_image {
         crops.extend(r?);
     }
-    let masks = cfg
-        .masks
-        .map(|m| draw_masks(&m, cfg.seed, pos.epoch, &indices))
-        .unwrap_or_default();
+    let masks = batch_masks(cfg, pos.epoch, &indices)?;
+    let (g, l) = (mc.global_size, mc.local_size);
     Ok(Batch {
         position: pos,
         batch_size: bsz,
         global_size: mc.global_size,
         local_size: mc.local_size,
         n_local: mc.n_local,
-        globals,
-        locals,
+        globals: shaped((N_GLOBAL, bsz, 3, g, g), globals)?,
+        locals: shaped((mc.n_local, bsz, 3, l, l), locals)?,
         labels: indices.iter().map(|&i| split.label(i)).collect(),
         grids: batch_pair_grids(&crops, mc.n_views(), cfg.grids),
         crops,
         indices,
         masks,
     })
+}
+
+/// `buf` as an array of `shape` without copying it; the lengths are the
+/// loader's own, so a mismatch is a bug, reported rather than panicking.
+fn shaped<T, Sh: ShapeBuilder>(shape: Sh, buf: Vec<T>) -> Result<Array<T, Sh::Dim>> {
+    Array::from_shape_vec(shape, buf).map_err(|e| {
+        DataError::Loader(format!(
+            "batch buffer of the wrong size ({e}); this is a bug"
+        ))
+    })
+}
+
+/// The `(2, B, rows, cols)` masks of a batch of the samples `indices`, or
+/// `(0, B, 0, 0)` without masking.
+fn batch_masks(cfg: &LoaderConfig, epoch: usize, indices: &[usize]) -> Result<Array4<bool>> {
+    let b = indices.len();
+    match cfg.masks {
+        Some(m) => shaped(
+            (N_GLOBAL, b, m.grid.0, m.grid.1),
+            draw_masks(&m, cfg.seed, epoch, indices),
+        ),
+        None => Ok(Array4::default((0, b, 0, 0))),
+    }
 }
 
 /// `[2][B][N]` masks of the global crops of the samples `indices`, each

@@ -14,6 +14,7 @@ pub mod error;
 pub mod eval;
 pub mod folder;
 pub mod idx;
+pub mod layout;
 pub mod loader;
 pub mod rng;
 pub mod spec;

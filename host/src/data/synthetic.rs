@@ -426,7 +426,7 @@ mod tests {
         }
         assert!(counts.iter().all(|&c| c == 40), "{counts:?}");
         let img = d.train.image(5).unwrap();
-        assert_eq!((img.width, img.height, img.channels), (32, 32, 3));
+        assert_eq!((img.width(), img.height(), img.channels()), (32, 32, 3));
     }
 
     #[test]
@@ -446,7 +446,10 @@ mod tests {
         // No two images coincide.
         let mut seen = std::collections::HashSet::new();
         for i in 0..d.train.len() {
-            assert!(seen.insert(d.train.image(i).unwrap().data), "duplicate {i}");
+            assert!(
+                seen.insert(d.train.image(i).unwrap().as_slice().to_vec()),
+                "duplicate {i}"
+            );
         }
     }
 
@@ -541,7 +544,7 @@ mod tests {
     /// values; `k = 1` is the image's mean colour).
     fn block_means(img: &Raster, k: usize) -> Vec<f32> {
         let mut out = vec![0.0f32; 3 * k * k];
-        let (w, h) = (img.width, img.height);
+        let (w, h) = (img.width(), img.height());
         for y in 0..h {
             for x in 0..w {
                 let b = (y * k / h) * k + x * k / w;
@@ -559,8 +562,8 @@ mod tests {
     fn coherence(img: &Raster) -> f32 {
         let g = |x: usize, y: usize| (0..3).map(|c| img.get(x, y, c) as f32).sum::<f32>();
         let (mut xx, mut yy, mut xy) = (0.0f32, 0.0f32, 0.0f32);
-        for y in 1..img.height - 1 {
-            for x in 1..img.width - 1 {
+        for y in 1..img.height() - 1 {
+            for x in 1..img.width() - 1 {
                 let gx = g(x + 1, y - 1) + 2.0 * g(x + 1, y) + g(x + 1, y + 1)
                     - g(x - 1, y - 1)
                     - 2.0 * g(x - 1, y)
@@ -584,8 +587,8 @@ mod tests {
     fn orientation(img: &Raster) -> Vec<f32> {
         let g = |x: usize, y: usize| (0..3).map(|c| img.get(x, y, c) as f32).sum::<f32>();
         let mut e = [0.0f32; 4];
-        for y in 1..img.height - 1 {
-            for x in 1..img.width - 1 {
+        for y in 1..img.height() - 1 {
+            for x in 1..img.width() - 1 {
                 e[0] += (g(x + 1, y) - g(x - 1, y)).abs();
                 e[1] += (g(x, y + 1) - g(x, y - 1)).abs();
                 e[2] += (g(x + 1, y + 1) - g(x - 1, y - 1)).abs() / 2f32.sqrt();

@@ -34,9 +34,10 @@ fn mc() -> MultiCrop {
 fn batch_layout() {
     let split = tiny_split(10);
     let b = batch_at(&split, &mc(), &cfg(1), Position::default()).unwrap();
-    assert_eq!(b.globals.len(), 2 * 4 * 3 * 16 * 16);
-    assert_eq!(b.locals.len(), 3 * 4 * 3 * 8 * 8);
-    assert_eq!(b.global_view(1).len(), 4 * 3 * 16 * 16);
+    assert_eq!(b.globals.dim(), (2, 4, 3, 16, 16));
+    assert_eq!(b.locals.dim(), (3, 4, 3, 8, 8));
+    assert_eq!(b.global_view(1).dim(), (4, 3, 16, 16));
+    assert!(b.globals.is_standard_layout() && b.locals.is_standard_layout());
     assert_eq!(b.view(4), b.local_view(2));
     assert_eq!(b.crops.len(), 4 * 5);
     assert_eq!(b.grids.len(), view_pairs(5).len());
@@ -56,6 +57,8 @@ fn batch_layout() {
     // Each view's slot of each image was written.
     assert!(b
         .globals
+        .as_slice()
+        .unwrap()
         .chunks(3 * 16 * 16)
         .all(|v| v.iter().any(|&x| x != 0.0)));
 }
@@ -147,13 +150,20 @@ fn masks_of_the_global_crops_are_reproducible_and_leave_the_crops_alone() {
     let mut crops_masked = 0;
     for (m, p) in one.iter().zip(&plain) {
         // Only the two global crops of each image carry a mask.
-        assert_eq!(m.masks.len(), 2 * 4 * 16);
-        assert!(p.masks.is_empty());
+        assert_eq!(m.masks.dim(), (2, 4, 4, 4));
+        assert_eq!(m.mask_view(1).map(|v| v.dim()), Some((4, 4, 4)));
+        assert!(p.masks.is_empty() && p.mask_view(0).is_none());
         assert_eq!(
             (&m.globals, &m.locals, &m.crops),
             (&p.globals, &p.locals, &p.crops)
         );
-        crops_masked += m.masks.chunks(16).filter(|c| c.contains(&true)).count();
+        crops_masked += m
+            .masks
+            .as_slice()
+            .unwrap()
+            .chunks(16)
+            .filter(|c| c.contains(&true))
+            .count();
     }
     assert!(
         (10..40).contains(&crops_masked),
@@ -310,10 +320,12 @@ fn shards_of_a_batch_concatenate_to_the_whole_batch() {
     };
     let (a, b) = (shard(0), shard(1));
     assert_eq!((a.batch_size, b.batch_size), (2, 2));
-    let nl = whole.n_local;
-    assert_eq!(concat_batches(&a.globals, &b.globals, 2), whole.globals);
-    assert_eq!(concat_batches(&a.locals, &b.locals, nl), whole.locals);
-    assert_eq!(concat_batches(&a.masks, &b.masks, 2), whole.masks);
+    // Each view's batch is split along its image axis.
+    let cat = |x, y| ndarray::concatenate(ndarray::Axis(1), &[x, y]).unwrap();
+    assert_eq!(cat(a.globals.view(), b.globals.view()), whole.globals);
+    assert_eq!(cat(a.locals.view(), b.locals.view()), whole.locals);
+    let cat = |x, y| ndarray::concatenate(ndarray::Axis(1), &[x, y]).unwrap();
+    assert_eq!(cat(a.masks.view(), b.masks.view()), whole.masks);
     assert_eq!(concat_batches(&a.crops, &b.crops, 1), whole.crops);
     assert_eq!(concat_batches(&a.indices, &b.indices, 1), whole.indices);
     assert_eq!(concat_batches(&a.labels, &b.labels, 1), whole.labels);

@@ -3,11 +3,12 @@
 //! token by default, or DINO's linear-evaluation variants (CLS tokens of the
 //! last blocks, pooled patch tokens), chosen by [`FeatureSpec`].
 
-use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut2, Axis};
 
 use crate::backend::{Backend, OpError};
 use crate::checkpoint::Checkpoint;
 use crate::config::TrainConfig;
+use crate::data::layout::contiguous;
 use crate::data::{EvalBatches, EvalTransform, Split};
 use crate::error::SereError;
 use crate::export::Network;
@@ -202,17 +203,30 @@ impl<B: Backend> Embedder<B> {
         &self.be
     }
 
-    /// Runs the teacher backbone (no drop-path) on `n` normalised images of
-    /// the checkpoint's size (`n x 3 x img x img`, as [`EvalTransform`]
-    /// makes them); tokens and attention probabilities land in `acts`
-    /// (shaped for `n` images here when needed).
+    /// Runs the teacher backbone (no drop-path) on normalised images of
+    /// the checkpoint's size, shaped `(n, 3, img, img)` in standard layout
+    /// (as [`EvalTransform`] makes them); tokens and attention
+    /// probabilities land in `acts` (shaped for `n` images here when
+    /// needed). Another shape or layout is an error.
+    ///
+    /// ```rust
+    /// use ndarray::Array4;
+    /// use sere_host::backend::Cpu;
+    /// use sere_host::config::TrainConfig;
+    /// use sere_host::eval::features::Embedder;
+    /// let cfg = TrainConfig::default(); // nano, 32 px
+    /// let emb = Embedder::random_init(Cpu, &cfg)?;
+    /// let mut acts = None;
+    /// emb.forward(Array4::zeros((2, 3, cfg.img, cfg.img)).view(), &mut acts)?;
+    /// assert!(emb.forward(Array4::zeros((2, 1, cfg.img, cfg.img)).view(), &mut acts).is_err());
+    /// # Ok::<(), sere_host::error::SereError>(())
+    /// ```
     pub fn forward(
         &self,
-        images: &[f32],
-        n: usize,
+        images: ArrayView4<f32>,
         acts: &mut Option<VitActs<B>>,
     ) -> Result<(), SereError> {
-        self.backbone().forward(images, n, acts)
+        self.backbone().forward(images, acts)
     }
 
     /// [`Embedder::forward`] on images of side `img` instead of the
@@ -221,14 +235,25 @@ impl<B: Backend> Embedder<B> {
     /// patches. `img` must be a multiple of the patch size (the workspace
     /// panics otherwise; callers check it first, as
     /// [`check_image_size`](crate::visualize::check_image_size) does).
+    ///
+    /// ```rust
+    /// use ndarray::Array4;
+    /// use sere_host::backend::Cpu;
+    /// use sere_host::config::TrainConfig;
+    /// use sere_host::eval::features::Embedder;
+    /// let cfg = TrainConfig::default(); // nano, 32 px
+    /// let emb = Embedder::random_init(Cpu, &cfg)?;
+    /// let img = 2 * cfg.img; // twice the patches a side
+    /// emb.forward_at(Array4::zeros((1, 3, img, img)).view(), img, &mut None)?;
+    /// # Ok::<(), sere_host::error::SereError>(())
+    /// ```
     pub fn forward_at(
         &self,
-        images: &[f32],
-        n: usize,
+        images: ArrayView4<f32>,
         img: usize,
         acts: &mut Option<VitActs<B>>,
     ) -> Result<(), SereError> {
-        self.backbone().forward_at(images, n, img, acts)
+        self.backbone().forward_at(images, img, acts)
     }
 
     /// The backbone as a borrowed [`Backbone`].
@@ -267,30 +292,30 @@ impl<B: Backend> Embedder<B> {
         self.backbone().embed(split, batch, spec)
     }
 
-    /// L2-normalised features (`n x spec.dim(dim)`) of `n` prepared images
-    /// (`[n][3][S][S]`, normalised), `acts` the reusable activations.
+    /// L2-normalised features (`n x spec.dim(dim)`) of `n` prepared,
+    /// normalised images shaped `(n, 3, S, S)` (standard layout), `acts`
+    /// the reusable activations.
     ///
     /// ```rust
+    /// use ndarray::Array4;
     /// use sere_host::backend::Cpu;
+    /// use sere_host::config::TrainConfig;
     /// use sere_host::eval::features::{Embedder, FeatureSpec};
-    /// # let cfg = sere_host::config::TrainConfig { dim: 16, depth: 1, heads: 2, img: 16,
-    /// #     local_img: 8, out_dim: 32, head_hidden: 16, bottleneck: 8,
-    /// #     ..sere_host::config::TrainConfig::default() };
+    /// let cfg = TrainConfig::default(); // nano, 32 px
     /// let emb = Embedder::random_init(Cpu, &cfg)?;
-    /// let images = vec![0.5f32; 2 * 3 * 16 * 16];
+    /// let x = Array4::zeros((3, 3, cfg.img, cfg.img));
     /// let spec = FeatureSpec { avgpool: true, ..FeatureSpec::default() };
-    /// let f = emb.features(&images, 2, spec, &mut None)?;
-    /// assert_eq!(f.dim(), (2, 2 * 16));
+    /// let f = emb.features(x.view(), spec, &mut None)?;
+    /// assert_eq!(f.dim(), (3, 2 * emb.dim()));
     /// # Ok::<(), sere_host::error::SereError>(())
     /// ```
     pub fn features(
         &self,
-        images: &[f32],
-        n: usize,
+        images: ArrayView4<f32>,
         spec: FeatureSpec,
         acts: &mut Option<VitActs<B>>,
     ) -> Result<Array2<f32>, SereError> {
-        self.backbone().features(images, n, spec, acts)
+        self.backbone().features(images, spec, acts)
     }
 
     /// [`Embedder::embed`] saying on stderr how far it got (every tenth of
@@ -337,21 +362,22 @@ impl<B: Backend> Backbone<'_, B> {
     /// See [`Embedder::forward`].
     pub fn forward(
         &self,
-        images: &[f32],
-        n: usize,
+        images: ArrayView4<f32>,
         acts: &mut Option<VitActs<B>>,
     ) -> Result<(), SereError> {
-        self.forward_at(images, n, self.cfg.img, acts)
+        self.forward_at(images, self.cfg.img, acts)
     }
 
-    /// See [`Embedder::forward_at`].
+    /// See [`Embedder::forward_at`]. The one place the eval side's shaped
+    /// images become the flat buffer the backend uploads.
     pub fn forward_at(
         &self,
-        images: &[f32],
-        n: usize,
+        images: ArrayView4<f32>,
         img: usize,
         acts: &mut Option<VitActs<B>>,
     ) -> Result<(), SereError> {
+        let n = check_images(images.dim(), img)?;
+        let images = contiguous(images, "images").map_err(SereError::data)?;
         let vit = &self.net.vit;
         vit.prepare_forward(self.be, acts, n, img)
             .map_err(device_error)?;
@@ -401,19 +427,19 @@ impl<B: Backend> Backbone<'_, B> {
     /// let net = SereNet::new(&cfg);
     /// let params = vec![0.01f32; net.layout.len()];
     /// let backbone = Backbone { be: &Cpu, net: &net, params: &params, cfg: &cfg };
-    /// let f = backbone.features(&vec![0.1; 3 * 16 * 16], 1, FeatureSpec::default(), &mut None)?;
+    /// let x = ndarray::Array4::from_elem((1, 3, 16, 16), 0.1f32);
+    /// let f = backbone.features(x.view(), FeatureSpec::default(), &mut None)?;
     /// assert_eq!(f.dim(), (1, 16));
     /// # Ok::<(), sere_host::error::SereError>(())
     /// ```
     pub fn features(
         &self,
-        images: &[f32],
-        n: usize,
+        images: ArrayView4<f32>,
         spec: FeatureSpec,
         acts: &mut Option<VitActs<B>>,
     ) -> Result<Array2<f32>, SereError> {
         spec.check(self.cfg.depth, self.cfg.img / self.cfg.patch)?;
-        self.forward(images, n, acts)?;
+        self.forward(images, acts)?;
         let acts = acts
             .as_ref()
             .ok_or_else(|| SereError::Other("the forward pass left no activations".into()))?;
@@ -454,7 +480,7 @@ impl<B: Backend> Backbone<'_, B> {
         };
         for b in EvalBatches::new(split, transform, batch).map_err(SereError::data)? {
             let b = b.map_err(SereError::data)?;
-            let f = self.features(&b.images, b.len(), spec, &mut acts)?;
+            let f = self.features(b.images.view(), spec, &mut acts)?;
             feats.extend(f.iter());
             labels.extend_from_slice(&b.labels);
             if let Some(label) = progress {
@@ -481,6 +507,20 @@ fn rows_of(values: Vec<f32>, width: usize) -> Result<Array2<f32>, SereError> {
     let rows = values.len().checked_div(width).unwrap_or(0);
     Array2::from_shape_vec((rows, width), values)
         .map_err(|e| SereError::Other(format!("features do not make rows of {width} values: {e}")))
+}
+
+/// The image count of an `(n, 3, img, img)` batch, or an error naming the
+/// shape the backbone takes (instead of the workspace's panic).
+fn check_images(
+    (n, c, h, w): (usize, usize, usize, usize),
+    img: usize,
+) -> Result<usize, SereError> {
+    if n == 0 || (c, h, w) != (3, img, img) {
+        return Err(SereError::Other(format!(
+            "images of shape [{n}, {c}, {h}, {w}]: the backbone takes [n > 0, 3, {img}, {img}]"
+        )));
+    }
+    Ok(n)
 }
 
 /// A backend's error while embedding: a kernel's own error, or the device's.
@@ -512,7 +552,9 @@ pub fn pixel_features(split: &Split, img: usize, batch: usize) -> Result<Labelle
     let mut labels = Vec::with_capacity(split.len());
     for b in EvalBatches::new(split, EvalTransform::new(img), batch).map_err(SereError::data)? {
         let b = b.map_err(SereError::data)?;
-        feats.extend_from_slice(&b.images);
+        feats.extend_from_slice(
+            contiguous(b.images.view(), "evaluation images").map_err(SereError::data)?,
+        );
         labels.extend_from_slice(&b.labels);
     }
     Ok((rows_of(feats, 3 * img * img)?, labels))

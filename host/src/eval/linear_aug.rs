@@ -12,6 +12,7 @@
 //! as every `sere eval` feature is. Views are drawn from per-(seed, epoch,
 //! image) streams, so a probe is reproducible.
 
+use ndarray::ArrayView4;
 use rand::RngExt;
 use rayon::prelude::*;
 
@@ -37,7 +38,7 @@ fn view(split: &Split, i: usize, epoch: usize, seed: u64, size: usize, out: &mut
     let mut rng = stream(seed, Purpose::Augment, epoch as u64, i as u64 ^ SHUFFLE_TAG);
     match split.image(i) {
         Ok(img) => {
-            let rect = random_resized_crop(img.width, img.height, SCALE, RATIO, &mut rng);
+            let rect = random_resized_crop(img.width(), img.height(), SCALE, RATIO, &mut rng);
             let flipped = rng.random::<f32>() < 0.5;
             resize_crop(&img, rect, size, flipped, out);
             colour::normalize(out, IMAGENET_MEAN, IMAGENET_STD);
@@ -104,7 +105,9 @@ pub fn fit_augmented<B: Backend>(
             for (l, &i) in labels.iter_mut().zip(chunk) {
                 *l = split.label(i);
             }
-            let x = emb.features(px, rows, spec, &mut acts)?;
+            let px = ArrayView4::from_shape((rows, 3, size, size), &*px)
+                .map_err(|e| SereError::Other(format!("probe batch: {e}")))?;
+            let x = emb.features(px, spec, &mut acts)?;
             let batch = ProbeBatch::new(x.view(), &labels[..rows], classes)?;
             let loss = loss_grad(&batch, cfg.weight_decay, &probe.params, &mut grad, &mut ws)?;
             epoch_loss += loss * rows as f64 / n as f64;

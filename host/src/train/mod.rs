@@ -12,7 +12,8 @@ use std::time::Instant;
 use crate::augment::{GridSizes, MultiCrop};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::TrainConfig;
-use crate::data::{DataSpec, Loader, LoaderConfig, Position};
+use crate::data::layout::contiguous;
+use crate::data::{Batch, DataSpec, Loader, LoaderConfig, Position};
 use crate::dist::{self, ProcessGroup, Shard};
 use crate::error::SereError;
 use crate::eval::monitor::KnnMonitor;
@@ -572,7 +573,7 @@ fn print_run_summary(
         cfg.peak_lr(),
         out_dir.join(CONFIG_FILE).display()
     );
-    let first = data.train.image(0).ok().map(|r| r.width.min(r.height));
+    let first = data.train.image(0).ok().map(|r| r.width().min(r.height()));
     for w in crop_warnings(cfg, first) {
         eprintln!("warning: {w}");
     }
@@ -829,14 +830,7 @@ pub fn train_in(
             .ok_or_else(|| SereError::Other("the data loader stopped early".into()))?
             .map_err(SereError::data)?;
         let s = sched.at(done);
-        let input = StepInput {
-            batch: batch.batch_size,
-            locals: batch.n_local,
-            globals: &batch.globals,
-            local_crops: &batch.locals,
-            grids: &batch.grids,
-            masks: &batch.masks,
-        };
+        let input = step_input(&batch)?;
         let stats = engine.step(&input, &s).map_err(|e| match e {
             StepError::NonFinite { step, .. } => SereError::Diverged {
                 step,
@@ -911,6 +905,19 @@ pub fn train_in(
         last,
         config: cfg,
         already_finished: false,
+    })
+}
+
+/// The engine's view of `batch`: its shaped arrays as the flat, view-major
+/// slices the step uploads (no copy; the loader builds them standard).
+fn step_input(batch: &Batch) -> Result<StepInput<'_>, SereError> {
+    Ok(StepInput {
+        batch: batch.batch_size,
+        locals: batch.n_local,
+        globals: contiguous(batch.globals.view(), "global views").map_err(SereError::data)?,
+        local_crops: contiguous(batch.locals.view(), "local views").map_err(SereError::data)?,
+        grids: &batch.grids,
+        masks: contiguous(batch.masks.view(), "masks").map_err(SereError::data)?,
     })
 }
 

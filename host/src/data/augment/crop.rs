@@ -116,12 +116,16 @@ fn taps(src: usize, out: usize) -> Taps {
 /// Resamples `rect` of `img` to `size x size` into `out` (CHW, 3 planes,
 /// values in `[0, 1]`), mirrored left-right when `flipped`.
 pub fn resize_crop(img: &Raster, rect: PixelRect, size: usize, flipped: bool, out: &mut [f32]) {
-    debug_assert!(rect.x + rect.w <= img.width && rect.y + rect.h <= img.height);
+    debug_assert!(rect.x + rect.w <= img.width() && rect.y + rect.h <= img.height());
     debug_assert_eq!(out.len(), 3 * size * size);
     let tx = taps(rect.w, size);
     let ty = taps(rect.h, size);
     // Horizontal pass over the crop's rows: tmp[row][ox][c].
     let mut tmp = vec![0.0f32; rect.h * size * 3];
+    // The flat HWC bytes, indexed directly in this hot loop; a grayscale
+    // image steps 0 between channels, reading its one channel three times.
+    let (px, ch, width) = (img.as_slice(), img.channels(), img.width());
+    let c_step = usize::from(ch == 3);
     for r in 0..rect.h {
         let sy = rect.y + r;
         for ox in 0..size {
@@ -130,9 +134,9 @@ pub fn resize_crop(img: &Raster, rect: PixelRect, size: usize, flipped: bool, ou
             let w = &tx.weights[src_o * tx.stride..src_o * tx.stride + n];
             let mut acc = [0.0f32; 3];
             for (k, &wk) in w.iter().enumerate() {
-                let sx = rect.x + f + k;
+                let at = (sy * width + rect.x + f + k) * ch;
                 for (c, a) in acc.iter_mut().enumerate() {
-                    *a += wk * img.get(sx, sy, c) as f32;
+                    *a += wk * px[at + c * c_step] as f32;
                 }
             }
             let o = (r * size + ox) * 3;

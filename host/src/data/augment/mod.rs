@@ -16,6 +16,7 @@ pub mod crop;
 pub mod grids;
 pub mod mask;
 
+use ndarray::Array3;
 use rand::RngExt;
 use sere_core::geometry::CropBox;
 
@@ -113,13 +114,11 @@ impl Default for MultiCrop {
     }
 }
 
-/// One augmented view: `3 x size x size` CHW pixels and where it came from.
+/// One augmented view: its pixels and where it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct View {
-    /// Side in pixels.
-    pub size: usize,
-    /// Normalised pixels, CHW.
-    pub pixels: Vec<f32>,
+    /// Normalised pixels shaped `(3, size, size)` (CHW, standard layout).
+    pub pixels: Array3<f32>,
     /// The crop in source-image pixels, with its flip.
     pub crop: CropBox,
 }
@@ -228,7 +227,7 @@ impl MultiCrop {
             1 => (self.global_size, self.global_scale, self.blur_p[1]),
             _ => (self.local_size, self.local_scale, self.blur_p[2]),
         };
-        let rect = random_resized_crop(img.width, img.height, scale, self.ratio, rng);
+        let rect = random_resized_crop(img.width(), img.height(), scale, self.ratio, rng);
         let flipped = coin(rng, self.flip_p);
         resize_crop(img, rect, size, flipped, out);
         if coin(rng, self.jitter_p) {
@@ -272,15 +271,35 @@ impl MultiCrop {
 
     /// All views of `img`, each in its own buffer (convenient, one
     /// allocation per view; the loader writes into batch buffers instead).
-    pub fn augment(&self, img: &Raster, rng: &mut impl RngExt) -> Vec<View> {
+    ///
+    /// ```rust
+    /// use sere_host::augment::MultiCrop;
+    /// use sere_host::data::{rng, Raster};
+    /// let img = Raster::new(20, 10, 3, vec![90; 20 * 10 * 3])?;
+    /// let mut rng = rng::stream(0, rng::Purpose::Augment, 0, 0);
+    /// let views = MultiCrop::new(16, 8, 2).augment(&img, &mut rng)?;
+    /// assert_eq!(views.len(), 4);
+    /// assert_eq!((views[0].size(), views[3].pixels.dim()), (16, (3, 8, 8)));
+    /// # Ok::<(), sere_host::data::DataError>(())
+    /// ```
+    pub fn augment(&self, img: &Raster, rng: &mut impl RngExt) -> Result<Vec<View>> {
         (0..self.n_views())
             .map(|v| {
                 let size = self.view_size(v);
                 let mut pixels = vec![0.0; 3 * size * size];
                 let crop = self.view_into(img, v, rng, &mut pixels);
-                View { size, pixels, crop }
+                let pixels = Array3::from_shape_vec((3, size, size), pixels)
+                    .map_err(|e| DataError::config("view", e.to_string()))?;
+                Ok(View { pixels, crop })
             })
             .collect()
+    }
+}
+
+impl View {
+    /// Side in pixels.
+    pub fn size(&self) -> usize {
+        self.pixels.dim().1
     }
 }
 
