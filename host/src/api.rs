@@ -173,8 +173,7 @@ impl<B: Backend> Model<B> {
         let mut out = Array4::zeros((n, 3, s, s));
         for (img, mut view) in images.outer_iter().zip(out.outer_iter_mut()) {
             let raster = Raster::from_array(img.to_owned()).map_err(SereError::data)?;
-            let px = transform.apply(&raster);
-            view.assign(&ndarray::ArrayView3::from_shape((3, s, s), &px).expect("3 x S x S"));
+            view.assign(&transform.apply(&raster).map_err(SereError::data)?);
         }
         Ok(out)
     }
@@ -236,11 +235,8 @@ mod tests {
         let bytes =
             Array4::from_shape_fn((1, h, w, 3), |(_, i, j, c)| (i * 7 + j * 3 + c * 50) as u8);
         let raster = Raster::from_array(bytes.index_axis(Axis(0), 0).to_owned()).unwrap();
-        let px = EvalTransform::new(m.image_size()).apply(&raster);
-        let s = m.image_size();
-        let want = m
-            .embed(ArrayView4::from_shape((1, 3, s, s), &px).unwrap())
-            .unwrap();
+        let px = EvalTransform::new(m.image_size()).apply(&raster).unwrap();
+        let want = m.embed(px.view().insert_axis(Axis(0))).unwrap();
         assert_eq!(m.embed_u8(bytes.view()).unwrap(), want);
     }
 

@@ -28,7 +28,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use image::{ImageFormat, Rgb, RgbImage};
-use ndarray::ArrayView4;
+use ndarray::{ArrayView3, Axis};
 use sere_core::{relation, softmax};
 
 use crate::backend::Backend;
@@ -378,13 +378,13 @@ fn head_label(k: usize, heads: usize) -> Vec<String> {
 }
 
 /// The de-normalised view (`3 x img x img`) at `side x side`.
-fn input_pixels(view: &[f32], tf: &EvalTransform, side: usize) -> Vec<[u8; 3]> {
+fn input_pixels(view: ArrayView3<f32>, tf: &EvalTransform, side: usize) -> Vec<[u8; 3]> {
     let img = tf.size;
     (0..side * side)
         .map(|k| {
             let (sy, sx) = ((k / side) * img / side, (k % side) * img / side);
             [0, 1, 2].map(|c| {
-                let v = view[c * img * img + sy * img + sx] * tf.std[c] + tf.mean[c];
+                let v = view[[c, sy, sx]] * tf.std[c] + tf.mean[c];
                 (v * 255.0).round().clamp(0.0, 255.0) as u8
             })
         })
@@ -631,13 +631,11 @@ pub fn run<B: Backend>(emb: &Embedder<B>, args: &VisualizeArgs) -> Result<Vec<Pa
     let tf = EvalTransform::new(img);
     let mut acts = None;
     for ((_, raster), files) in inputs.iter().zip(paths.chunks(2)) {
-        let view = tf.apply(raster);
-        let batch = ArrayView4::from_shape((1, 3, img, img), &view)
-            .map_err(|e| SereError::Other(format!("evaluation view: {e}")))?;
-        emb.forward_at(batch, img, &mut acts)?;
+        let view = tf.apply(raster).map_err(SereError::data)?;
+        emb.forward_at(view.view().insert_axis(Axis(0)), img, &mut acts)?;
         let acts = acts.as_ref().expect("forward shaped it");
         let m = maps(emb.backend(), acts, cfg.depth, cfg.dim, cfg.heads)?;
-        let input = input_pixels(&view, &tf, side);
+        let input = input_pixels(view.view(), &tf, side);
         write_png_atomic(&files[0], &attention_sheet(&m, &input, g, side, threshold)?)?;
         write_png_atomic(&files[1], &relation_sheet(&m, &input, g, side)?)?;
     }

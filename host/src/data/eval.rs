@@ -2,7 +2,7 @@
 //! crop resized to `S x S` and normalised, with no randomness, and batched
 //! iteration over a split with its labels (the last batch may be short).
 
-use ndarray::Array4;
+use ndarray::{Array3, Array4};
 use rayon::prelude::*;
 
 use super::augment::{colour, resize_crop, PixelRect, IMAGENET_MEAN, IMAGENET_STD};
@@ -77,11 +77,20 @@ impl EvalTransform {
         colour::normalize(out, self.mean, self.std);
     }
 
-    /// The view of `img` in a new buffer.
-    pub fn apply(&self, img: &Raster) -> Vec<f32> {
+    /// The view of `img` in a new array shaped `(3, size, size)`.
+    ///
+    /// ```rust
+    /// use sere_host::data::{EvalTransform, Raster};
+    /// let img = Raster::new(12, 8, 1, vec![255; 12 * 8])?;
+    /// let view = EvalTransform::new(4).apply(&img)?;
+    /// assert_eq!(view.dim(), (3, 4, 4));
+    /// # Ok::<(), sere_host::data::DataError>(())
+    /// ```
+    pub fn apply(&self, img: &Raster) -> Result<Array3<f32>> {
         let mut out = vec![0.0; self.image_len()];
         self.apply_into(img, &mut out);
-        out
+        Array3::from_shape_vec((3, self.size, self.size), out)
+            .map_err(|e| DataError::config("evaluation view", e.to_string()))
     }
 }
 
