@@ -6,6 +6,7 @@
 mod common;
 
 use common::{down, up};
+use ndarray::ArrayView4;
 use rand::SeedableRng;
 use serde_json::Value;
 use sere_host::backend::Backend;
@@ -17,6 +18,11 @@ on_every_backend! {
     gradients_match_finite_differences_with_drop_path => finite_differences;
     masked_gradients_match_finite_differences => finite_differences_masked;
     forward_only_workspace_gives_the_same_outputs => forward_only;
+}
+
+/// `images` as the `(batch, 3, img, img)` batch the ViT takes.
+fn batch_of(images: &[f32], batch: usize, img: usize) -> ArrayView4<'_, f32> {
+    ArrayView4::from_shape((batch, 3, img, img), images).expect("test images fill the batch")
 }
 
 fn floats(v: &Value) -> Vec<f32> {
@@ -82,16 +88,9 @@ fn pytorch_reference<B: Backend>(be: &B) {
         // The unmasked cases run with the token present but unused.
         let masks = (!mask.is_empty()).then_some(&mask[..]);
         acts.set_masks(be, masks).unwrap();
-        vit.forward(
-            be,
-            &p,
-            &floats(&case["images"]),
-            batch,
-            img,
-            &mut acts,
-            None,
-        )
-        .unwrap();
+        let images = floats(&case["images"]);
+        let images = batch_of(&images, batch, img);
+        vit.forward(be, &p, images, &mut acts, None).unwrap();
         // f32 through two blocks: errors of a few 1e-6 relative to the scale.
         assert_close(
             &format!("out@{img}"),
@@ -202,8 +201,14 @@ fn check_finite_differences<B: Backend>(be: &B, masked: bool, weight_scale: f32)
     let mut objective = |p: &[f32]| -> f64 {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7); // same masks every call
         let p = up(be, p);
-        vit.forward(be, &p, &images, batch, img, &mut acts, Some(&mut r))
-            .unwrap();
+        vit.forward(
+            be,
+            &p,
+            batch_of(&images, batch, img),
+            &mut acts,
+            Some(&mut r),
+        )
+        .unwrap();
         let pre = down(be, acts.pre_norm());
         let patches: Vec<f32> = (0..batch)
             .flat_map(|b| pre[(b * t + 1) * d..(b + 1) * t * d].to_vec())
@@ -214,8 +219,14 @@ fn check_finite_differences<B: Backend>(be: &B, masked: bool, weight_scale: f32)
     acts.set_masks(be, masks).unwrap();
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let pb = up(be, &params);
-    vit.forward(be, &pb, &images, batch, img, &mut acts, Some(&mut r))
-        .unwrap();
+    vit.forward(
+        be,
+        &pb,
+        batch_of(&images, batch, img),
+        &mut acts,
+        Some(&mut r),
+    )
+    .unwrap();
     let mut g = be.zeros(layout.len()).unwrap();
     let dpre = up(be, &dpatches);
     vit.backward(be, &pb, &mut acts, &up(be, &dout), Some(&dpre), &mut g)
@@ -263,9 +274,16 @@ fn forward_only<B: Backend>(be: &B) {
     let mut full = vit.workspace(be, batch, img).unwrap();
     let mut fwd = vit.forward_workspace(be, batch, img).unwrap();
     for acts in [&mut full, &mut fwd] {
-        vit.forward(be, &p, &images, batch, img, acts, None)
+        vit.forward(be, &p, batch_of(&images, batch, img), acts, None)
             .unwrap();
     }
     assert_eq!(down(be, full.out()), down(be, fwd.out()));
     assert_eq!(down(be, full.pre_norm()), down(be, fwd.pre_norm()));
+    // Images the workspace was not shaped for, or not in standard layout,
+    // are refused with an error, not a panic.
+    let fewer = batch_of(&images[..(batch - 1) * 3 * img * img], batch - 1, img);
+    let transposed = batch_of(&images, batch, img).permuted_axes([0, 1, 3, 2]);
+    for bad in [fewer, transposed] {
+        assert!(vit.forward(be, &p, bad, &mut full, None).is_err());
+    }
 }

@@ -89,9 +89,11 @@ impl Raster {
 
     /// All bytes in HWC order, for per-pixel loops that index them directly.
     pub fn as_slice(&self) -> &[u8] {
-        // Every constructor keeps the array in standard layout, so the
-        // empty fallback is never taken.
-        self.pixels.as_slice().unwrap_or(&[])
+        // Every constructor keeps the array in standard layout: a failure
+        // here is a bug in this module, never the input's.
+        self.pixels
+            .as_slice()
+            .expect("Raster's constructors keep standard layout")
     }
 
     /// Width in pixels (> 0).

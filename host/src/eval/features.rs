@@ -377,14 +377,13 @@ impl<B: Backend> Backbone<'_, B> {
         acts: &mut Option<VitActs<B>>,
     ) -> Result<(), SereError> {
         let n = check_images(images.dim(), img)?;
-        let images = contiguous(images, "images").map_err(SereError::data)?;
         let vit = &self.net.vit;
         vit.prepare_forward(self.be, acts, n, img)
             .map_err(device_error)?;
         let acts = acts
             .as_mut()
             .ok_or_else(|| SereError::Other("the forward pass has no activations".into()))?;
-        vit.forward(self.be, self.params, images, n, img, acts, None)
+        vit.forward(self.be, self.params, images, acts, None)
             .map_err(device_error)
     }
 

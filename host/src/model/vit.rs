@@ -17,6 +17,7 @@ use crate::backend::{
     mat, mat_mut, AttentionShape, Backend, Blocks, Grads, InputGrad, LayerNormSaved, LinearParams,
     LinearShape, NormParams, OpResult, Rows,
 };
+use ndarray::ArrayView4;
 use rand::RngExt;
 use sere_core::linalg::MatRef;
 use std::ops::Range;
@@ -494,31 +495,22 @@ impl Vit {
         Ok(())
     }
 
-    /// Forward pass of `batch` images (`B x C x S x S`, normalised, on the
-    /// host) into `acts` (shaped by [`Vit::workspace`] for that batch and
-    /// size). With `rng`, drop-path masks are drawn (training); with `None`
-    /// every branch is kept.
-    #[allow(clippy::too_many_arguments)]
+    /// Forward pass of a batch of images shaped `(B, C, S, S)` (normalised,
+    /// on the host, standard layout) into `acts` (shaped by
+    /// [`Vit::workspace`] for that batch and size; images of another shape
+    /// are a typed error). With `rng`, drop-path masks are drawn
+    /// (training); with `None` every branch is kept.
     pub fn forward<B: Backend>(
         &self,
         be: &B,
         params: &B::Buf,
-        images: &[f32],
-        batch: usize,
-        img: usize,
+        images: ArrayView4<'_, f32>,
         acts: &mut VitActs<B>,
         rng: Option<&mut dyn rand::Rng>,
     ) -> OpResult {
         let c = &self.cfg;
-        assert!(
-            acts.batch == batch && acts.img == img,
-            "ViT workspace shaped for another batch"
-        );
-        assert_eq!(
-            images.len(),
-            batch * c.in_chans * img * img,
-            "image batch has the wrong size"
-        );
+        let images = self.images_for(images, acts)?;
+        let batch = acts.batch;
         be.upload_into(images, &mut acts.images)?;
         self.embed(be, params, acts)?;
         let mut rng = rng;
@@ -533,6 +525,32 @@ impl Vit {
             &mut acts.out,
             (&mut acts.out_mean, &mut acts.out_rstd),
         )
+    }
+
+    /// The values of `images` when they are the `(B, C, S, S)` batch `acts`
+    /// was shaped for, in standard layout (the backend uploads one block).
+    fn images_for<'a, B: Backend>(
+        &self,
+        images: ArrayView4<'a, f32>,
+        acts: &VitActs<B>,
+    ) -> OpResult<&'a [f32]> {
+        let want = (acts.batch, self.cfg.in_chans, acts.img, acts.img);
+        if images.dim() != want {
+            let count = |(b, c, h, w): (usize, usize, usize, usize)| b * c * h * w;
+            return Err(sere_core::Error::ShapeMismatch {
+                what: "ViT images (the workspace is shaped for another batch or size)",
+                expected: count(want),
+                got: count(images.dim()),
+            }
+            .into());
+        }
+        images.to_slice().ok_or_else(|| {
+            sere_core::Error::InvalidArgument {
+                what: "ViT images",
+                requirement: "a standard-layout (row-major, contiguous) view",
+            }
+            .into()
+        })
     }
 
     /// Patch embedding (im2col, one GEMM), the interpolated position

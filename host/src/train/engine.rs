@@ -26,6 +26,7 @@ use crate::dist::{self, Collective, ProcessGroup, Shard};
 use crate::error::SereError;
 use crate::model::heads::{BnRunning, DinoHeadActs, SereActs, SereHeadState, SereSide};
 use crate::model::vit::{BatchShard, VitActs};
+use ndarray::ArrayView4;
 use rand::SeedableRng;
 use sere_core::optim::AdamW;
 
@@ -231,6 +232,18 @@ impl<B: Backend> Pass<B> {
             false,
         )
     }
+}
+
+/// The step's flat `[n][3][img][img]` crops as the image batch the ViT
+/// takes (a typed error when the buffer is not that size).
+fn image_batch(images: &[f32], n: usize, img: usize) -> Result<ArrayView4<'_, f32>, OpError> {
+    ArrayView4::from_shape((n, 3, img, img), images).map_err(|_| {
+        OpError::Kernel(sere_core::Error::ShapeMismatch {
+            what: "step images ([n][3][img][img])",
+            expected: n * 3 * img * img,
+            got: images.len(),
+        })
+    })
 }
 
 /// The CLS rows of a token buffer (`images x t x d`) and rows `first..` of a
@@ -781,15 +794,8 @@ impl<B: Backend> Engine<B> {
         let (be, net, params) = (&self.be, &self.net, &self.teacher);
         let ws = self.ws.as_mut().expect("shaped");
         let (d, tp) = (self.cfg.dim, &mut ws.teacher);
-        net.vit.forward(
-            be,
-            params,
-            input.globals,
-            tp.images,
-            self.cfg.img,
-            &mut tp.vit,
-            None,
-        )?;
+        let globals = image_batch(input.globals, tp.images, self.cfg.img)?;
+        net.vit.forward(be, params, globals, &mut tp.vit, None)?;
         if self.cfg.relations() {
             tp.gather_patches(be, d)?;
             let bn = &mut self.teacher_bn;
@@ -874,15 +880,9 @@ impl<B: Backend> Engine<B> {
                 }
                 pass.vit.set_masks(be, Some(input.masks))?;
             }
-            net.vit.forward(
-                be,
-                params,
-                images,
-                pass.images,
-                img,
-                &mut pass.vit,
-                Some(&mut rng),
-            )?;
+            let images = image_batch(images, pass.images, img)?;
+            net.vit
+                .forward(be, params, images, &mut pass.vit, Some(&mut rng))?;
             if let Some(m) = mim {
                 let rows = patch_rows(pass, d, true);
                 be.copy_blocks(pass.vit.out(), &mut m.student_tokens, rows, false)?;
