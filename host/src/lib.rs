@@ -13,6 +13,11 @@ pub mod data;
 // it. Re-exported here under its old path.
 pub use data::augment;
 
+// The array crate of the public API's images, features and maps
+// (`ArrayView4` in, `Array2` out), re-exported so that a caller names the
+// same version the signatures use.
+pub use ndarray;
+
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -6,6 +6,7 @@ use sere_core::geometry::CropBox;
 use sere_host::augment::GridSizes;
 use sere_host::augment::{batch_pair_grids, BatchPairGrids};
 use sere_host::config::TrainConfig;
+use sere_host::ndarray::{ArrayView4, ArrayView5};
 use sere_host::train::engine::{CpuEngine, StepInput, StepSchedule};
 use sere_host::train::network::BACKBONE_PREFIX;
 // The LCG stream these inputs always came from (bit-for-bit).
@@ -40,6 +41,8 @@ fn config() -> TrainConfig {
 struct Batch {
     batch: usize,
     locals: usize,
+    /// Global and local crop sides, patch-grid side.
+    sides: (usize, usize, usize),
     globals: Vec<f32>,
     local_crops: Vec<f32>,
     grids: Vec<BatchPairGrids>,
@@ -48,13 +51,16 @@ struct Batch {
 
 impl Batch {
     fn input(&self) -> StepInput<'_> {
+        let (b, (g, l, n)) = (self.batch, self.sides);
+        let mask_shape = match self.masks.is_empty() {
+            true => (0, b, 0, 0),
+            false => (2, b, n, n),
+        };
         StepInput {
-            batch: self.batch,
-            locals: self.locals,
-            globals: &self.globals,
-            local_crops: &self.local_crops,
+            globals: ArrayView5::from_shape((2, b, 3, g, g), &self.globals).unwrap(),
+            locals: ArrayView5::from_shape((self.locals, b, 3, l, l), &self.local_crops).unwrap(),
             grids: &self.grids,
-            masks: &self.masks,
+            masks: ArrayView4::from_shape(mask_shape, &self.masks).unwrap(),
         }
     }
 }
@@ -123,6 +129,7 @@ fn setup(cfg: &TrainConfig) -> (CpuEngine, Batch) {
     let batch = Batch {
         batch: b,
         locals: l,
+        sides: (cfg.img, cfg.local_img, cfg.grid()),
         globals,
         local_crops: locals,
         grids,

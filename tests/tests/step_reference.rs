@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use sere_host::augment::BatchPairGrids;
 use sere_host::config::TrainConfig;
+use sere_host::ndarray::{ArrayView4, ArrayView5};
 use sere_host::train::engine::{CpuEngine, StepInput, StepSchedule};
 
 type Fixture = HashMap<String, Vec<f64>>;
@@ -134,13 +135,13 @@ fn one_sere_ibot_step_matches_pytorch_float64() {
         .collect();
     let (globals, locals) = (f32s(&fx["globals"]), f32s(&fx["locals"]));
     let masks: Vec<bool> = fx["masks"].iter().map(|&m| m == 1.0).collect();
+    let (b, n) = (cfg.batch, cfg.grid());
     let input = StepInput {
-        batch: cfg.batch,
-        locals: cfg.locals,
-        globals: &globals,
-        local_crops: &locals,
+        globals: ArrayView5::from_shape((2, b, 3, cfg.img, cfg.img), &globals).unwrap(),
+        locals: ArrayView5::from_shape((cfg.locals, b, 3, cfg.local_img, cfg.local_img), &locals)
+            .unwrap(),
         grids: &grids,
-        masks: &masks,
+        masks: ArrayView4::from_shape((2, b, n, n), &masks).unwrap(),
     };
     let temps = &fx["temps"];
     assert_eq!(temps[2], cfg.student_temp);

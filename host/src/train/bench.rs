@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use ndarray::{Array4, Array5};
 use rand::{RngExt, SeedableRng};
 use sere_core::geometry::CropBox;
 
@@ -153,12 +154,10 @@ fn random_crop(rng: &mut impl RngExt, src: f32, scale: (f64, f64)) -> CropBox {
 /// crop and the overlap grids of random crop rectangles (deterministic by
 /// `cfg.seed`). Shared by `sere bench-step` and the criterion step bench.
 pub struct BenchInputs {
-    batch: usize,
-    locals: usize,
-    globals: Vec<f32>,
-    local_crops: Vec<f32>,
+    globals: Array5<f32>,
+    locals: Array5<f32>,
     grids: Vec<crate::augment::BatchPairGrids>,
-    masks: Vec<bool>,
+    masks: Array4<bool>,
 }
 
 impl BenchInputs {
@@ -166,12 +165,10 @@ impl BenchInputs {
     pub fn new(cfg: &TrainConfig) -> Self {
         let (b, l) = (cfg.batch, cfg.locals);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
-        let globals: Vec<f32> = (0..2 * b * 3 * cfg.img * cfg.img)
-            .map(|_| rng.random_range(-2.0..2.0))
-            .collect();
-        let local_crops: Vec<f32> = (0..l * b * 3 * cfg.local_img * cfg.local_img)
-            .map(|_| rng.random_range(-2.0..2.0))
-            .collect();
+        let mut pixels =
+            |v, s| Array5::from_shape_simple_fn((v, b, 3, s, s), || rng.random_range(-2.0..2.0));
+        let globals = pixels(2, cfg.img);
+        let locals = pixels(l, cfg.local_img);
         let views = 2 + l;
         let crops: Vec<CropBox> = (0..b * views)
             .map(|i| {
@@ -185,19 +182,21 @@ impl BenchInputs {
             .collect();
         let grids = batch_pair_grids(&crops, views, grid_sizes(cfg));
         // iBOT's masks of the global crops, drawn as the loader does.
-        let masks = cfg.mask_config().map_or_else(Vec::new, |m| {
-            let n = m.patches();
-            let mut masks = vec![false; 2 * b * n];
-            for crop in masks.chunks_mut(n) {
-                crate::augment::mask::draw_mask(&m, &mut rng, crop);
-            }
-            masks
-        });
+        let masks = cfg.mask_config().map_or_else(
+            || Array4::from_elem((0, b, 0, 0), false),
+            |m| {
+                let (rows, cols) = m.grid;
+                let mut masks = Array4::from_elem((2, b, rows, cols), false);
+                let flat = masks.as_slice_mut().expect("a new array is standard");
+                for crop in flat.chunks_mut(rows * cols) {
+                    crate::augment::mask::draw_mask(&m, &mut rng, crop);
+                }
+                masks
+            },
+        );
         BenchInputs {
-            batch: b,
-            locals: l,
             globals,
-            local_crops,
+            locals,
             grids,
             masks,
         }
@@ -206,12 +205,10 @@ impl BenchInputs {
     /// The step's input, borrowing the generated tensors.
     pub fn input(&self) -> StepInput<'_> {
         StepInput {
-            batch: self.batch,
-            locals: self.locals,
-            globals: &self.globals,
-            local_crops: &self.local_crops,
+            globals: self.globals.view(),
+            locals: self.locals.view(),
             grids: &self.grids,
-            masks: &self.masks,
+            masks: self.masks.view(),
         }
     }
 }

@@ -26,26 +26,59 @@ use crate::dist::{self, Collective, ProcessGroup, Shard};
 use crate::error::SereError;
 use crate::model::heads::{BnRunning, DinoHeadActs, SereActs, SereHeadState, SereSide};
 use crate::model::vit::{BatchShard, VitActs};
-use ndarray::ArrayView4;
+use ndarray::{ArrayView4, ArrayView5};
 use rand::SeedableRng;
 use sere_core::optim::AdamW;
 
-/// The crops of one step, already on the host in the loader's layout.
+/// The crops of one step, already on the host in the loader's layout
+/// (standard-layout views; the shapes say `B`, `L` and the crop sizes).
 #[derive(Debug, Clone, Copy)]
 pub struct StepInput<'a> {
-    /// Images per view (B).
-    pub batch: usize,
-    /// Local views per image (L).
-    pub locals: usize,
-    /// `[2][B][3][G][G]`.
-    pub globals: &'a [f32],
-    /// `[L][B][3][l][l]`.
-    pub local_crops: &'a [f32],
+    /// The two global crops, `(2, B, 3, G, G)`.
+    pub globals: ArrayView5<'a, f32>,
+    /// The local crops, `(L, B, 3, l, l)` (`L` may be 0).
+    pub locals: ArrayView5<'a, f32>,
     /// Pair grids in `view_pairs` order.
     pub grids: &'a [BatchPairGrids],
-    /// `[2][B][N]` iBOT masks of the student's global crops (empty without
-    /// `mim`).
-    pub masks: &'a [bool],
+    /// iBOT masks of the student's global crops, `(2, B, rows, cols)` of
+    /// the patch grid (no elements without `mim`).
+    pub masks: ArrayView4<'a, bool>,
+}
+
+impl StepInput<'_> {
+    /// Images per view (B).
+    pub fn batch(&self) -> usize {
+        self.globals.dim().1
+    }
+
+    /// Local views per image (L).
+    pub fn local_views(&self) -> usize {
+        self.locals.dim().0
+    }
+
+    /// The masks as the `[2][B][N]` flags the ViT takes (a typed error for
+    /// a non-standard view).
+    fn mask_flags(&self) -> Result<&[bool], OpError> {
+        self.masks
+            .to_slice()
+            .ok_or(OpError::Kernel(sere_core::Error::InvalidArgument {
+                what: "step masks",
+                requirement: "a standard-layout (row-major, contiguous) view",
+            }))
+    }
+}
+
+/// The `(V, B, 3, S, S)` crops of a step as the `(V * B, 3, S, S)` image
+/// batch the ViT takes (no copy: a standard-layout view merges its first
+/// two axes in place; another layout is a typed error).
+fn image_batch<'a>(crops: ArrayView5<'a, f32>) -> Result<ArrayView4<'a, f32>, OpError> {
+    let (v, b, c, h, w) = crops.dim();
+    crops.into_shape_with_order((v * b, c, h, w)).map_err(|_| {
+        OpError::Kernel(sere_core::Error::InvalidArgument {
+            what: "step crops",
+            requirement: "a standard-layout (row-major, contiguous) view",
+        })
+    })
 }
 
 /// Scheduled values for one step.
@@ -232,18 +265,6 @@ impl<B: Backend> Pass<B> {
             false,
         )
     }
-}
-
-/// The step's flat `[n][3][img][img]` crops as the image batch the ViT
-/// takes (a typed error when the buffer is not that size).
-fn image_batch(images: &[f32], n: usize, img: usize) -> Result<ArrayView4<'_, f32>, OpError> {
-    ArrayView4::from_shape((n, 3, img, img), images).map_err(|_| {
-        OpError::Kernel(sere_core::Error::ShapeMismatch {
-            what: "step images ([n][3][img][img])",
-            expected: n * 3 * img * img,
-            got: images.len(),
-        })
-    })
 }
 
 /// The CLS rows of a token buffer (`images x t x d`) and rows `first..` of a
@@ -452,8 +473,8 @@ fn mim_loss<B: Backend>(
     centre: &mut B::Buf,
     stats: &mut B::Buf,
 ) -> Result<(), OpError> {
-    let patches = m.rows / (2 * input.batch);
-    sere_core::loss::masked_patch_weights(input.masks, patches, &mut m.weights_host)?;
+    let patches = m.rows / (2 * input.batch());
+    sere_core::loss::masked_patch_weights(input.mask_flags()?, patches, &mut m.weights_host)?;
     be.upload_into(&m.weights_host, &mut m.weights)?;
     be.zero(&mut m.dlogits)?;
     let args = MimLossArgs {
@@ -754,7 +775,7 @@ impl<B: Backend> Engine<B> {
     ) -> Result<StepStats, StepError> {
         let step = sched.step;
         let err = StepError::at(step);
-        self.shape_workspace(input.batch, input.locals)
+        self.shape_workspace(input.batch(), input.local_views())
             .map_err(&err)?;
         self.teacher_pass(input).map_err(&err)?;
         self.student_pass(input, step).map_err(&err)?;
@@ -794,8 +815,8 @@ impl<B: Backend> Engine<B> {
         let (be, net, params) = (&self.be, &self.net, &self.teacher);
         let ws = self.ws.as_mut().expect("shaped");
         let (d, tp) = (self.cfg.dim, &mut ws.teacher);
-        let globals = image_batch(input.globals, tp.images, self.cfg.img)?;
-        net.vit.forward(be, params, globals, &mut tp.vit, None)?;
+        net.vit
+            .forward(be, params, image_batch(input.globals)?, &mut tp.vit, None)?;
         if self.cfg.relations() {
             tp.gather_patches(be, d)?;
             let bn = &mut self.teacher_bn;
@@ -849,38 +870,33 @@ impl<B: Backend> Engine<B> {
             spatial_local: bn_sl,
             channel_local: bn_cl,
         } = &mut self.student_bn;
-        let (h, l) = (&net.sere, input.local_crops);
+        let (h, l) = (&net.sere, input.locals);
         let global = (
             input.globals,
-            cfg.img,
             &mut ws.global,
             (&h.spatial_global, bn_sg),
             (&h.channel_global, bn_cg),
         );
-        let local = ws.local.as_mut().map(|(p, _)| {
-            (
-                l,
-                cfg.local_img,
-                p,
-                (&h.spatial_local, bn_sl),
-                (&h.channel_local, bn_cl),
-            )
-        });
+        let local = ws
+            .local
+            .as_mut()
+            .map(|(p, _)| (l, p, (&h.spatial_local, bn_sl), (&h.channel_local, bn_cl)));
         let mut first_cls = 0;
-        for (images, img, pass, (sp, bs), (ch, bc)) in [global].into_iter().chain(local) {
+        for (images, pass, (sp, bs), (ch, bc)) in [global].into_iter().chain(local) {
             // iBOT masks the student's global crops (this first pass) only;
             // everything the student computes from them sees the masks.
             let mim = ws.mim.as_mut().filter(|_| first_cls == 0);
             if mim.is_some() {
-                if input.masks.len() != pass.rows() {
+                let masks = input.mask_flags()?;
+                if masks.len() != pass.rows() {
                     return Err(OpError::Kernel(sere_core::Error::InvalidArgument {
                         what: "step masks",
                         requirement: "need one entry per patch of the global crops ([2][B][N])",
                     }));
                 }
-                pass.vit.set_masks(be, Some(input.masks))?;
+                pass.vit.set_masks(be, Some(masks))?;
             }
-            let images = image_batch(images, pass.images, img)?;
+            let images = image_batch(images)?;
             net.vit
                 .forward(be, params, images, &mut pass.vit, Some(&mut rng))?;
             if let Some(m) = mim {
@@ -925,7 +941,7 @@ impl<B: Backend> Engine<B> {
     ) -> Result<(usize, SpatialMean), OpError> {
         let (be, cfg) = (&self.be, &self.cfg);
         let ws = self.ws.as_mut().expect("shaped");
-        let (b, l) = (input.batch, input.locals);
+        let (b, l) = (input.batch(), input.local_views());
         let group = self.group.as_ref();
         let counts = SpatialCounts::of(input.grids);
         let global = counts.over(group)?; // the identity in one process
@@ -1502,6 +1518,22 @@ pub fn open_cuda() -> Result<Cuda, SereError> {
 mod tests {
     use super::*;
     use crate::config::DecayRule;
+    use ndarray::Array5;
+
+    #[test]
+    fn step_crops_become_one_image_batch_without_a_copy() {
+        let crops = Array5::from_shape_fn((2, 3, 3, 4, 4), |(v, b, c, i, j)| {
+            (v * 1000 + b * 100 + c * 16 + i * 4 + j) as f32
+        });
+        let images = image_batch(crops.view()).unwrap();
+        assert_eq!(images.dim(), (6, 3, 4, 4));
+        assert_eq!(images.as_ptr(), crops.as_ptr());
+        // Image 4 is view 1's second image.
+        assert_eq!(images[[4, 2, 3, 1]], crops[[1, 1, 2, 3, 1]]);
+        // A permuted view cannot merge its axes in place: an error, not a copy.
+        let permuted = crops.view().permuted_axes([1, 0, 2, 3, 4]);
+        assert!(image_batch(permuted).is_err());
+    }
 
     /// The decayed parameters under each rule, by name.
     fn decayed(rule: DecayRule) -> Vec<String> {

@@ -12,7 +12,6 @@ use std::time::Instant;
 use crate::augment::{GridSizes, MultiCrop};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::TrainConfig;
-use crate::data::layout::contiguous;
 use crate::data::{Batch, DataSpec, Loader, LoaderConfig, Position};
 use crate::dist::{self, ProcessGroup, Shard};
 use crate::error::SereError;
@@ -830,7 +829,7 @@ pub fn train_in(
             .ok_or_else(|| SereError::Other("the data loader stopped early".into()))?
             .map_err(SereError::data)?;
         let s = sched.at(done);
-        let input = step_input(&batch)?;
+        let input = step_input(&batch);
         let stats = engine.step(&input, &s).map_err(|e| match e {
             StepError::NonFinite { step, .. } => SereError::Diverged {
                 step,
@@ -908,17 +907,14 @@ pub fn train_in(
     })
 }
 
-/// The engine's view of `batch`: its shaped arrays as the flat, view-major
-/// slices the step uploads (no copy; the loader builds them standard).
-fn step_input(batch: &Batch) -> Result<StepInput<'_>, SereError> {
-    Ok(StepInput {
-        batch: batch.batch_size,
-        locals: batch.n_local,
-        globals: contiguous(batch.globals.view(), "global views").map_err(SereError::data)?,
-        local_crops: contiguous(batch.locals.view(), "local views").map_err(SereError::data)?,
+/// The engine's view of `batch` (no copy).
+fn step_input(batch: &Batch) -> StepInput<'_> {
+    StepInput {
+        globals: batch.globals.view(),
+        locals: batch.locals.view(),
         grids: &batch.grids,
-        masks: contiguous(batch.masks.view(), "masks").map_err(SereError::data)?,
-    })
+        masks: batch.masks.view(),
+    }
 }
 
 /// The file [`save`] names for `step`.
