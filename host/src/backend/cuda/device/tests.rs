@@ -41,6 +41,14 @@ fn saved<'a>(y: &'a Buf, norms: &'a Buf) -> L2Saved<'a, Buf> {
     L2Saved { y, norms }
 }
 
+/// `buf` received as an input gradient: added into, or written over.
+fn input_grad<T: ?Sized>(add: bool, buf: &mut T) -> InputGrad<'_, T> {
+    match add {
+        true => InputGrad::Add(buf),
+        false => InputGrad::Write(buf),
+    }
+}
+
 fn up<B: Backend>(be: &B, v: &[f32]) -> B::Buf {
     be.upload(v).expect("upload")
 }
@@ -78,19 +86,11 @@ fn linear_forward_and_backward_match_the_cpu() {
     // Both ways of receiving dx: added into `dx0`, and written over it.
     for add in [true, false] {
         let (mut dx_cpu, mut g_cpu) = (dx0.clone(), g0.clone());
-        let dx = if add {
-            InputGrad::Add(&mut dx_cpu)
-        } else {
-            InputGrad::Write(&mut dx_cpu)
-        };
+        let dx = input_grad(add, &mut dx_cpu);
         Cpu.linear_backward(&x, &dy, layer.of(&p), s, dx, &mut g_cpu)
             .unwrap();
         let (mut dxd, mut gd) = (up(&dev, &dx0), up(&dev, &g0));
-        let dx = if add {
-            InputGrad::Add(&mut dxd)
-        } else {
-            InputGrad::Write(&mut dxd)
-        };
+        let dx = input_grad(add, &mut dxd);
         dev.linear_backward(&xd, &dyd, layer.of(&pd), s, dx, &mut gd)
             .unwrap();
         close("dx", &down(&dev, &dxd), &dx_cpu, 1e-5);
