@@ -169,8 +169,12 @@ pub struct VitActs<B: Backend> {
     out_mean: B::Buf,
     out_rstd: B::Buf,
     dx: B::Buf,
-    dtmp: B::Buf,
-    dattn: B::Buf,
+    /// Two `B*T x D` buffers that each phase names by the role it gives
+    /// them: the patch embeddings (forward, in `rows_a`); a branch's
+    /// gradient and a layer norm's input gradient (block backward); the
+    /// patch embeddings' gradient (embedding backward).
+    rows_a: B::Buf,
+    rows_b: B::Buf,
     dqkv: B::Buf,
     dhid: B::Buf,
     dscores: B::Buf,
@@ -418,7 +422,7 @@ impl Vit {
         let (n, t) = (g * g, g * g + 1);
         let bt = batch * t;
         let z = |len: usize| be.zeros(len);
-        // The backward's scratch (dtmp is the embedding's forward scratch too).
+        // The backward's scratch (`rows_a` is the embedding's forward buffer too).
         let zb = |len: usize| be.zeros(if backward { len } else { 0 });
         let g0 = c.grid();
         let interp = if g == g0 {
@@ -462,8 +466,8 @@ impl Vit {
             out_mean: z(bt)?,
             out_rstd: z(bt)?,
             dx: zb(bt * d)?,
-            dtmp: z(bt * d)?,
-            dattn: zb(bt * d)?,
+            rows_a: z(bt * d)?,
+            rows_b: zb(bt * d)?,
             dqkv: zb(bt * 3 * d)?,
             dhid: zb(bt * hid)?,
             dscores: zb(be.attention_scratch_len(self.attention_shape(batch, t)))?,
@@ -561,7 +565,7 @@ impl Vit {
         let pp = c.in_chans * c.patch * c.patch;
         let geom = (batch, c.in_chans, acts.img, c.patch);
         be.im2col(&acts.images, geom, &mut acts.patches)?;
-        // The embeddings borrow `dtmp` as scratch.
+        // The patch embeddings go to `rows_a`; embed_tokens places them.
         let shape = LinearShape {
             rows: batch * n,
             inp: pp,
@@ -569,18 +573,18 @@ impl Vit {
         };
         let pe = self.pe.of(params);
         match self.active_masks(acts.masked, &mut acts.masking) {
-            None => be.linear_forward(&acts.patches, pe, shape, &mut acts.dtmp)?,
+            None => be.linear_forward(&acts.patches, pe, shape, &mut acts.rows_a)?,
             Some((m, token)) => {
                 // emb = keep * (patches W + b) + mask token^T: the masked
                 // rows become the token, before the position embedding.
                 be.linear_forward(&acts.patches, pe, shape, &mut m.embed)?;
-                be.keep_scale(&m.embed, &m.keep, (batch * n, d), &mut acts.dtmp)?;
+                be.keep_scale(&m.embed, &m.keep, (batch * n, d), &mut acts.rows_a)?;
                 be.gemm(
                     1.0,
                     mat(&m.mask, MatRef::row_major(batch * n, 1)),
                     mat(params, MatRef::row_major(1, d).at(token.start)),
                     1.0,
-                    mat_mut(&mut acts.dtmp, MatRef::row_major(batch * n, d)),
+                    mat_mut(&mut acts.rows_a, MatRef::row_major(batch * n, d)),
                 )?;
             }
         }
@@ -608,7 +612,7 @@ impl Vit {
             }
         }
         be.embed_tokens(
-            &acts.dtmp,
+            &acts.rows_a,
             params,
             (self.cls.clone(), self.pos.clone()),
             &acts.pos_patch,
@@ -808,67 +812,74 @@ impl Vit {
         l: usize,
         grads: &mut B::Buf,
     ) -> OpResult {
-        let c = &self.cfg;
-        let (d, hid, batch, t) = (c.dim, c.hidden(), acts.batch, acts.t);
-        let bt = batch * t;
+        self.mlp_branch_backward(be, params, acts, l, grads)?;
+        self.attention_branch_backward(be, params, acts, l, grads)
+    }
+
+    /// The MLP branch, `x_out = x_mid + keep2 * fc2(gelu(fc1(ln2(x_mid))))`:
+    /// `acts.dx` goes from `d x_out` to `d x_mid`.
+    fn mlp_branch_backward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        acts: &mut VitActs<B>,
+        l: usize,
+        grads: &mut B::Buf,
+    ) -> OpResult {
+        let (d, hid, bt) = (self.cfg.dim, self.cfg.hidden(), acts.batch * acts.t);
         let lin = |inp, out| LinearShape { rows: bt, inp, out };
         let (bp, ba) = (&self.blocks[l], &acts.blocks[l]);
-        let x_in = &acts.xs[l];
-        let (dx, dtmp, dattn) = (&mut acts.dx, &mut acts.dtmp, &mut acts.dattn);
-        let (dqkv, dhid, scratch) = (&mut acts.dqkv, &mut acts.dhid, &mut acts.scratch);
-        // MLP branch: x_out = x_mid + keep2 * fc2(gelu(fc1(ln2(x_mid)))).
-        be.keep_scale(dx, &ba.keep2, (batch, t * d), dtmp)?;
-        be.linear_backward(
-            &ba.g,
-            dtmp,
-            bp.fc2.of(params),
-            lin(hid, d),
-            InputGrad::Write(&mut *dhid),
-            grads,
-        )?;
+        let (dx, dhid, scratch) = (&mut acts.dx, &mut acts.dhid, &mut acts.scratch);
+        let (dbranch, dln2) = (&mut acts.rows_a, &mut acts.rows_b);
+        be.keep_scale(dx, &ba.keep2, (acts.batch, acts.t * d), dbranch)?;
+        let fc2 = bp.fc2.of(params);
+        let dh = InputGrad::Write(&mut *dhid);
+        be.linear_backward(&ba.g, dbranch, fc2, lin(hid, d), dh, grads)?;
         be.gelu_grad_in_place(&ba.h1, bt * hid, dhid)?;
-        // `dattn` holds d ln2 here.
-        be.linear_backward(
-            &ba.ln2,
-            dhid,
-            bp.fc1.of(params),
-            lin(d, hid),
-            InputGrad::Write(&mut *dattn),
-            grads,
-        )?;
+        let fc1 = bp.fc1.of(params);
+        let into = InputGrad::Write(&mut *dln2);
+        be.linear_backward(&ba.ln2, dhid, fc1, lin(d, hid), into, grads)?;
         let saved = LayerNormSaved {
             x: &ba.x_mid,
             mean: &ba.mean2,
             rstd: &ba.rstd2,
         };
-        let (norm2, bt_d) = (bp.norm2.of(params), Rows::new(bt, d));
         let into = Grads {
-            input: &mut *dx,
-            params: &mut *grads,
+            input: dx,
+            params: grads,
         };
-        be.layer_norm_backward(saved, dattn, norm2, bt_d, into, scratch)?;
-        // Attention branch: x_mid = x_in + keep1 * proj(attn(qkv(ln1(x_in)))).
-        be.keep_scale(dx, &ba.keep1, (batch, t * d), dtmp)?;
-        be.linear_backward(
-            &ba.attn,
-            dtmp,
-            bp.proj.of(params),
-            lin(d, d),
-            InputGrad::Write(&mut *dattn),
-            grads,
-        )?;
+        let norm2 = bp.norm2.of(params);
+        be.layer_norm_backward(saved, dln2, norm2, Rows::new(bt, d), into, scratch)
+    }
+
+    /// The attention branch, `x_mid = x_in + keep1 *
+    /// proj(attn(qkv(ln1(x_in))))`: `acts.dx` goes from `d x_mid` to
+    /// `d x_in`.
+    fn attention_branch_backward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        acts: &mut VitActs<B>,
+        l: usize,
+        grads: &mut B::Buf,
+    ) -> OpResult {
+        let (d, batch, t) = (self.cfg.dim, acts.batch, acts.t);
+        let bt = batch * t;
+        let lin = |inp, out| LinearShape { rows: bt, inp, out };
+        let (bp, ba, x_in) = (&self.blocks[l], &acts.blocks[l], &acts.xs[l]);
+        let (dx, dqkv, scratch) = (&mut acts.dx, &mut acts.dqkv, &mut acts.scratch);
+        let (dbranch, dattn) = (&mut acts.rows_a, &mut acts.rows_b);
+        be.keep_scale(dx, &ba.keep1, (batch, t * d), dbranch)?;
+        let (proj, into) = (bp.proj.of(params), InputGrad::Write(&mut *dattn));
+        be.linear_backward(&ba.attn, dbranch, proj, lin(d, d), into, grads)?;
         be.zero(dqkv)?;
         let shape = self.attention_shape(batch, t);
         be.attention_backward(&ba.qkv, &ba.probs, dattn, shape, &mut acts.dscores, dqkv)?;
-        // `dtmp` holds d ln1 here.
-        be.linear_backward(
-            &ba.ln1,
-            dqkv,
-            bp.qkv.of(params),
-            lin(d, 3 * d),
-            InputGrad::Write(&mut *dtmp),
-            grads,
-        )?;
+        // The projection's backward has consumed the branch gradient: its
+        // buffer takes ln1's output gradient.
+        let dln1 = dbranch;
+        let (qkv, into) = (bp.qkv.of(params), InputGrad::Write(&mut *dln1));
+        be.linear_backward(&ba.ln1, dqkv, qkv, lin(d, 3 * d), into, grads)?;
         let saved = LayerNormSaved {
             x: x_in,
             mean: &ba.mean1,
@@ -878,7 +889,8 @@ impl Vit {
             input: dx,
             params: grads,
         };
-        be.layer_norm_backward(saved, dtmp, bp.norm1.of(params), bt_d, into, scratch)
+        let norm1 = bp.norm1.of(params);
+        be.layer_norm_backward(saved, dln1, norm1, Rows::new(bt, d), into, scratch)
     }
 
     /// Backward of [`Vit::embed`]: token assembly, position interpolation
@@ -898,7 +910,7 @@ impl Vit {
             (self.cls.clone(), self.pos.clone()),
             grads,
             &mut acts.dpos_patch,
-            &mut acts.dtmp,
+            &mut acts.rows_a,
         )?;
         match &acts.interp {
             None => be.add_into(&acts.dpos_patch, n * d, grads, self.pos.start + d)?,
@@ -920,18 +932,18 @@ impl Vit {
         };
         let (pe, x) = (self.pe.of(params), &acts.patches);
         match self.active_masks(acts.masked, &mut acts.masking) {
-            None => be.linear_backward(x, &acts.dtmp, pe, shape, InputGrad::Skip, grads),
+            None => be.linear_backward(x, &acts.rows_a, pe, shape, InputGrad::Skip, grads),
             Some((m, token)) => {
                 // d token = sum of the masked rows' gradients; the masked
                 // rows send none to the patch embedding.
                 be.gemm(
                     1.0,
                     mat(&m.mask, MatRef::row_major(1, batch * n)),
-                    mat(&acts.dtmp, MatRef::row_major(batch * n, d)),
+                    mat(&acts.rows_a, MatRef::row_major(batch * n, d)),
                     1.0,
                     mat_mut(grads, MatRef::row_major(1, d).at(token.start)),
                 )?;
-                be.keep_scale(&acts.dtmp, &m.keep, (batch * n, d), &mut m.embed)?;
+                be.keep_scale(&acts.rows_a, &m.keep, (batch * n, d), &mut m.embed)?;
                 be.linear_backward(x, &m.embed, pe, shape, InputGrad::Skip, grads)
             }
         }
