@@ -2,7 +2,7 @@
 //! `backend::cpu::relation_loss`, or a direct loop where the CPU's is private).
 //! They need a GPU: without one each prints `skipped: <reason>`.
 
-use super::{Buf, Cuda, CudaScratch, RelationWorkspace};
+use super::{Buf, Cuda, RelationWorkspace};
 use crate::augment::BatchPairGrids;
 use crate::backend::cpu;
 use crate::backend::cpu::relation_loss::{
@@ -121,62 +121,74 @@ fn gemm_with_strided_and_column_major_views_matches_the_cpu() {
     close("c", &down(&dev, &cd), &c_cpu, 1e-5);
 }
 
+/// Inputs of one layer norm forward and backward: `rows x cols` input and
+/// output gradient, the flat parameters, the gradients added into.
+struct LayerNormCase {
+    norm: NormParams,
+    shape: Rows,
+    x: Vec<f32>,
+    dy: Vec<f32>,
+    params: Vec<f32>,
+    dx0: Vec<f32>,
+    g0: Vec<f32>,
+}
+
+impl LayerNormCase {
+    /// The forward (`y`, then the row means, with one spare slot that must
+    /// stay 0, and `1 / std`) and the backward (`dx`, the gradients) on `be`.
+    fn run_on<B: Backend>(&self, be: &B) -> [Vec<f32>; 5] {
+        let Rows { rows, cols } = self.shape;
+        let (x, dy, p) = (up(be, &self.x), up(be, &self.dy), up(be, &self.params));
+        let norm = self.norm.of(&p);
+        let mut y = be.zeros(rows * cols).unwrap();
+        let (mut mean, mut rstd) = (be.zeros(rows + 1).unwrap(), be.zeros(rows).unwrap());
+        be.layer_norm_forward(&x, norm, self.shape, &mut y, (&mut mean, &mut rstd))
+            .unwrap();
+        let (mut dx, mut g) = (up(be, &self.dx0), up(be, &self.g0));
+        let saved = LayerNormSaved {
+            x: &x,
+            mean: &mean,
+            rstd: &rstd,
+        };
+        let into = Grads {
+            input: &mut dx,
+            params: &mut g,
+        };
+        let mut scratch = Default::default();
+        be.layer_norm_backward(saved, &dy, norm, self.shape, into, &mut scratch)
+            .unwrap();
+        [y, mean, rstd, dx, g].map(|b| down(be, &b))
+    }
+}
+
 #[test]
 fn layer_norm_forward_and_backward_match_the_cpu() {
     let Some(dev) = device() else { return };
     let (rows, cols) = (6, 8);
-    let (gamma, beta) = (2..2 + cols, 2 + cols..2 + 2 * cols);
-    let norm = NormParams {
-        gamma: gamma.clone(),
-        beta: beta.clone(),
+    let case = LayerNormCase {
+        norm: NormParams {
+            gamma: 2..2 + cols,
+            beta: 2 + cols..2 + 2 * cols,
+        },
+        shape: Rows::new(rows, cols),
+        x: data(rows * cols, 10),
+        dy: data(rows * cols, 11),
+        params: data(3 + 2 * cols, 9),
+        dx0: data(rows * cols, 12),
+        g0: data(3 + 2 * cols, 13),
     };
-    let shape = Rows::new(rows, cols);
-    let p = data(beta.end + 1, 9);
-    let (x, dy) = (data(rows * cols, 10), data(rows * cols, 11));
-    let (dx0, g0) = (data(rows * cols, 12), data(p.len(), 13));
-
-    let (mut y_cpu, mut m_cpu, mut r_cpu) =
-        (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
-    let stats = (&mut m_cpu, &mut r_cpu);
-    Cpu.layer_norm_forward(&x, norm.of(&p), shape, &mut y_cpu, stats)
-        .unwrap();
-    let (mut dx_cpu, mut g_cpu) = (dx0.clone(), g0.clone());
-    let saved = LayerNormSaved {
-        x: &x,
-        mean: &m_cpu,
-        rstd: &r_cpu,
-    };
-    let into = Grads {
-        input: &mut dx_cpu,
-        params: &mut g_cpu,
-    };
-    let mut scratch = Default::default();
-    Cpu.layer_norm_backward(saved, &dy, norm.of(&p), shape, into, &mut scratch)
-        .unwrap();
-
-    let (xd, pd, dyd) = (up(&dev, &x), up(&dev, &p), up(&dev, &dy));
-    let mut yd = dev.zeros(rows * cols).unwrap();
-    let (mut md, mut rd) = (dev.zeros(rows + 1).unwrap(), dev.zeros(rows).unwrap());
-    dev.layer_norm_forward(&xd, norm.of(&pd), shape, &mut yd, (&mut md, &mut rd))
-        .unwrap();
-    close("y", &down(&dev, &yd), &y_cpu, 1e-5);
-    close("mean", &down(&dev, &md)[..rows], &m_cpu, 1e-5);
-    close("rstd", &down(&dev, &rd), &r_cpu, 1e-5);
-    let (mut dxd, mut gd) = (up(&dev, &dx0), up(&dev, &g0));
-    let saved = LayerNormSaved {
-        x: &xd,
-        mean: &md,
-        rstd: &rd,
-    };
-    let into = Grads {
-        input: &mut dxd,
-        params: &mut gd,
-    };
-    let norm = norm.of(&pd);
-    dev.layer_norm_backward(saved, &dyd, norm, shape, into, &mut CudaScratch::default())
-        .unwrap();
-    close("dx", &down(&dev, &dxd), &dx_cpu, 1e-4);
-    close("g", &down(&dev, &gd), &g_cpu, 1e-4);
+    let (want, got) = (case.run_on(&Cpu), case.run_on(&dev));
+    assert_eq!(got[1][rows], 0.0, "mean's spare slot untouched");
+    let names = [
+        ("y", 1e-5),
+        ("mean", 1e-5),
+        ("rstd", 1e-5),
+        ("dx", 1e-4),
+        ("g", 1e-4),
+    ];
+    for ((what, tol), (g, w)) in names.into_iter().zip(got.iter().zip(&want)) {
+        close(what, g, w, tol);
+    }
 }
 
 /// Attention of `qkv` (`[B][T][3][H][d]`) in f64: `(probs, attn)`.
