@@ -291,8 +291,8 @@ impl SereLoss {
     }
 
     /// The spatial relation loss between the (teacher, student) features:
-    /// returns `(L_spatial, terms)` and adds
-    /// `weight * dL_spatial / dstudent` into `grads` (if given).
+    /// returns `(L_spatial, terms)` and adds `weight * dL_spatial /
+    /// dstudent` into `grads` (if given).
     ///
     /// `grids(b, t, s)` gives the (teacher grid, student grid) of image `b`
     /// and the pair (teacher view `t` in `0..2`, student view `s != t` in
@@ -403,8 +403,8 @@ impl SereLoss {
     }
 
     /// The channel relation loss between the (teacher, student) features:
-    /// returns `(L_channel, terms)` and adds
-    /// `weight * dL_channel / dstudent` into `grads` (if given).
+    /// returns `(L_channel, terms)` and adds `weight * dL_channel /
+    /// dstudent` into `grads` (if given).
     pub fn channel(
         &mut self,
         cfg: &SereLossConfig,
