@@ -37,6 +37,7 @@ use crate::augment::BatchPairGrids;
 use crate::backend::relation::{SereLossConfig, ViewShapes};
 use crate::dist::Collective;
 use crate::error::SereError;
+use ndarray::{ArrayView, ArrayViewMut, Dimension};
 use sere_core::linalg::MatRef;
 use sere_core::optim::AdamW;
 
@@ -155,6 +156,33 @@ impl Rows {
     /// `rows` rows of `cols` values.
     pub const fn new(rows: usize, cols: usize) -> Self {
         Rows { rows, cols }
+    }
+}
+
+/// The values of a standard-layout (row-major, contiguous) host view as
+/// one slice: the CPU kernels split its rows into contiguous chunks, and a
+/// backend uploads it as one block. Another layout is
+/// [`not_standard`]'s error naming `what`.
+pub(crate) fn standard<'a, T, D: Dimension>(
+    v: &ArrayView<'a, T, D>,
+    what: &'static str,
+) -> sere_core::Result<&'a [T]> {
+    v.to_slice().ok_or(not_standard(what))
+}
+
+/// [`standard`], mutable.
+pub(crate) fn standard_mut<'a, T, D: Dimension>(
+    v: ArrayViewMut<'a, T, D>,
+    what: &'static str,
+) -> sere_core::Result<&'a mut [T]> {
+    v.into_slice().ok_or(not_standard(what))
+}
+
+/// The error of a host view of `what` that is not in standard layout.
+pub(crate) fn not_standard(what: &'static str) -> sere_core::Error {
+    sere_core::Error::InvalidArgument {
+        what,
+        requirement: "a standard-layout (row-major, contiguous) view",
     }
 }
 

@@ -14,8 +14,8 @@
 
 use super::params::{Init, ParamLayout};
 use crate::backend::{
-    mat, mat_mut, AttentionShape, Backend, Blocks, Grads, InputGrad, LayerNormSaved, LinearParams,
-    LinearShape, NormParams, OpResult, Rows,
+    mat, mat_mut, standard, AttentionShape, Backend, Blocks, Grads, InputGrad, LayerNormSaved,
+    LinearParams, LinearShape, NormParams, OpResult, Rows,
 };
 use ndarray::ArrayView4;
 use rand::RngExt;
@@ -548,13 +548,7 @@ impl Vit {
             }
             .into());
         }
-        images.to_slice().ok_or_else(|| {
-            sere_core::Error::InvalidArgument {
-                what: "ViT images",
-                requirement: "a standard-layout (row-major, contiguous) view",
-            }
-            .into()
-        })
+        Ok(standard(&images, "ViT images")?)
     }
 
     /// Patch embedding (im2col, one GEMM), the interpolated position

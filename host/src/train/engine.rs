@@ -17,8 +17,9 @@ use super::state::{restore_state, snapshot_state, HostBnStates, RunState, RunVie
 use crate::augment::BatchPairGrids;
 use crate::backend::relation::{SereLossConfig, ViewShapes};
 use crate::backend::{
-    cuda_unavailable, Backend, Blocks, BnMode, CentredTeacher, Cpu, Cuda, DinoLossArgs, Grads,
-    MimLossArgs, OpError, RelationArgs, StatSlot, StudentFeatureGrads, StudentFeatures,
+    cuda_unavailable, not_standard, standard, Backend, Blocks, BnMode, CentredTeacher, Cpu, Cuda,
+    DinoLossArgs, Grads, MimLossArgs, OpError, RelationArgs, StatSlot, StudentFeatureGrads,
+    StudentFeatures,
 };
 use crate::checkpoint::Checkpoint;
 use crate::config::{NonOverlapping, TrainConfig};
@@ -59,12 +60,7 @@ impl StepInput<'_> {
     /// The masks as the `[2][B][N]` flags the ViT takes (a typed error for
     /// a non-standard view).
     fn mask_flags(&self) -> Result<&[bool], OpError> {
-        self.masks
-            .to_slice()
-            .ok_or(OpError::Kernel(sere_core::Error::InvalidArgument {
-                what: "step masks",
-                requirement: "a standard-layout (row-major, contiguous) view",
-            }))
+        Ok(standard(&self.masks, "step masks")?)
     }
 }
 
@@ -73,12 +69,9 @@ impl StepInput<'_> {
 /// two axes in place; another layout is a typed error).
 fn image_batch<'a>(crops: ArrayView5<'a, f32>) -> Result<ArrayView4<'a, f32>, OpError> {
     let (v, b, c, h, w) = crops.dim();
-    crops.into_shape_with_order((v * b, c, h, w)).map_err(|_| {
-        OpError::Kernel(sere_core::Error::InvalidArgument {
-            what: "step crops",
-            requirement: "a standard-layout (row-major, contiguous) view",
-        })
-    })
+    crops
+        .into_shape_with_order((v * b, c, h, w))
+        .map_err(|_| OpError::Kernel(not_standard("step crops")))
 }
 
 /// Scheduled values for one step.

@@ -2,8 +2,8 @@
 //! f64 partial sums per rayon task, running-statistics update, and the
 //! backward through ReLU and the batch statistics.
 
-use super::{chunk_rows, same, standard, standard_mut};
-use crate::backend::{BnMode, OpResult, BN_EPS, BN_MOMENTUM};
+use super::{chunk_rows, same};
+use crate::backend::{standard, standard_mut, BnMode, OpResult, BN_EPS, BN_MOMENTUM};
 use crate::dist::Collective;
 use ndarray::{ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;

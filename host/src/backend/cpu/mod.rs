@@ -11,7 +11,7 @@ mod ops;
 pub mod relation_loss;
 mod rows;
 
-use crate::backend::{InputGrad, LinearShape, LN_EPS};
+use crate::backend::{standard, standard_mut, InputGrad, LinearShape, LN_EPS};
 pub use gemm::{gemm, gemm_bias, gemm_bias_on, GemmPath};
 use ndarray::{ArrayView2, ArrayViewMut2};
 pub use ops::{Cpu, CpuScratch};
@@ -64,23 +64,6 @@ fn leading(len: usize, rows: usize, cols: usize, what: &'static str) -> Result<u
             got: len,
         }),
     }
-}
-
-/// The values of a standard-layout (row-major, contiguous) view: the CPU
-/// kernels split rows into contiguous chunks across threads.
-fn standard<'a>(v: &ArrayView2<'a, f32>, what: &'static str) -> Result<&'a [f32]> {
-    v.to_slice().ok_or(Error::InvalidArgument {
-        what,
-        requirement: "a standard-layout (row-major, contiguous) view",
-    })
-}
-
-/// [`standard`], mutable.
-fn standard_mut<'a>(v: ArrayViewMut2<'a, f32>, what: &'static str) -> Result<&'a mut [f32]> {
-    v.into_slice().ok_or(Error::InvalidArgument {
-        what,
-        requirement: "a standard-layout (row-major, contiguous) view",
-    })
 }
 
 /// `Ok` when `got == expected` (a dimension of `what`).
